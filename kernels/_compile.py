@@ -1,0 +1,197 @@
+"""Compile the kernels for Hopper without a GPU, and read their resource usage.
+
+    python -m kernels._compile [--json FILE]     # every kernel and config for the ResNeXt/ResNet shapes
+
+``triton.compile`` with ``GPUTarget("cuda", 90, 32)`` runs the whole pipeline (TTIR ->
+TTGIR -> LLVM -> PTX -> cubin) on a machine with no GPU.  It cannot run in a process with
+``TRITON_INTERPRET=1`` (the interpreter patches ``triton.language``): run this module in a
+process of its own, as the tests do.  CI uses it to catch kernels that
+only work in the interpreter; the profiling tools use it to report registers, spills and
+shared memory; ``cuobjdump`` from Triton's wheel prints the SASS.
+"""
+import os
+import re
+import subprocess
+from typing import Dict, Iterable, List, Tuple
+
+import triton
+from triton.backends.compiler import GPUTarget
+
+HOPPER = GPUTarget("cuda", 90, 32)
+_PTR = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16"}
+
+
+def _jit_function(kernel):
+    """Under TRITON_INTERPRET=1 ``@triton.jit`` gives an InterpretedFunction: rebuild the JITFunction."""
+    if isinstance(kernel, triton.runtime.JITFunction):
+        return kernel
+    return triton.runtime.JITFunction(kernel.fn)
+
+
+def compile_for_hopper(kernel, signature: Dict[str, str], constexprs: Dict[str, object],
+                       num_warps: int = 4, num_stages: int = 3):
+    src = triton.compiler.ASTSource(fn=_jit_function(kernel), signature=signature, constexprs=constexprs)
+    return triton.compile(src, target=HOPPER, options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def _nvidia_bin(tool: str) -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
+
+
+def resource_usage(compiled) -> Dict[str, int]:
+    """Registers, local memory (spills) and shared memory of a compiled kernel (cuobjdump -res-usage)."""
+    import tempfile
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([_nvidia_bin("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    usage = {"registers": int(re.search(r"REG:(\d+)", out).group(1)),
+             "local_bytes": int(re.search(r"STACK:(\d+)", out).group(1)),
+             "shared_bytes": int(compiled.metadata.shared)}
+    return usage
+
+
+def sass(compiled) -> str:
+    import tempfile
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        return subprocess.run([_nvidia_bin("cuobjdump"), "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def conv_launches(shapes: Iterable[Tuple[int, int, int, int, int, int, int, int]], dtype: str,
+                  modes=("eval", "train")) -> List[dict]:
+    """The distinct compilations ``conv_bn_act`` performs for the given conv shapes.
+
+    shapes: (N, Cin, H, W, Cout, groups, ksize, stride); mode "eval" = folded BN + residual +
+    ReLU epilogue, "train" = prologue (BN + ReLU on load) + statistics.
+    """
+    from .conv_bn_act import conv_bn_act_fwd_kernel, out_size
+    from ._runtime import conv_config
+    seen, launches = set(), []
+    for (N, Cin, H, W, Cout, groups, ks, stride) in shapes:
+        M = N * out_size(H, ks, stride, ks // 2) * out_size(W, ks, stride, ks // 2)
+        cfg = conv_config(M, Cout, Cin // groups, Cout // groups)
+        for mode in modes:
+            train = mode == "train"
+            flags = dict(KSIZE=ks, IN_AFFINE=train, IN_RELU=train, OUT_AFFINE=not train,
+                         HAS_RESIDUAL=not train and ks == 1, OUT_RELU=not train, STATS=train,
+                         ALLOW_TF32=dtype == "float32")
+            key = (mode, ks, tuple(sorted(cfg.items())), tuple(sorted(flags.items())))
+            if key in seen:
+                continue
+            seen.add(key)
+            const = dict(flags, **{k: v for k, v in cfg.items() if k.startswith("BLOCK")})
+            sig = {}
+            for name in conv_bn_act_fwd_kernel.arg_names:
+                if name in const:
+                    sig[name] = "constexpr"
+                elif name in ("out_ptr", "x_ptr", "w_ptr", "res_ptr"):
+                    sig[name] = _PTR[dtype]
+                elif name.endswith("_ptr"):
+                    sig[name] = "*fp32"
+                else:
+                    sig[name] = "i32"
+            launches.append(dict(kernel=conv_bn_act_fwd_kernel, signature=sig, constexprs=const,
+                                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], mode=mode))
+    return launches
+
+
+def model_conv_shapes(batch: int = 64, image: int = 224):
+    """(N, Cin, H, W, Cout, groups, ksize, stride) of every bottleneck conv of ResNet-50 and
+    ResNeXt-50/101 32x4d (ResNeXt-101 repeats ResNeXt-50's shapes)."""
+    shapes = set()
+    for groups, width_per_group in ((1, 64), (32, 4)):
+        inplanes, hw = 64, image // 4
+        for i, planes in enumerate((64, 128, 256, 512)):
+            width = planes * width_per_group // 64 * groups
+            stride = 1 if i == 0 else 2
+            out = planes * 4
+            shapes.add((batch, inplanes, hw, hw, width, 1, 1, 1))  # conv1 of the first block
+            shapes.add((batch, out, hw // stride, hw // stride, width, 1, 1, 1))  # conv1 of the others
+            shapes.add((batch, width, hw, hw, width, groups, 3, stride))  # grouped 3x3, strided first
+            shapes.add((batch, width, hw // stride, hw // stride, width, groups, 3, 1))
+            shapes.add((batch, width, hw // stride, hw // stride, out, 1, 1, 1))  # conv3
+            shapes.add((batch, inplanes, hw, hw, out, 1, 1, stride))  # downsample
+            inplanes, hw = out, hw // stride
+    return sorted(shapes)
+
+
+def elementwise_launches(dtype: str) -> List[dict]:
+    from .batchnorm import bn_act_kernel, merge_stats_kernel
+    launches = []
+    for res_affine in (False, True):
+        const = dict(HAS_RESIDUAL=True, RES_AFFINE=res_affine, RELU=True, BLOCK_M=64, BLOCK_C=64)
+        sig = {n: ("constexpr" if n in const else _PTR[dtype] if n in ("out_ptr", "z_ptr", "res_ptr")
+                   else "*fp32" if n.endswith("_ptr") else "i32") for n in bn_act_kernel.arg_names}
+        launches.append(dict(kernel=bn_act_kernel, signature=sig, constexprs=const, num_warps=4, num_stages=3,
+                             mode="bn_act"))
+    const = dict(BLOCK_T=32, BLOCK_C=64)
+    sig = {n: ("constexpr" if n in const else "*fp32" if n.endswith("_ptr") else "i32")
+           for n in merge_stats_kernel.arg_names}
+    launches.append(dict(kernel=merge_stats_kernel, signature=sig, constexprs=const, num_warps=4, num_stages=3,
+                         mode="merge_stats"))
+    return launches
+
+
+def all_launches(batches=(64, 256)) -> List[dict]:
+    launches = []
+    for dtype in ("bfloat16", "float16", "float32"):
+        shapes = [s for b in batches for s in model_conv_shapes(b)]
+        launches += [dict(l, dtype=dtype) for l in conv_launches(shapes, dtype)]
+        launches += [dict(l, dtype=dtype) for l in elementwise_launches(dtype)]
+    return launches
+
+
+def _resolve(name: str):
+    import importlib
+    module, attr = name.rsplit(".", 1)
+    return getattr(importlib.import_module(module), attr)
+
+
+def _compile_one(launch: dict) -> dict:
+    launch = dict(launch, kernel=_resolve(launch["kernel"]))
+    c = compile_for_hopper(launch["kernel"], launch["signature"], launch["constexprs"], launch["num_warps"],
+                           launch["num_stages"])
+    code = sass(c)
+    row = dict(kernel=launch["kernel"].fn.__name__, mode=launch["mode"], dtype=launch["dtype"],
+               num_warps=launch["num_warps"], num_stages=launch["num_stages"],
+               **{k: v for k, v in launch["constexprs"].items() if k.startswith(("BLOCK", "KSIZE"))},
+               **resource_usage(c), tensor_cores=("HGMMA" if "HGMMA" in code else "HMMA" if "HMMA" in code
+                                                  else "none"))
+    return row
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+    from concurrent.futures import ProcessPoolExecutor
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise SystemExit("run without TRITON_INTERPRET=1: the interpreter cannot compile")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", help="write the table here")
+    p.add_argument("--batches", default="64,256")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    args = p.parse_args(argv)
+    launches = all_launches(tuple(int(b) for b in args.batches.split(",")))
+    for launch in launches:  # pickled to the workers by name
+        fn = launch["kernel"]
+        launch["kernel"] = f"{fn.fn.__module__}.{fn.fn.__name__}" if hasattr(fn, "fn") else fn
+    print(f"compiling {len(launches)} kernel variants for sm_90 with {args.jobs} processes", flush=True)
+    with ProcessPoolExecutor(args.jobs) as pool:
+        rows = list(pool.map(_compile_one, launches))
+    cols = ["kernel", "mode", "dtype", "KSIZE", "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_C", "num_warps",
+            "registers", "local_bytes", "shared_bytes", "tensor_cores"]
+    print(" ".join(f"{c:>12}" for c in cols))
+    for r in rows:
+        print(" ".join(f"{str(r.get(c, '')):>12}" for c in cols))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,54 @@
+"""Where kernels run, and the launch configurations they run with.
+
+A tensor goes to a Triton kernel when it lives on a CUDA device, or when it lives on
+the CPU and ``TRITON_INTERPRET=1`` was set before Triton was imported (the numpy
+interpreter, used by the CPU test suite).  Any other CPU tensor takes the pure-PyTorch
+reference path in ``kernels.reference``: slow, but the same numbers.
+"""
+import os
+
+import torch
+import triton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    return t.is_cuda or (INTERPRET and t.device.type == "cpu")
+
+
+def allow_tf32(dtype: torch.dtype) -> bool:
+    """fp32 convolutions follow PyTorch's own switch for cuDNN (on by default)."""
+    return dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+
+
+def _pow2_clamp(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(1, n))))
+
+
+def conv_config(M: int, cout: int, cin_g: int, cout_g: int) -> dict:
+    """Block sizes for the implicit-GEMM convolution kernel.
+
+    Rows are output pixels (M = N*Ho*Wo), columns output channels.  A block of
+    ``BLOCK_N`` output channels spans ``ceil(BLOCK_N / cout_g)`` groups; the kernel
+    multiplies by a block-diagonal weight tile, so ``BLOCK_K`` covers those groups'
+    input channels (4 channels per group x 8 groups = one 32-wide ``tl.dot``).  The
+    wasted zero products are free: every grouped 3x3 of ResNeXt is memory-bound.
+    Chosen by design, not yet by measurement on a GPU (see benchmarks/NOTES.md).
+    """
+    if INTERPRET:  # fewer, larger programs: the interpreter pays per program
+        block_m = _pow2_clamp(M, 16, 64)
+    else:
+        block_m = 128 if M >= 128 * 132 else 64
+    block_n = _pow2_clamp(cout, 16, 64 if cout_g >= 64 else 32)
+    groups_per_block = -(-block_n // cout_g)
+    block_k = _pow2_clamp(groups_per_block * cin_g, 16, 64)
+    num_warps = 4 if block_m * block_n <= 64 * 64 else 8
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=3)
+
+
+def rows_config(M: int, C: int) -> dict:
+    """Block sizes for elementwise / per-channel kernels over an [M, C] NHWC matrix."""
+    block_c = _pow2_clamp(C, 16, 64)
+    block_m = _pow2_clamp(M, 16, 64 if INTERPRET else max(16, 4096 // block_c))
+    return dict(BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4)

@@ -1,0 +1,379 @@
+"""Fused convolution + BatchNorm + residual + ReLU (grouped 3x3 and 1x1), NHWC inside.
+
+One implicit-GEMM kernel serves both fused operations of the bottleneck:
+
+* the grouped 3x3 convolution + BN + ReLU (``conv2/bn2``), any groups, stride, padding;
+* the 1x1 convolution (a GEMM over NHWC rows) with BN, optional residual add and ReLU in
+  the epilogue: ``relu(bn3(conv3(x)) + identity)``, ``relu(bn1(conv1(x)))`` and the
+  strided downsample ``bn(conv(x))``.
+
+Math, for output pixel m (= n, oh, ow) and output channel co in group g::
+
+    a[m', ci]  = act_in(x[m', ci] * in_scale[ci] + in_shift[ci])      (optional prologue)
+    z[m, co]   = sum_{kh, kw, ci in group g} a[m + tap, ci] * w[co, ci - g*Cin_g, kh, kw]
+    y[m, co]   = act_out(z * out_scale[co] + out_shift[co] + residual[m, co])
+
+Eval mode folds BN into ``out_scale/out_shift``.  Train mode sets ``stats``: the epilogue
+writes, per block of rows, each channel's mean and sum of squared deviations of z; a
+small kernel merges those partials (Chan's parallel formula, fp32, no E[z^2]-E[z]^2
+cancellation) into the batch mean and variance.  The next layer then applies
+``scale/shift + ReLU`` *while loading z* (the prologue), so the normalised activation
+never goes through memory.
+
+Grouped convolution: a program owns ``BLOCK_N`` output channels, which may span several
+groups (with 4 channels per group, 8 groups in a 32-wide block).  It multiplies the
+input channels of those groups by a block-diagonal weight tile (zeros across groups),
+so ``tl.dot`` always sees K, N >= 16; see ``_runtime.conv_config``.
+"""
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+from ._runtime import allow_tf32, conv_config, use_triton
+from .batchnorm import merge_stats
+
+Tensor = torch.Tensor
+
+
+@triton.jit
+def conv_bn_act_fwd_kernel(
+    out_ptr,  # [N, Ho, Wo, Cout] NHWC, activation dtype
+    part_mean_ptr,  # [cdiv(M, BLOCK_M), Cout] fp32: per row-block channel mean of z (STATS)
+    part_m2_ptr,  # [cdiv(M, BLOCK_M), Cout] fp32: per row-block sum of squared deviations (STATS)
+    x_ptr,  # [N, H, W, Cin] NHWC
+    w_ptr,  # [KSIZE*KSIZE, Cin_g, Cout]: packed weight, Cout contiguous
+    in_scale_ptr,  # [Cin] fp32 (IN_AFFINE)
+    in_shift_ptr,  # [Cin] fp32 (IN_AFFINE)
+    out_scale_ptr,  # [Cout] fp32 (OUT_AFFINE)
+    out_shift_ptr,  # [Cout] fp32 (OUT_AFFINE)
+    res_ptr,  # [N, Ho, Wo, Cout] NHWC (HAS_RESIDUAL)
+    N, H, W, Cin, Ho, Wo, Cout,
+    CIN_G, COUT_G,  # channels per group, input and output
+    stride, padding,
+    KSIZE: tl.constexpr,
+    IN_AFFINE: tl.constexpr, IN_RELU: tl.constexpr,
+    OUT_AFFINE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, OUT_RELU: tl.constexpr,
+    STATS: tl.constexpr, ALLOW_TF32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    M = N * Ho * Wo
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < Cout
+    ow = offs_m % Wo
+    oh = (offs_m // Wo) % Ho
+    img = (offs_m // (Wo * Ho)).to(tl.int64)  # int64: activations may exceed 2**31 elements
+
+    # Input channels feeding this block: the groups its output channels belong to.
+    n_last = tl.minimum(pid_n * BLOCK_N + BLOCK_N, Cout) - 1
+    ci_start = ((pid_n * BLOCK_N) // COUT_G) * CIN_G
+    ci_end = (n_last // COUT_G + 1) * CIN_G
+    group_n = offs_n // COUT_G
+
+    # One flat loop over (tap, input-channel chunk): a single software-pipelined loop keeps
+    # register pressure low (nine unrolled tap loops spilled on sm_90).
+    num_k = tl.cdiv(ci_end - ci_start, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for it in range(0, KSIZE * KSIZE * num_k):
+        if KSIZE == 1:  # a plain GEMM: keep the loop free of divisions
+            tap = 0
+            kc = it
+        else:
+            tap = it // num_k
+            kc = it - tap * num_k
+        kh = tap // KSIZE
+        kw = tap % KSIZE
+        ih = oh * stride - padding + kh
+        iw = ow * stride - padding + kw
+        pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        x_row = ((img * H + ih) * W + iw) * Cin
+        offs_k = ci_start + kc * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < ci_end
+        a_ok = pix_ok[:, None] & k_ok[None, :]
+        a = tl.load(x_ptr + x_row[:, None] + offs_k[None, :], mask=a_ok, other=0.0)
+        if IN_AFFINE:
+            s = tl.load(in_scale_ptr + offs_k, mask=k_ok, other=0.0)
+            b = tl.load(in_shift_ptr + offs_k, mask=k_ok, other=0.0)
+            af = a.to(tl.float32) * s[None, :] + b[None, :]
+            if IN_RELU:
+                af = tl.where(af < 0.0, 0.0, af)  # keeps NaN, like torch.relu
+            # zero padding applies to the normalised activation, not to x
+            a = tl.where(a_ok, af, 0.0).to(x_ptr.dtype.element_ty)
+        # block-diagonal weight tile: w[ci, co] is zero unless ci and co share a group
+        group_k = offs_k // CIN_G
+        ci_local = offs_k - group_k * CIN_G
+        w_off = (tap * CIN_G + ci_local[:, None]) * Cout + offs_n[None, :]
+        w_ok = (group_k[:, None] == group_n[None, :]) & k_ok[:, None] & n_ok[None, :]
+        wt = tl.load(w_ptr + w_off, mask=w_ok, other=0.0)
+        if ALLOW_TF32:
+            acc = tl.dot(a, wt, acc)
+        else:
+            acc = tl.dot(a, wt, acc, input_precision="ieee")
+
+    y = acc
+    out_ok = m_ok[:, None] & n_ok[None, :]
+    if STATS:
+        # Statistics of z as stored (rounded to the activation dtype), like BN on that tensor.
+        zq = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+        rows = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+        tile_mean = tl.sum(tl.where(m_ok[:, None], zq, 0.0), axis=0) / rows
+        dev = tl.where(m_ok[:, None], zq - tile_mean[None, :], 0.0)
+        tile_m2 = tl.sum(dev * dev, axis=0)
+        tl.store(part_mean_ptr + pid_m * Cout + offs_n, tile_mean, mask=n_ok)
+        tl.store(part_m2_ptr + pid_m * Cout + offs_n, tile_m2, mask=n_ok)
+    if OUT_AFFINE:
+        s = tl.load(out_scale_ptr + offs_n, mask=n_ok, other=0.0)
+        b = tl.load(out_shift_ptr + offs_n, mask=n_ok, other=0.0)
+        y = y * s[None, :] + b[None, :]
+    out_off = offs_m.to(tl.int64)[:, None] * Cout + offs_n[None, :]
+    if HAS_RESIDUAL:
+        y += tl.load(res_ptr + out_off, mask=out_ok, other=0.0).to(tl.float32)
+    if OUT_RELU:
+        y = tl.where(y < 0.0, 0.0, y)  # keeps NaN, like torch.relu
+    tl.store(out_ptr + out_off, y.to(out_ptr.dtype.element_ty), mask=out_ok)
+
+
+def pack_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """[Cout, Cin_g, KH, KW] -> [KH*KW, Cin_g, Cout] so a weight tile row is contiguous in Cout."""
+    cout, cin_g, kh, kw = weight.shape
+    return weight.to(dtype).permute(2, 3, 1, 0).reshape(kh * kw, cin_g, cout).contiguous()
+
+
+def out_size(size: int, ksize: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - ksize) // stride + 1
+
+
+def _channels_last(t: Tensor) -> Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.detach().float().contiguous()
+
+
+def conv_bn_act_forward(
+    x, weight, stride, padding, groups, in_scale, in_shift, in_relu,
+    out_scale, out_shift, residual, out_relu, stats,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Launch the Triton kernel (or run the reference on a plain CPU tensor)."""
+    if not use_triton(x) or x.dtype == torch.float64:  # float64: reference (for gradcheck)
+        y, mean, var = reference.conv_bn_act_reference(
+            x, weight, stride, padding, groups, in_scale, in_shift, in_relu,
+            out_scale, out_shift, residual, out_relu, stats)
+        stat_dtype = reference.acc_dtype(x)
+        return _channels_last(y), mean.to(stat_dtype), var.to(stat_dtype)
+
+    N, Cin, H, W = x.shape
+    Cout, cin_g, ksize, _ = weight.shape
+    Ho, Wo = out_size(H, ksize, stride, padding), out_size(W, ksize, stride, padding)
+    M = N * Ho * Wo
+    x = _channels_last(x)
+    y = torch.empty((N, Cout, Ho, Wo), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    cfg = conv_config(M, Cout, cin_g, Cout // groups)
+    n_row_blocks = triton.cdiv(M, cfg["BLOCK_M"])
+    if stats:
+        part_mean = torch.empty((n_row_blocks, Cout), device=x.device, dtype=torch.float32)
+        part_m2 = torch.empty_like(part_mean)
+    else:
+        part_mean = part_m2 = y  # never read: STATS is off
+    res = _channels_last(residual) if residual is not None else y
+    in_scale, in_shift, out_scale, out_shift = map(_f32, (in_scale, in_shift, out_scale, out_shift))
+    grid = (n_row_blocks, triton.cdiv(Cout, cfg["BLOCK_N"]))
+    conv_bn_act_fwd_kernel[grid](
+        y, part_mean, part_m2, x, pack_weight(weight, x.dtype),
+        in_scale if in_scale is not None else y, in_shift if in_shift is not None else y,
+        out_scale if out_scale is not None else y, out_shift if out_shift is not None else y,
+        res,
+        N, H, W, Cin, Ho, Wo, Cout, cin_g, Cout // groups, stride, padding,
+        KSIZE=ksize,
+        IN_AFFINE=in_scale is not None, IN_RELU=in_relu,
+        OUT_AFFINE=out_scale is not None, HAS_RESIDUAL=residual is not None, OUT_RELU=out_relu,
+        STATS=stats, ALLOW_TF32=allow_tf32(x.dtype),
+        **cfg,
+    )
+    if stats:
+        mean, var = merge_stats(part_mean, part_m2, M, cfg["BLOCK_M"])
+    else:
+        mean = torch.empty(0, device=x.device, dtype=torch.float32)
+        var = torch.empty(0, device=x.device, dtype=torch.float32)  # distinct: op outputs may not alias
+    return y, mean, var
+
+
+# --------------------------------------------------------------------------------------
+# Custom operator (torch.compile sees one opaque node) and its autograd formula.
+# --------------------------------------------------------------------------------------
+@torch.library.custom_op("resnext::conv_bn_act", mutates_args=())
+def conv_bn_act_op(
+    x: Tensor, weight: Tensor, stride: int, padding: int, groups: int,
+    in_scale: Optional[Tensor], in_shift: Optional[Tensor], in_relu: bool,
+    out_scale: Optional[Tensor], out_shift: Optional[Tensor], residual: Optional[Tensor],
+    out_relu: bool, stats: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    return conv_bn_act_forward(
+        x, weight, stride, padding, groups, in_scale, in_shift, in_relu,
+        out_scale, out_shift, residual, out_relu, stats)
+
+
+@conv_bn_act_op.register_fake
+def _(x, weight, stride, padding, groups, in_scale, in_shift, in_relu,
+      out_scale, out_shift, residual, out_relu, stats):
+    N, _, H, W = x.shape
+    Cout, _, ksize, _ = weight.shape
+    Ho, Wo = out_size(H, ksize, stride, padding), out_size(W, ksize, stride, padding)
+    y = x.new_empty((N, Cout, Ho, Wo), memory_format=torch.channels_last)
+    n_stats, stat_dtype = (Cout if stats else 0), reference.acc_dtype(x)
+    return y, x.new_empty(n_stats, dtype=stat_dtype), x.new_empty(n_stats, dtype=stat_dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    (x, weight, stride, padding, groups, in_scale, in_shift, in_relu,
+     out_scale, out_shift, residual, out_relu, stats) = inputs
+    y, mean, _ = output
+    # Only x, the weight, the per-channel vectors and y are kept: the prologue (BN + ReLU
+    # of the previous layer) is recomputed from x in the backward pass.
+    ctx.save_for_backward(x, weight, in_scale, in_shift, out_scale, out_shift, y, mean)
+    ctx.conf = (stride, padding, groups, in_relu, residual is not None, out_relu, stats)
+
+
+def _channel_sum(t: Tensor) -> Tensor:
+    return t.sum(dim=(0, 2, 3))
+
+
+def _backward(ctx, dy, dmean, dvar):
+    x, weight, in_scale, in_shift, out_scale, out_shift, y, mean = ctx.saved_tensors
+    stride, padding, groups, in_relu, has_res, out_relu, stats = ctx.conf
+    need = ctx.needs_input_grad
+    pc = reference._per_channel
+    acc = reference.acc_dtype(x)  # elementwise work in fp32 (float64 for gradcheck)
+
+    a = reference.input_prologue(x, in_scale, in_shift, in_relu)
+    du = dy.to(acc) if dy is not None else torch.zeros_like(y, dtype=acc)
+    if out_relu:
+        du = du * (y > 0)
+    d_res = du.to(y.dtype) if has_res and need[10] else None
+    d_out_scale = d_out_shift = None
+    dz = du
+    if out_scale is not None:
+        dz = du * pc(out_scale.to(acc))
+        if need[8]:  # frozen BN with a trainable gamma: recompute z rather than keep it
+            z = torch.nn.functional.conv2d(a, weight.to(a.dtype), stride=stride, padding=padding, groups=groups)
+            d_out_scale = _channel_sum(du * z.to(acc)).to(out_scale.dtype)
+        if need[9]:
+            d_out_shift = _channel_sum(du).to(out_shift.dtype)
+    if stats:
+        # y is the raw convolution output z here (no epilogue is allowed with stats).
+        count = y.numel() // y.shape[1]
+        if dmean is not None:
+            dz = dz + pc(dmean.to(acc)) / count
+        if dvar is not None:
+            dz = dz + pc(dvar.to(acc)) * (2.0 / count) * (y.to(acc) - pc(mean.to(acc)))
+
+    da, dw, _ = torch.ops.aten.convolution_backward(
+        dz.to(a.dtype), a, weight.to(a.dtype), None, [stride] * 2, [padding] * 2, [1, 1],
+        False, [0, 0], groups, [need[0] or need[5] or need[6], need[1], False])
+    dx = d_in_scale = d_in_shift = None
+    if in_scale is not None and da is not None:
+        da = da.to(acc)
+        if in_relu:
+            da = da * (a > 0)
+        dx = (da * pc(in_scale.to(acc))).to(x.dtype) if need[0] else None
+        d_in_scale = _channel_sum(da * x.to(acc)).to(in_scale.dtype) if need[5] else None
+        d_in_shift = _channel_sum(da).to(in_shift.dtype) if need[6] else None
+    elif da is not None:
+        dx = da.to(x.dtype)
+    dw = dw.to(weight.dtype) if dw is not None else None
+    return (dx, dw, None, None, None, d_in_scale, d_in_shift, None,
+            d_out_scale, d_out_shift, d_res, None, None)
+
+
+conv_bn_act_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------
+# Public function: validates, then calls the operator.
+# --------------------------------------------------------------------------------------
+def _check_vector(name: str, v: Optional[Tensor], n: int, x: Tensor):
+    if v is None:
+        return
+    if v.dim() != 1 or v.shape[0] != n:
+        raise ValueError(f"{name} must have shape [{n}], got {list(v.shape)}")
+    if v.device != x.device:
+        raise ValueError(f"{name} is on {v.device} but the input is on {x.device}")
+    if not v.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {v.dtype}")
+
+
+def check_conv_inputs(x: Tensor, weight: Tensor, stride: int, padding: int, groups: int):
+    """Raise a ValueError/TypeError naming the problem instead of a kernel crash."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor input, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"expected a 4-D input (N, C, H, W), got {x.dim()}-D of shape {list(x.shape)}")
+    if not x.is_floating_point() or x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"expected a floating-point input (float32, float16 or bfloat16), got {x.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"input is on {x.device} but the weight is on {weight.device}")
+    if weight.dim() != 4 or weight.shape[2] != weight.shape[3]:
+        raise ValueError(f"expected a square [Cout, Cin/groups, k, k] weight, got {list(weight.shape)}")
+    if groups < 1 or x.shape[1] % groups or weight.shape[0] % groups:
+        raise ValueError(f"groups={groups} must divide the input channels ({x.shape[1]}) "
+                         f"and the output channels ({weight.shape[0]})")
+    if weight.shape[1] * groups != x.shape[1]:
+        raise ValueError(f"expected {weight.shape[1] * groups} input channels, got {x.shape[1]}")
+    if stride < 1 or padding < 0:
+        raise ValueError(f"stride must be >= 1 and padding >= 0, got stride={stride}, padding={padding}")
+    ksize = weight.shape[2]
+    if out_size(x.shape[2], ksize, stride, padding) < 1 or out_size(x.shape[3], ksize, stride, padding) < 1:
+        raise ValueError(f"input of size {list(x.shape[2:])} is too small for a {ksize}x{ksize} "
+                         f"convolution with padding {padding}")
+
+
+def conv_bn_act(
+    x: Tensor, weight: Tensor, stride: int = 1, padding: int = 0, groups: int = 1, *,
+    in_scale: Optional[Tensor] = None, in_shift: Optional[Tensor] = None, in_relu: bool = False,
+    out_scale: Optional[Tensor] = None, out_shift: Optional[Tensor] = None,
+    residual: Optional[Tensor] = None, out_relu: bool = False, stats: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Fused ``act(conv(act_in(x*in_scale+in_shift), weight)*out_scale + out_shift + residual)``.
+
+    x: [N, Cin, H, W] (NCHW or channels_last); weight: [Cout, Cin/groups, k, k].
+    Returns ``(y, mean, var)``: y is channels_last in x's dtype; with ``stats=True`` mean
+    and biased var are the fp32 batch statistics of the raw convolution output (then no
+    epilogue is allowed: BN is applied by the consumer), otherwise empty tensors.
+    """
+    check_conv_inputs(x, weight, stride, padding, groups)
+    cout = weight.shape[0]
+    _check_vector("in_scale", in_scale, x.shape[1], x)
+    _check_vector("in_shift", in_shift, x.shape[1], x)
+    _check_vector("out_scale", out_scale, cout, x)
+    _check_vector("out_shift", out_shift, cout, x)
+    if (in_scale is None) != (in_shift is None) or (out_scale is None) != (out_shift is None):
+        raise ValueError("scale and shift must be given together")
+    if stats and (out_scale is not None or residual is not None or out_relu):
+        raise ValueError("stats=True returns the raw convolution output: no epilogue allowed")
+    if residual is not None:
+        N, _, H, W = x.shape
+        ks = weight.shape[2]
+        expected = [N, cout, out_size(H, ks, stride, padding), out_size(W, ks, stride, padding)]
+        if list(residual.shape) != expected:
+            raise ValueError(f"residual must have shape {expected}, got {list(residual.shape)}")
+        if residual.device != x.device:
+            raise ValueError(f"residual is on {residual.device} but the input is on {x.device}")
+    return conv_bn_act_op(x, weight, stride, padding, groups, in_scale, in_shift, in_relu,
+                          out_scale, out_shift, residual, out_relu, stats)
+
+
+def conv3x3_bn_act(x, weight, stride=1, groups=1, **kw):
+    """Grouped 3x3 convolution (padding 1) + BN + ReLU; see ``conv_bn_act``."""
+    return conv_bn_act(x, weight, stride, 1, groups, **kw)
+
+
+def conv1x1_bn_act(x, weight, stride=1, **kw):
+    """1x1 convolution (GEMM over NHWC rows) + BN [+ residual] [+ ReLU]; see ``conv_bn_act``."""
+    return conv_bn_act(x, weight, stride, 0, 1, **kw)

@@ -1,0 +1,95 @@
+"""Plain-PyTorch references for every fused operation.
+
+They define what the kernels compute, serve as the CPU fallback (a CPU tensor without
+``TRITON_INTERPRET=1``), and are what the tests compare against in float64.
+Shapes are PyTorch's logical NCHW; any memory format is accepted.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def _per_channel(v: torch.Tensor) -> torch.Tensor:
+    return v.view(1, -1, 1, 1)
+
+
+def acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype: float64 stays float64 (gradcheck), everything else computes in fp32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def input_prologue(x, in_scale, in_shift, in_relu: bool):
+    """a = act(x * in_scale + in_shift): the previous layer's BatchNorm (+ReLU) applied on load."""
+    if in_scale is None:
+        return x
+    acc = acc_dtype(x)
+    a = x.to(acc) * _per_channel(in_scale.to(acc)) + _per_channel(in_shift.to(acc))
+    if in_relu:
+        a = torch.relu(a)
+    return a.to(x.dtype)
+
+
+def conv_bn_act_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride: int = 1,
+    padding: int = 0,
+    groups: int = 1,
+    in_scale: Optional[torch.Tensor] = None,
+    in_shift: Optional[torch.Tensor] = None,
+    in_relu: bool = False,
+    out_scale: Optional[torch.Tensor] = None,
+    out_shift: Optional[torch.Tensor] = None,
+    residual: Optional[torch.Tensor] = None,
+    out_relu: bool = False,
+    stats: bool = False,
+):
+    """Reference of ``kernels.conv_bn_act``; returns ``(y, mean, var)``.
+
+    y = act(conv(act_in(x * in_scale + in_shift), weight) * out_scale + out_shift + residual)
+    With ``stats``: mean and biased variance (fp32, per output channel) of the raw
+    convolution output, over N, H and W; otherwise empty tensors.
+    """
+    a = input_prologue(x, in_scale, in_shift, in_relu)
+    z = F.conv2d(a, weight.to(a.dtype), stride=stride, padding=padding, groups=groups)
+    if stats:
+        zf = z.to(acc_dtype(z))
+        mean = zf.mean(dim=(0, 2, 3))
+        var = zf.var(dim=(0, 2, 3), unbiased=False)
+    else:
+        mean, var = z.new_empty(0, dtype=torch.float32), z.new_empty(0, dtype=torch.float32)
+    y = bn_act_reference(z, out_scale, out_shift, residual, None, None, out_relu)
+    return y, mean, var
+
+
+def bn_act_reference(
+    z: torch.Tensor,
+    scale: Optional[torch.Tensor],
+    shift: Optional[torch.Tensor],
+    residual: Optional[torch.Tensor] = None,
+    res_scale: Optional[torch.Tensor] = None,
+    res_shift: Optional[torch.Tensor] = None,
+    relu: bool = False,
+) -> torch.Tensor:
+    """Reference of ``kernels.bn_act``: act(z * scale + shift + (residual * res_scale + res_shift))."""
+    acc = acc_dtype(z)
+    u = z.to(acc)
+    if scale is not None:
+        u = u * _per_channel(scale.to(acc)) + _per_channel(shift.to(acc))
+    if residual is not None:
+        r = residual.to(acc)
+        if res_scale is not None:
+            r = r * _per_channel(res_scale.to(acc)) + _per_channel(res_shift.to(acc))
+        u = u + r
+    if relu:
+        u = torch.relu(u)
+    return u.to(z.dtype)
+
+
+def conv_bn_relu_module_reference(x, conv, bn, relu: bool = True, residual=None):
+    """What an eager ``Conv2d -> BatchNorm2d [-> add] [-> ReLU]`` computes (used by tests)."""
+    y = bn(conv(x))
+    if residual is not None:
+        y = y + residual
+    return torch.relu(y) if relu else y

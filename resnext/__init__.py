@@ -1,0 +1,15 @@
+"""Drop-in fused ResNet/ResNeXt modules on the Triton kernels in ``kernels``.
+
+    import resnext
+    model = resnext.convert(torchvision.models.resnext50_32x4d())   # same weights, same keys
+    model = resnext.resnext50_32x4d()                               # or build one directly
+"""
+from .blocks import FusedBottleneck, is_fusable_bottleneck
+from .convert import convert
+from .models import Bottleneck, ResNet, resnet50, resnet101, resnext50_32x4d, resnext101_32x4d
+from .modules import ConvBNAct, FusedSequential
+
+__all__ = [
+    "convert", "ConvBNAct", "FusedSequential", "FusedBottleneck", "is_fusable_bottleneck",
+    "Bottleneck", "ResNet", "resnet50", "resnet101", "resnext50_32x4d", "resnext101_32x4d",
+]

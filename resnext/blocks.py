@@ -1,0 +1,85 @@
+"""The fused ResNet/ResNeXt bottleneck.
+
+Train mode (batch statistics), four convolutions and one elementwise pass::
+
+    z1 = conv1(x)                              + stats1   (1x1 GEMM)
+    z2 = conv2(relu(bn1(z1)))                  + stats2   (grouped 3x3; bn1+ReLU applied on load)
+    z3 = conv3(relu(bn2(z2)))                  + stats3   (1x1 GEMM; bn2+ReLU applied on load)
+    zd = conv_d(x)                             + stats_d  (strided 1x1, when there is a downsample)
+    y  = relu(bn3(z3) + bn_d(zd) or x)                    (bn_act: one read of each, one write)
+
+Eval mode folds each BN into its convolution's epilogue; conv3 adds the identity
+(or the downsample output) and applies the final ReLU in its epilogue.
+"""
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .modules import FusedSequential, conv_bn_stage, finish, fusable, like_input
+
+_EXTRAS = ("se", "drop_path", "drop_block", "aa")  # timm's optional pieces: fused only when absent
+_ACTS = ("relu", "act1", "act2", "act3")
+
+
+def _is_noop(m: Optional[nn.Module]) -> bool:
+    return m is None or type(m) is nn.Identity
+
+
+def is_fusable_bottleneck(block: nn.Module) -> bool:
+    """A torchvision/timm-style Bottleneck whose forward we reproduce exactly."""
+    names = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3")
+    if not all(isinstance(getattr(block, n, None), nn.Module) for n in names):
+        return False
+    if not all(fusable(getattr(block, c), getattr(block, b)) for c, b in zip(names[::2], names[1::2])):
+        return False
+    if block.conv1.kernel_size != (1, 1) or block.conv2.kernel_size != (3, 3) or block.conv3.kernel_size != (1, 1):
+        return False
+    if block.conv1.stride != (1, 1) or block.conv3.stride != (1, 1):
+        return False
+    if not all(_is_noop(getattr(block, n, None)) for n in _EXTRAS):
+        return False
+    acts = [getattr(block, n) for n in _ACTS if hasattr(block, n)]
+    if not acts or not all(type(a) is nn.ReLU for a in acts):
+        return False
+    known = set(names) | set(_EXTRAS) | set(_ACTS) | {"downsample"}
+    return all(name in known for name, _ in block.named_children())
+
+
+class FusedBottleneck(nn.Module):
+    """Drop-in replacement of a torchvision/timm ``Bottleneck`` (same children, same state_dict)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        if not is_fusable_bottleneck(block):
+            raise ValueError(f"cannot fuse {type(block).__name__}: expected a Bottleneck with bias-free 1x1/3x3/1x1 "
+                             f"convolutions, BatchNorm2d, ReLU and no dilation/SE/drop-path/anti-aliasing")
+        for name, m in block.named_children():
+            self.add_module(name, m)
+        self.stride = self.conv2.stride[0]
+        self.train(block.training)
+
+    def _fused_downsample(self):
+        ds = self.downsample if hasattr(self, "downsample") else None
+        if isinstance(ds, nn.Sequential) and len(ds) == 2 and fusable(ds[0], ds[1]):
+            return ds[0], ds[1]
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = conv_bn_stage(x, self.conv1, self.bn1, relu=True)
+        out = conv_bn_stage(out, self.conv2, self.bn2, relu=True)
+        ds = self.downsample if hasattr(self, "downsample") else None
+        fused_ds = self._fused_downsample()
+        if fused_ds is not None:
+            identity = conv_bn_stage(x, *fused_ds, relu=False)  # pending in train mode: BN joins bn_act
+        elif ds is not None:
+            identity = ds(x)
+        else:
+            identity = x
+        out = conv_bn_stage(out, self.conv3, self.bn3, relu=True, residual=identity)
+        return like_input(finish(out), x)
+
+
+def fuse_sequential(seq: nn.Sequential) -> nn.Module:
+    """Return a FusedSequential for ``seq`` when it has a fusable run, else ``seq`` itself."""
+    return FusedSequential.from_sequential(seq) or seq

@@ -1,0 +1,29 @@
+"""``convert(model)``: swap fusable pieces of an existing model for the fused modules."""
+from torch import nn
+
+from .blocks import FusedBottleneck, is_fusable_bottleneck
+from .modules import FusedSequential
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Fuse ``model`` in place and return it.
+
+    * every torchvision/timm-style ``Bottleneck`` becomes a ``FusedBottleneck``;
+    * every ``Conv2d -> BatchNorm2d [-> ReLU]`` run inside an ``nn.Sequential`` is fused
+      (the Sequential becomes a ``FusedSequential`` with the same children).
+
+    Parameters, buffers and ``state_dict`` keys are unchanged (the same tensors: optimizers
+    keep working).  Anything else (the 7x7 stem, dilated or biased convs, SyncBatchNorm,
+    blocks with SE / drop-path / anti-aliasing) is left as it was.
+    """
+    if isinstance(model, (FusedBottleneck, FusedSequential)):
+        return model
+    if is_fusable_bottleneck(model):
+        return FusedBottleneck(model)
+    for name, child in list(model.named_children()):
+        new = convert(child)
+        if type(child) is nn.Sequential:
+            new = FusedSequential.from_sequential(new) or new
+        if new is not child:
+            setattr(model, name, new)
+    return model

@@ -1,0 +1,201 @@
+"""Drop-in fused modules: ``Conv2d -> BatchNorm2d [-> ReLU]`` on the Triton kernels.
+
+The modules hold the standard ``nn.Conv2d`` and ``nn.BatchNorm2d`` (so ``state_dict``,
+``.train()/.eval()``, ``.to()``, ``.half()``, DDP and printing behave as usual) and only
+replace the forward computation.  Per BatchNorm the mode decides the path:
+
+* running statistics (``bn.eval()``): BN is folded into a per-channel scale and shift that
+  the convolution applies in its epilogue, together with ReLU and the residual add;
+* batch statistics (``bn.train()``): the convolution writes its raw output z and the
+  statistics partials; z stays *pending* (z, scale, shift, relu) and is normalised by
+  whoever consumes it: the next convolution's prologue or one ``bn_act`` pass.
+"""
+from typing import NamedTuple, Optional, Union
+
+import torch
+from torch import nn
+
+import kernels
+from kernels.batchnorm import batch_norm_scale_shift, folded_scale_shift, uses_batch_stats
+
+Tensor = torch.Tensor
+
+
+class Pending(NamedTuple):
+    """A raw convolution output whose BatchNorm (+ ReLU) has not been applied yet."""
+    z: Tensor
+    scale: Tensor
+    shift: Tensor
+    relu: bool
+
+
+def materialize(t: Union[Tensor, Pending]) -> Tensor:
+    if isinstance(t, Pending):
+        return kernels.bn_act(t.z, t.scale, t.shift, relu=t.relu)
+    return t
+
+
+def fusable(conv: nn.Module, bn: nn.Module) -> bool:
+    """Whether ``conv -> bn`` maps onto the fused kernels (else it is left to PyTorch)."""
+    return (
+        type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d  # not SyncBatchNorm: stats are per rank
+        and conv.kernel_size in ((1, 1), (3, 3))
+        and conv.stride[0] == conv.stride[1]
+        and isinstance(conv.padding, tuple) and conv.padding[0] == conv.padding[1]
+        and conv.dilation == (1, 1)
+        and conv.padding_mode == "zeros"
+        and conv.bias is None
+        and bn.num_features == conv.out_channels
+    )
+
+
+def _compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
+    """Autocast's dtype when it is on (as F.conv2d would use), else the input's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    if x.dtype != weight.dtype:
+        raise TypeError(f"input dtype {x.dtype} does not match the weight dtype {weight.dtype} "
+                        f"(use torch.autocast or convert the model)")
+    return x.dtype
+
+
+def conv_bn_stage(inp: Union[Tensor, Pending], conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool,
+                  residual: Union[Tensor, Pending, None] = None) -> Union[Tensor, Pending]:
+    """``act(bn(conv(inp)) [+ residual])``; returns a ``Pending`` when BN uses batch statistics.
+
+    ``inp`` may itself be pending: its scale/shift/ReLU is then applied in the prologue.
+    A pending result carries no residual: pass it to ``finish``.
+    """
+    x, in_scale, in_shift, in_relu = (inp.z, inp.scale, inp.shift, inp.relu) if isinstance(inp, Pending) \
+        else (inp, None, None, False)
+    if x.dim() != 4:
+        raise ValueError(f"expected a 4-D input (N, C, H, W), got {x.dim()}-D of shape {list(x.shape)}")
+    if x.shape[1] != conv.in_channels:
+        raise ValueError(f"expected {conv.in_channels} input channels, got {x.shape[1]}")
+    if not x.is_floating_point():
+        raise TypeError(f"expected a floating-point input, got {x.dtype}")
+    dtype = _compute_dtype(x, conv.weight)
+    x, weight = x.to(dtype), conv.weight.to(dtype)
+    stride, padding, groups = conv.stride[0], conv.padding[0], conv.groups
+    if uses_batch_stats(bn):
+        z, mean, var = kernels.conv_bn_act(x, weight, stride, padding, groups, in_scale=in_scale,
+                                           in_shift=in_shift, in_relu=in_relu, stats=True)
+        scale, shift = batch_norm_scale_shift(bn, mean, var, z.numel() // z.shape[1])
+        out = Pending(z, scale, shift, relu)
+        return out if residual is None else finish(out, residual)
+    scale, shift = folded_scale_shift(bn)
+    residual = materialize(residual) if residual is not None else None
+    y, _, _ = kernels.conv_bn_act(x, weight, stride, padding, groups, in_scale=in_scale, in_shift=in_shift,
+                                  in_relu=in_relu, out_scale=scale, out_shift=shift,
+                                  residual=residual, out_relu=relu)
+    return y
+
+
+def finish(main: Union[Tensor, Pending], residual: Union[Tensor, Pending, None] = None,
+           relu: Optional[bool] = None) -> Tensor:
+    """Apply what is pending of ``main`` and add ``residual`` (itself possibly pending) in one pass."""
+    if not isinstance(main, Pending):
+        assert residual is None, "an eval-mode stage adds its residual in the epilogue"
+        return main
+    relu = main.relu if relu is None else relu
+    if isinstance(residual, Pending) and not residual.relu:
+        return kernels.bn_act(main.z, main.scale, main.shift, residual.z, residual.scale, residual.shift, relu=relu)
+    residual = materialize(residual) if residual is not None else None
+    if residual is not None:
+        residual = residual.to(main.z.dtype)
+    return kernels.bn_act(main.z, main.scale, main.shift, residual, relu=relu)
+
+
+def like_input(y: Tensor, x: Tensor) -> Tensor:
+    """PyTorch's convolution rule: a channels_last input gives a channels_last output, else NCHW."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return y
+    return y.contiguous()
+
+
+class ConvBNAct(nn.Module):
+    """``relu(bn(conv(x)))`` (or without ReLU) on the fused kernels.
+
+    Build it like a ``Conv2d`` or from existing modules with ``ConvBNAct.from_modules(conv, bn)``;
+    its ``state_dict`` keys are ``conv.*`` and ``bn.*``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
+                 padding: Optional[int] = None, groups: int = 1, relu: bool = True, eps: float = 1e-5,
+                 momentum: Optional[float] = 0.1, device=None, dtype=None):
+        super().__init__()
+        if padding is None:
+            padding = kernel_size // 2
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups,
+                              bias=False, device=device, dtype=dtype)
+        self.bn = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, device=device, dtype=dtype)
+        self.relu = relu
+        if not fusable(self.conv, self.bn):
+            raise ValueError(f"kernel_size must be 1 or 3, got {kernel_size}")
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool = True) -> "ConvBNAct":
+        """Wrap existing modules (their tensors are shared, not copied)."""
+        if not fusable(conv, bn):
+            raise ValueError(f"cannot fuse {conv} -> {bn}: needs a bias-free 1x1 or 3x3 Conv2d with equal "
+                             f"strides and paddings, dilation 1, zero padding, and a BatchNorm2d of "
+                             f"{conv.out_channels} features")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.conv, self.bn, self.relu = conv, bn, relu
+        return self
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        """x: [N, Cin, H, W]; residual (optional, added before the ReLU): [N, Cout, Ho, Wo]."""
+        out = conv_bn_stage(x, self.conv, self.bn, self.relu, residual)
+        return like_input(finish(out), x)
+
+    def extra_repr(self) -> str:
+        return f"relu={self.relu}"
+
+
+class FusedSequential(nn.Sequential):
+    """An ``nn.Sequential`` whose ``Conv2d -> BatchNorm2d [-> ReLU]`` runs are fused.
+
+    The children (and so the ``state_dict`` keys) are those of the original Sequential.
+    """
+
+    def __init__(self, *args, runs: Optional[dict] = None):
+        super().__init__(*args)
+        self.runs = dict(runs or {})  # index of the conv -> (modules in the run, relu)
+
+    @classmethod
+    def from_sequential(cls, seq: nn.Sequential) -> Optional["FusedSequential"]:
+        """Fuse the runs of ``seq``; None when there is none."""
+        mods = list(seq)
+        runs, i = {}, 0
+        while i + 1 < len(mods):
+            if fusable(mods[i], mods[i + 1]):
+                relu = i + 2 < len(mods) and type(mods[i + 2]) is nn.ReLU
+                runs[i] = (3 if relu else 2, relu)
+                i += runs[i][0]
+            else:
+                i += 1
+        if not runs:
+            return None
+        fused = cls(runs=runs)
+        for name, m in seq.named_children():
+            fused.add_module(name, m)
+        fused.train(seq.training)
+        return fused
+
+    def forward(self, x):
+        mods, i = list(self), 0
+        while i < len(mods):
+            if i in self.runs:
+                length, relu = self.runs[i]
+                inp = x
+                x = like_input(finish(conv_bn_stage(x, mods[i], mods[i + 1], relu)), inp)
+                i += length
+            else:
+                x = mods[i](x)
+                i += 1
+        return x
+
+    def extra_repr(self) -> str:
+        return "fused runs at " + ", ".join(str(i) for i in sorted(self.runs))

@@ -1,0 +1,17 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="resnext-triton",
+    version="0.1.0",
+    description="Fused Triton kernels for ResNeXt/ResNet: grouped conv + BatchNorm + ReLU, residual epilogue",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["kernels", "kernels.*", "resnext", "resnext.*", "benchmarks", "benchmarks.*"]),
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4", "triton>=3.0", "numpy"],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        "plot": ["matplotlib"],
+    },
+    entry_points={"console_scripts": ["resnext-profile=benchmarks.profile:main"]},
+)

@@ -1,0 +1,35 @@
+"""Shared test utilities: tolerance rules and non-trivial BatchNorm state."""
+import torch
+from torch import nn
+
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float64: dict(atol=1e-9, rtol=1e-9)}
+
+
+def assert_close_to_ref(ours, ref64, dtype, torch_lowp=None, atol=None):
+    """fp32: absolute/relative tolerance.  fp16/bf16: ours may be off the float64 reference by
+    at most twice PyTorch's own error in that dtype, plus a small atol (flash-attention's rule)."""
+    ours, ref64 = ours.double(), ref64.double()
+    assert not torch.isnan(ours).any(), "NaN in output (unwritten elements?)"
+    if dtype in TOL:
+        torch.testing.assert_close(ours, ref64, **TOL[dtype])
+        return
+    assert torch_lowp is not None
+    err = (ours - ref64).abs().max().item()
+    torch_err = (torch_lowp.double() - ref64).abs().max().item()
+    atol = atol if atol is not None else 1e-2 * max(1.0, ref64.abs().max().item())
+    assert err <= 2 * torch_err + atol, f"error {err:.3g} vs PyTorch's own {torch_err:.3g} (+{atol:.3g})"
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm2d non-trivial running statistics and affine parameters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                if m.running_mean is not None:
+                    m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
+                    m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.5)
+    return model
