@@ -34,6 +34,7 @@ import triton.language as tl
 from . import reference
 from ._runtime import allow_tf32, conv_config, use_triton
 from .batchnorm import merge_stats
+from .conv_grad import conv_dgrad, conv_wgrad
 
 Tensor = torch.Tensor
 
@@ -231,6 +232,30 @@ def _(x, weight, stride, padding, groups, in_scale, in_shift, in_relu,
     return y, x.new_empty(n_stats, dtype=stat_dtype), x.new_empty(n_stats, dtype=stat_dtype)
 
 
+@torch.library.custom_op("resnext::conv_grads", mutates_args=())
+def conv_grads_op(dz: Tensor, a: Tensor, weight: Tensor, stride: int, padding: int, groups: int,
+                  need_input: bool, need_weight: bool) -> Tuple[Tensor, Tensor]:
+    """Data and weight gradients of the convolution (Triton dgrad / wgrad kernels).
+
+    Returns (da [N, Cin, H, W] channels_last in dz's dtype, dw fp32); an output that is not
+    needed comes back empty.
+    """
+    da = conv_dgrad(dz, weight, a.shape[2:], stride, padding, groups) if need_input \
+        else dz.new_empty(0)
+    dw = conv_wgrad(dz, a, weight.shape, stride, padding, groups) if need_weight \
+        else dz.new_empty(0, dtype=torch.float32)
+    return da, dw
+
+
+@conv_grads_op.register_fake
+def _(dz, a, weight, stride, padding, groups, need_input, need_weight):
+    da = a.new_empty(a.shape, dtype=dz.dtype, memory_format=torch.channels_last) if need_input \
+        else dz.new_empty(0)
+    dw_dtype = reference.acc_dtype(dz)
+    dw = weight.new_empty(weight.shape, dtype=dw_dtype) if need_weight else dz.new_empty(0, dtype=torch.float32)
+    return da, dw
+
+
 def _setup_context(ctx, inputs, output):
     (x, weight, stride, padding, groups, in_scale, in_shift, in_relu,
      out_scale, out_shift, residual, out_relu, stats) = inputs
@@ -274,9 +299,9 @@ def _backward(ctx, dy, dmean, dvar):
         if dvar is not None:
             dz = dz + pc(dvar.to(acc)) * (2.0 / count) * (y.to(acc) - pc(mean.to(acc)))
 
-    da, dw, _ = torch.ops.aten.convolution_backward(
-        dz.to(a.dtype), a, weight.to(a.dtype), None, [stride] * 2, [padding] * 2, [1, 1],
-        False, [0, 0], groups, [need[0] or need[5] or need[6], need[1], False])
+    need_da = need[0] or need[5] or need[6]
+    da, dw = conv_grads_op(dz.to(a.dtype), a, weight, stride, padding, groups, need_da, need[1])
+    da = da if need_da else None
     dx = d_in_scale = d_in_shift = None
     if in_scale is not None and da is not None:
         da = da.to(acc)
@@ -287,7 +312,7 @@ def _backward(ctx, dy, dmean, dvar):
         d_in_shift = _channel_sum(da).to(in_shift.dtype) if need[6] else None
     elif da is not None:
         dx = da.to(x.dtype)
-    dw = dw.to(weight.dtype) if dw is not None else None
+    dw = dw.to(weight.dtype) if need[1] else None
     return (dx, dw, None, None, None, d_in_scale, d_in_shift, None,
             d_out_scale, d_out_shift, d_res, None, None)
 

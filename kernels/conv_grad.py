@@ -1,0 +1,385 @@
+"""Backward of the (grouped) KxK convolution: data gradient and weight gradient, NHWC inside.
+
+Forward (see ``conv_bn_act``), for output pixel m = (n, oh, ow) and output channel co of
+group g::
+
+    z[m, co] = sum_{kh, kw, ci in group g} a[n, oh*s - p + kh, ow*s - p + kw, ci]
+               * w[co, ci - g*Cin_g, kh, kw]
+
+Data gradient (``conv_dgrad``): an implicit GEMM over the NHWC rows of dx.  Input pixel
+(ih, iw) receives, through tap (kh, kw), from output pixel ``oh = (ih + p - kh) / s`` when
+that division is exact and ``0 <= oh < Ho`` (same for w).  With stride s the pixels are
+split into s*s parity classes ``(ih % s, iw % s)`` (a grid axis): inside one class the
+exactness of the division depends only on the tap, so a program skips the taps that
+cannot contribute with one scalar test instead of multiplying masked zeros; e.g. stride 2
+with a 3x3 kernel does 9 tap-GEMMs over 4 classes instead of 36.  No zero-inserted
+tensor is ever built.  Grouped convolutions use the forward's block-diagonal trick with
+the roles swapped: a program owns ``BLOCK_N`` input channels, possibly spanning several
+groups, and K runs over those groups' output channels against a weight tile that is
+zero across groups, so ``tl.dot`` always has K, N >= 16.
+
+Weight gradient (``conv_wgrad``): ``dw[co, ci, kh, kw] = sum_m dz[m, co] * a[m + tap, ci]``
+is a GEMM whose reduction runs over the N*Ho*Wo pixels.  That reduction is split over
+programs (a grid axis); each writes fp32 partials to its own slice of a
+``[splits, Cout, Cin_g, k, k]`` buffer and ``torch.sum`` over the split axis finishes it:
+no float atomics, so the result is bit-identical run to run.
+"""
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _runtime
+from ._runtime import _pow2_clamp, allow_tf32, conv_config, use_triton
+
+Tensor = torch.Tensor
+
+
+# --------------------------------------------------------------------------------------
+# Data gradient
+# --------------------------------------------------------------------------------------
+@triton.jit
+def conv_dgrad_kernel(
+    dx_ptr,  # [N, H, W, Cin] NHWC, activation dtype: every element is written
+    dz_ptr,  # [N, Ho, Wo, Cout] NHWC
+    w_ptr,  # [KSIZE*KSIZE, Cout, Cin_g]: packed weight, Cin_g contiguous
+    N, H, W, Cin, Ho, Wo, Cout,
+    CIN_G, COUT_G,  # channels per group, input and output
+    stride, padding,
+    KSIZE: tl.constexpr, ALLOW_TF32: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # input pixels of one parity class
+    BLOCK_N: tl.constexpr,  # input channels
+    BLOCK_K: tl.constexpr,  # output channels (the reduction)
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    parity = tl.program_id(2)  # which (ih % stride, iw % stride) class this program covers
+    ph = parity // stride
+    pw = parity % stride
+    # Pixels of the class: ih = ihc*stride + ph for ihc < Hc.
+    Hc = (H - ph + stride - 1) // stride
+    Wc = (W - pw + stride - 1) // stride
+    Mc = N * Hc * Wc
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < Mc
+    n_ok = offs_n < Cin
+    # An image smaller than the stride has empty classes: keep the divisors non-zero.
+    Hd = tl.maximum(Hc, 1)
+    Wd = tl.maximum(Wc, 1)
+    iwc = offs_m % Wd
+    ihc = (offs_m // Wd) % Hd
+    img = (offs_m // (Wd * Hd)).to(tl.int64)  # int64: activations may exceed 2**31 elements
+    ih = ihc * stride + ph
+    iw = iwc * stride + pw
+
+    # Output channels feeding this block: the groups its input channels belong to.
+    n_last = tl.minimum(pid_n * BLOCK_N + BLOCK_N, Cin) - 1
+    co_start = ((pid_n * BLOCK_N) // CIN_G) * COUT_G
+    co_end = (n_last // CIN_G + 1) * COUT_G
+    group_n = offs_n // CIN_G
+    ci_local = offs_n - group_n * CIN_G
+
+    # Taps that reach this class: kh = kh0, kh0 + stride, ... < KSIZE (likewise kw), where
+    # ih + padding - kh is a multiple of stride.  Zero of them for some classes of a
+    # strided 1x1 convolution.
+    kh0 = (ph + padding) % stride
+    kw0 = (pw + padding) % stride
+    n_kh = (KSIZE - kh0 + stride - 1) // stride
+    n_kw = (KSIZE - kw0 + stride - 1) // stride
+    # K blocks start at a multiple of 16 below co_start so the compiler can prove 16-byte
+    # alignment and vectorise the dz loads (channels per group are rarely multiples of 16).
+    k_base = (co_start // 16) * 16
+    n_k = (co_end - k_base + BLOCK_K - 1) // BLOCK_K
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # One flat loop over (tap, output-channel block), not nested static loops: the
+    # pipeliner then prefetches across taps, and the registers of one tap suffice.
+    for it in range(0, n_kh * n_kw * n_k):
+        k_step = it % n_k
+        tap_c = it // n_k
+        kh = kh0 + (tap_c // n_kw) * stride
+        kw = kw0 + (tap_c % n_kw) * stride
+        # Exact divisions (by the choice of kh, kw), so rounding direction is moot.
+        oh = (ih + padding - kh) // stride
+        ow = (iw + padding - kw) // stride
+        pix_ok = m_ok & (oh >= 0) & (oh < Ho) & (ow >= 0) & (ow < Wo)
+        dz_row = ((img * Ho + oh) * Wo + ow) * Cout
+        offs_k = k_base + k_step * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_ok = (offs_k >= co_start) & (offs_k < co_end)
+        # Mask the load by "< Cout" only (constant over 16 channels: vector loads), then zero
+        # the other groups' channels in registers so a NaN there cannot leak into this group.
+        g = tl.load(dz_ptr + dz_row[:, None] + offs_k[None, :],
+                    mask=pix_ok[:, None] & (offs_k < Cout)[None, :], other=0.0)
+        g = tl.where(k_ok[None, :], g, 0.0)
+        # block-diagonal weight tile: w[co, ci] is zero unless co and ci share a group
+        group_k = offs_k // COUT_G
+        w_off = ((kh * KSIZE + kw) * Cout + offs_k[:, None]) * CIN_G + ci_local[None, :]
+        w_ok = (group_k[:, None] == group_n[None, :]) & k_ok[:, None] & n_ok[None, :]
+        wt = tl.load(w_ptr + w_off, mask=w_ok, other=0.0)
+        if ALLOW_TF32:
+            acc = tl.dot(g, wt, acc)
+        else:
+            acc = tl.dot(g, wt, acc, input_precision="ieee")
+
+    # Pixels no tap reaches (e.g. odd rows of a strided 1x1) get their zeros here too.
+    dx_row = ((img * H + ih) * W + iw) * Cin
+    out_ok = m_ok[:, None] & n_ok[None, :]
+    tl.store(dx_ptr + dx_row[:, None] + offs_n[None, :], acc.to(dx_ptr.dtype.element_ty), mask=out_ok)
+
+
+def pack_weight_dgrad(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """[Cout, Cin_g, KH, KW] -> [KH*KW, Cout, Cin_g]: a weight-tile row is contiguous in Cin_g."""
+    cout, cin_g, kh, kw = weight.shape
+    return weight.to(dtype).permute(2, 3, 0, 1).reshape(kh * kw, cout, cin_g).contiguous()
+
+
+def dgrad_config(N: int, H: int, W: int, cin: int, cin_g: int, cout_g: int, stride: int,
+                 dtype: torch.dtype) -> dict:
+    """Block sizes of ``conv_dgrad_kernel``: the forward's with input and output channels swapped.
+
+    Rows are the input pixels of one parity class; columns input channels (``cin_g`` per
+    group); the reduction runs over output channels (``cout_g`` per group).  Two changes,
+    from the sm_90 register counts (``cuobjdump -res-usage``; not yet timed on a GPU):
+    8 warps above 64x32 outputs (4 warps on 128x32 fp32 took 255 registers and spilled),
+    and K <= 32 channels for fp32 (same bytes per pipeline stage as 64 fp16 channels;
+    K = 64 fp32 spilled at 128x64).
+    """
+    rows_per_class = N * triton.cdiv(H, stride) * triton.cdiv(W, stride)
+    cfg = conv_config(rows_per_class, cin, cout_g, cin_g)
+    if dtype == torch.float32:
+        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], 32)
+    cfg["num_warps"] = 4 if cfg["BLOCK_M"] * cfg["BLOCK_N"] <= 64 * 32 else 8
+    return cfg
+
+
+def dgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype):
+    """(grid, size arguments, constexprs and launch options) of ``conv_dgrad_kernel``.
+
+    The launcher and the offline-compilation test both use it: the test compiles exactly
+    what runs.
+    """
+    cin_g, cout_g = Cin // groups, Cout // groups
+    meta = dgrad_config(N, H, W, Cin, cin_g, cout_g, stride, dtype)
+    sizes = dict(N=N, H=H, W=W, Cin=Cin, Ho=Ho, Wo=Wo, Cout=Cout, CIN_G=cin_g, COUT_G=cout_g,
+                 stride=stride, padding=padding)
+    rows_per_class = N * triton.cdiv(H, stride) * triton.cdiv(W, stride)
+    grid = (triton.cdiv(rows_per_class, meta["BLOCK_M"]), triton.cdiv(Cin, meta["BLOCK_N"]), stride * stride)
+    return grid, sizes, dict(KSIZE=ksize, ALLOW_TF32=allow_tf32(dtype), **meta)
+
+
+def _empty(shape, *, device, dtype, memory_format=torch.contiguous_format) -> Tensor:
+    """Every buffer the launchers allocate (a test poisons it with NaN)."""
+    return torch.empty(shape, device=device, dtype=dtype, memory_format=memory_format)
+
+
+def _check_shapes(dz: Tensor, weight_shape: Sequence[int], H: int, W: int, stride: int, padding: int,
+                  groups: int):
+    """A mismatch would silently give a wrong gradient: raise instead."""
+    if dz.dim() != 4 or len(weight_shape) != 4 or weight_shape[2] != weight_shape[3]:
+        raise ValueError(f"expected dz [N, Cout, Ho, Wo] and a square weight [Cout, Cin/groups, k, k], "
+                         f"got {list(dz.shape)} and {list(weight_shape)}")
+    k = weight_shape[2]
+    expected = [weight_shape[0], (H + 2 * padding - k) // stride + 1, (W + 2 * padding - k) // stride + 1]
+    if groups < 1 or weight_shape[0] % groups or list(dz.shape[1:]) != expected:
+        raise ValueError(f"dz {list(dz.shape)} does not match a {k}x{k} convolution of a {H}x{W} input "
+                         f"(stride {stride}, padding {padding}, groups {groups}, "
+                         f"weight {list(weight_shape)})")
+
+
+def _channels_last(t: Tensor) -> Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def conv_dgrad(dz: Tensor, weight: Tensor, input_hw: Sequence[int], stride: int, padding: int,
+               groups: int) -> Tensor:
+    """Gradient of ``conv2d(x, weight, stride, padding, groups=groups)`` with respect to x.
+
+    dz: [N, Cout, Ho, Wo], any memory format; weight: [Cout, Cin/groups, k, k];
+    input_hw: (H, W) of x (a strided convolution cannot recover it from Ho, Wo).
+    Returns dx: [N, Cin, H, W] channels_last in dz's dtype (fp32 accumulation).
+    """
+    N, Cout, Ho, Wo = dz.shape
+    _, cin_g, ksize, _ = weight.shape
+    H, W = int(input_hw[0]), int(input_hw[1])
+    Cin = cin_g * groups
+    _check_shapes(dz, weight.shape, H, W, stride, padding, groups)
+    if not use_triton(dz) or dz.dtype == torch.float64:  # plain CPU, or float64 for gradcheck
+        x_shape = dz.new_empty(1).expand(N, Cin, H, W)  # only its shape is read
+        dx = torch.ops.aten.convolution_backward(
+            dz, x_shape, weight.to(dz.dtype), None, [stride] * 2, [padding] * 2, [1, 1],
+            False, [0, 0], groups, [True, False, False])[0]
+        return _channels_last(dx)
+    if dz.numel() == 0:  # empty batch: nothing to launch
+        return torch.zeros((N, Cin, H, W), device=dz.device, dtype=dz.dtype).contiguous(
+            memory_format=torch.channels_last)
+
+    dz = _channels_last(dz)
+    dx = _empty((N, Cin, H, W), device=dz.device, dtype=dz.dtype, memory_format=torch.channels_last)
+    grid, sizes, meta = dgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dz.dtype)
+    conv_dgrad_kernel[grid](dx, dz, pack_weight_dgrad(weight, dz.dtype), **sizes, **meta)
+    return dx
+
+
+# --------------------------------------------------------------------------------------
+# Weight gradient
+# --------------------------------------------------------------------------------------
+@triton.jit
+def conv_wgrad_kernel(
+    part_ptr,  # [splits, Cout, Cin_g, KSIZE, KSIZE] fp32: this split's sum, every element written
+    dz_ptr,  # [N, Ho, Wo, Cout] NHWC
+    a_ptr,  # [N, H, W, Cin] NHWC: the convolution's input
+    N, H, W, Cin, Ho, Wo, Cout,
+    CIN_G, COUT_G,  # channels per group, input and output
+    stride, padding,
+    rows_per_split,  # output pixels reduced by one program, a multiple of BLOCK_M
+    n_ci_blocks,  # input-channel blocks per output-channel block (grid axis 0 = co block x ci block)
+    KSIZE: tl.constexpr, ALLOW_TF32: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # output pixels (the reduction)
+    BLOCK_CO: tl.constexpr,  # output channels
+    BLOCK_CI: tl.constexpr,  # input channels of the groups those output channels belong to
+):
+    pid_c = tl.program_id(0)
+    tap = tl.program_id(1)  # kh * KSIZE + kw
+    split = tl.program_id(2)
+    pid_co = pid_c // n_ci_blocks
+    pid_ci = pid_c % n_ci_blocks
+    kh = tap // KSIZE
+    kw = tap % KSIZE
+    M = N * Ho * Wo
+
+    offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    co_ok = offs_co < Cout
+    # Input channels of the groups of this output-channel block; this program takes the
+    # pid_ci-th BLOCK_CI-wide slice of them (past their end: nothing to do).
+    co_last = tl.minimum(pid_co * BLOCK_CO + BLOCK_CO, Cout) - 1
+    ci_start = ((pid_co * BLOCK_CO) // COUT_G) * CIN_G
+    ci_end = (co_last // COUT_G + 1) * CIN_G
+    # Slices start at a multiple of 16 below ci_start: provably aligned, so the loads of a
+    # are vectorised; the extra columns (other groups) are dropped at the store.
+    ci_base = (ci_start // 16) * 16 + pid_ci * BLOCK_CI
+    offs_ci = ci_base + tl.arange(0, BLOCK_CI)
+    ci_ok = (offs_ci >= ci_start) & (offs_ci < ci_end)
+
+    m_start = split * rows_per_split
+    m_end = tl.minimum(m_start + rows_per_split, M)
+    m_end = tl.where(ci_base < ci_end, m_end, m_start)  # empty slice: skip the loop
+
+    # Over several groups the [BLOCK_CO, BLOCK_CI] product also holds cross-group terms,
+    # dropped at the store: with 4 channels per group that keeps every tl.dot dimension
+    # >= 16 (the tensor cores' minimum) for 8x the MMA work, which is free because the
+    # kernel is memory-bound (an FMA path would read the same bytes, more slowly).
+    acc = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < m_end
+        ow = offs_m % Wo
+        oh = (offs_m // Wo) % Ho
+        img = (offs_m // (Wo * Ho)).to(tl.int64)  # int64: activations may exceed 2**31 elements
+        ih = oh * stride - padding + kh
+        iw = ow * stride - padding + kw
+        pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        g = tl.load(dz_ptr + offs_m.to(tl.int64)[:, None] * Cout + offs_co[None, :],
+                    mask=m_ok[:, None] & co_ok[None, :], other=0.0)
+        a_row = ((img * H + ih) * W + iw) * Cin
+        a = tl.load(a_ptr + a_row[:, None] + offs_ci[None, :],
+                    mask=pix_ok[:, None] & (offs_ci < Cin)[None, :], other=0.0)
+        if ALLOW_TF32:
+            acc = tl.dot(tl.trans(g), a, acc)
+        else:
+            acc = tl.dot(tl.trans(g), a, acc, input_precision="ieee")
+
+    # Keep the block diagonal: dw[co, ci] exists only when co and ci share a group.
+    group_co = offs_co // COUT_G
+    group_ci = offs_ci // CIN_G
+    ci_local = offs_ci - group_ci * CIN_G
+    keep = (group_co[:, None] == group_ci[None, :]) & co_ok[:, None] & ci_ok[None, :]
+    part_row = (split.to(tl.int64) * Cout + offs_co[:, None]) * CIN_G + ci_local[None, :]
+    part_off = part_row * (KSIZE * KSIZE) + tap
+    tl.store(part_ptr + part_off, acc, mask=keep)
+
+
+_WGRAD_TARGET_PROGRAMS = 1024  # ~8 per SM of an H100: enough to hide load latency
+
+
+def wgrad_config(M: int, cout: int, cin_g: int, cout_g: int, ksize: int) -> dict:
+    """Block sizes and M-split of ``conv_wgrad_kernel``; M = N*Ho*Wo output pixels.
+
+    Depends on the shape only (not on the device), so a given convolution always sums
+    its partials in the same order: same bits on any GPU.
+    """
+    block_co = _pow2_clamp(cout, 16, 64 if cout_g >= 64 else 32)
+    groups_per_block = -(-block_co // cout_g)
+    block_ci = _pow2_clamp(groups_per_block * cin_g, 16, 64)
+    # Widest input-channel range of an output-channel block (a block may start mid-group;
+    # the kernel starts the range at a multiple of 16).
+    ci_width = max(
+        ((min(c0 + block_co, cout) - 1) // cout_g + 1) * cin_g - (c0 // cout_g * cin_g) // 16 * 16
+        for c0 in range(0, cout, block_co))
+    n_ci_blocks = triton.cdiv(ci_width, block_ci)
+    if _runtime.INTERPRET:  # the interpreter pays per loop step: big steps, 2 splits
+        block_m, splits = _pow2_clamp(M, 16, 64), 2
+    else:
+        block_m = 64
+        other_programs = triton.cdiv(cout, block_co) * n_ci_blocks * ksize * ksize
+        splits = triton.cdiv(_WGRAD_TARGET_PROGRAMS, other_programs)
+    m_blocks = triton.cdiv(M, block_m)
+    rows_per_split = triton.cdiv(m_blocks, max(1, min(m_blocks, splits))) * block_m
+    num_warps = 4 if block_co * block_ci <= 32 * 64 else 8
+    return dict(BLOCK_M=block_m, BLOCK_CO=block_co, BLOCK_CI=block_ci, n_ci_blocks=n_ci_blocks,
+                rows_per_split=rows_per_split, num_warps=num_warps, num_stages=3)
+
+
+def wgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype):
+    """(grid, size arguments, constexprs and launch options) of ``conv_wgrad_kernel``.
+
+    The number of splits (partial sums) is ``grid[2]``.  Shared with the offline
+    compilation test, like ``dgrad_launch``.
+    """
+    cin_g, cout_g = Cin // groups, Cout // groups
+    M = N * Ho * Wo
+    meta = wgrad_config(M, Cout, cin_g, cout_g, ksize)
+    n_ci_blocks, rows_per_split = meta.pop("n_ci_blocks"), meta.pop("rows_per_split")
+    sizes = dict(N=N, H=H, W=W, Cin=Cin, Ho=Ho, Wo=Wo, Cout=Cout, CIN_G=cin_g, COUT_G=cout_g,
+                 stride=stride, padding=padding, rows_per_split=rows_per_split, n_ci_blocks=n_ci_blocks)
+    splits = triton.cdiv(M, rows_per_split)  # none empty
+    grid = (triton.cdiv(Cout, meta["BLOCK_CO"]) * n_ci_blocks, ksize * ksize, splits)
+    return grid, sizes, dict(KSIZE=ksize, ALLOW_TF32=allow_tf32(dtype), **meta)
+
+
+def conv_wgrad(dz: Tensor, a: Tensor, weight_shape: Sequence[int], stride: int, padding: int,
+               groups: int, deterministic: bool = True) -> Tensor:
+    """Gradient of ``conv2d(a, w, stride, padding, groups=groups)`` with respect to w.
+
+    dz: [N, Cout, Ho, Wo] and a: [N, Cin, H, W] (the convolution's input), any memory
+    format; a is cast to dz's dtype.  Returns dw with shape ``weight_shape``
+    ([Cout, Cin/groups, k, k]) in fp32 (float64 for float64 inputs); the caller casts.
+
+    ``deterministic``: the Triton path never uses atomics, so it is bit-identical run to
+    run either way; the flag lets a caller state the requirement (and would forbid an
+    atomic fast path, were one added).
+    """
+    del deterministic  # always honoured, see above
+    Cout, cin_g, ksize, _ = weight_shape
+    if a.dim() != 4 or a.shape[0] != dz.shape[0] or a.shape[1] != cin_g * groups:
+        raise ValueError(f"input {list(a.shape)} does not match weight {list(weight_shape)} "
+                         f"with groups {groups}")
+    _check_shapes(dz, weight_shape, a.shape[2], a.shape[3], stride, padding, groups)
+    if not use_triton(dz) or dz.dtype == torch.float64:  # plain CPU, or float64 for gradcheck
+        w_shape = dz.new_empty(1).expand(*weight_shape)  # only its shape is read
+        dw = torch.ops.aten.convolution_backward(
+            dz, a.to(dz.dtype), w_shape, None, [stride] * 2, [padding] * 2, [1, 1],
+            False, [0, 0], groups, [False, True, False])[1]
+        return dw if dw.dtype == torch.float64 else dw.float()
+    if dz.numel() == 0:  # empty batch: nothing to sum
+        return torch.zeros(tuple(weight_shape), device=dz.device, dtype=torch.float32)
+
+    N, Cin, H, W = a.shape
+    _, _, Ho, Wo = dz.shape
+    dz = _channels_last(dz)
+    a = _channels_last(a.to(dz.dtype))
+    grid, sizes, meta = wgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dz.dtype)
+    partials = _empty((grid[2], Cout, cin_g, ksize, ksize), device=dz.device, dtype=torch.float32)
+    conv_wgrad_kernel[grid](partials, dz, a, **sizes, **meta)
+    # Fixed-order reduction over the split axis (no atomics): deterministic.
+    return partials.view(partials.shape[1:]) if grid[2] == 1 else partials.sum(dim=0)

@@ -1,0 +1,358 @@
+"""Tests of kernels.conv_grad: the Triton data- and weight-gradient kernels of the (grouped) conv.
+
+Without CUDA the kernels run in Triton's interpreter (set before triton is imported), so
+shapes stay tiny.  Every result is compared with a float64 PyTorch reference computed
+from the same (rounded) inputs; outputs and partial-sum buffers start as NaN so an
+element the kernels forget to write fails the comparison.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import pytest  # noqa: E402
+
+from kernels import _runtime  # noqa: E402
+from kernels import conv_grad as cg  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass(frozen=True)
+class Case:
+    N: int
+    Cin: int
+    Cout: int
+    H: int
+    W: int
+    k: int
+    stride: int
+    padding: int
+    groups: int
+
+    @property
+    def Ho(self):
+        return (self.H + 2 * self.padding - self.k) // self.stride + 1
+
+    @property
+    def Wo(self):
+        return (self.W + 2 * self.padding - self.k) // self.stride + 1
+
+
+# id -> why the case exists.  H, W odd and unequal throughout; Cout != Cin where it can be.
+CASES = {
+    "dense_3x3_cout_ne_cin": Case(2, 8, 12, 7, 5, 3, 1, 1, 1),
+    "dense_3x3_s2_odd": Case(1, 12, 20, 7, 9, 3, 2, 1, 1),
+    "two_groups_s2_16_to_24": Case(1, 16, 24, 5, 7, 3, 2, 1, 2),
+    "4_per_group_resnext_stage1": Case(1, 32, 32, 5, 7, 3, 1, 1, 8),
+    "4_per_group_s2_several_blocks": Case(1, 64, 64, 5, 3, 3, 2, 1, 16),
+    "8_per_group_s2_cout_16_per_group": Case(1, 32, 64, 7, 5, 3, 2, 1, 4),
+    "16_per_group": Case(1, 32, 32, 5, 3, 3, 1, 1, 2),
+    "32_per_group_one_group_per_block": Case(1, 64, 64, 3, 5, 3, 1, 1, 2),
+    "72_per_group_k_loop_several_steps": Case(1, 72, 40, 3, 5, 3, 1, 1, 1),
+    "depthwise_s1": Case(1, 24, 24, 5, 7, 3, 1, 1, 24),
+    "depthwise_s2": Case(1, 20, 20, 7, 5, 3, 2, 1, 20),
+    "depthwise_multiplier_2": Case(1, 8, 16, 5, 3, 3, 1, 1, 8),
+    "3_in_6_out_per_group_blocks_start_mid_group": Case(1, 48, 96, 3, 5, 3, 2, 1, 16),
+    "1x1_gemm_cout_ne_cin": Case(2, 24, 40, 5, 3, 1, 1, 0, 1),
+    "1x1_s2_downsample_unreached_pixels": Case(1, 16, 32, 7, 5, 1, 2, 0, 1),
+    "3x3_pad0_s2": Case(1, 16, 16, 7, 9, 3, 2, 0, 4),
+    "tiny_image_smaller_than_stride_classes": Case(1, 16, 16, 1, 3, 3, 2, 1, 4),
+}
+FP16_CASES = ["dense_3x3_cout_ne_cin", "4_per_group_s2_several_blocks",
+              "3_in_6_out_per_group_blocks_start_mid_group", "1x1_s2_downsample_unreached_pixels"]
+
+
+@pytest.fixture(autouse=True)
+def nan_buffers(monkeypatch):
+    """Every buffer the launchers allocate starts as NaN: an unwritten element shows."""
+    def poisoned(shape, **kw):
+        return torch.empty(shape, **kw).fill_(float("nan"))
+    monkeypatch.setattr(cg, "_empty", poisoned)
+
+
+@pytest.fixture
+def ieee_fp32(monkeypatch):
+    """fp32 tests check the exact (ieee) product; on a GPU TF32 would need looser bounds."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
+def make_inputs(c: Case, dtype, seed=0):
+    """Fresh random x, weight, dz (never zeros), rounded to dtype; dz is NCHW contiguous."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(c.N, c.Cin, c.H, c.W, generator=gen)
+    fan_in = c.Cin // c.groups * c.k * c.k
+    w = torch.randn(c.Cout, c.Cin // c.groups, c.k, c.k, generator=gen) / fan_in ** 0.5
+    dz = torch.randn(c.N, c.Cout, c.Ho, c.Wo, generator=gen)
+    return [t.to(dtype).to(DEVICE) for t in (x, w, dz)]
+
+
+def reference(c: Case, x, w, dz, dtype=torch.float64):
+    """(dx, dw) from PyTorch's own convolution backward, on the CPU, in dtype."""
+    dx, dw, _ = torch.ops.aten.convolution_backward(
+        dz.cpu().to(dtype), x.cpu().to(dtype), w.cpu().to(dtype), None, [c.stride] * 2, [c.padding] * 2,
+        [1, 1], False, [0, 0], c.groups, [True, True, False])
+    return dx, dw
+
+
+def ours(c: Case, x, w, dz):
+    dx = cg.conv_dgrad(dz, w, (c.H, c.W), c.stride, c.padding, c.groups)
+    dw = cg.conv_wgrad(dz, x, w.shape, c.stride, c.padding, c.groups)
+    return dx, dw
+
+
+def assert_close_fp32(got, ref, what):
+    assert not torch.isnan(got).any(), f"{what}: NaN (an element was never written)"
+    err = (got.cpu().double() - ref).abs().max().item()
+    bound = 1e-5 * (1.0 + ref.abs().max().item())
+    assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g}"
+
+
+@pytest.mark.parametrize("case_id", list(CASES))
+def test_fp32_matches_float64(case_id, ieee_fp32):
+    c = CASES[case_id]
+    x, w, dz = make_inputs(c, torch.float32)
+    dx, dw = ours(c, x, w, dz)
+    ref_dx, ref_dw = reference(c, x, w, dz)
+    assert dx.shape == (c.N, c.Cin, c.H, c.W) and dx.dtype == torch.float32
+    assert dx.is_contiguous(memory_format=torch.channels_last)
+    assert dw.shape == w.shape and dw.dtype == torch.float32
+    assert_close_fp32(dx, ref_dx, "dx")
+    assert_close_fp32(dw, ref_dw, "dw")
+
+
+def assert_within_torch_error(got, ref64, torch_low, what):
+    """Our error is at most twice PyTorch's own in the same precision (max over the tensor)."""
+    assert not torch.isnan(got).any(), f"{what}: NaN (an element was never written)"
+    ours_err = (got.cpu().double() - ref64).abs().max().item()
+    torch_err = (torch_low.cpu().double() - ref64).abs().max().item()
+    atol = 1e-4 * ref64.abs().max().item()
+    assert ours_err <= 2 * torch_err + atol, f"{what}: error {ours_err:.3g} vs PyTorch's {torch_err:.3g}"
+
+
+LOW_PRECISION = [pytest.param(torch.float16, id="fp16")]
+if torch.cuda.is_available():  # the interpreter's bf16 tl.dot is wrong (NOTES.md)
+    LOW_PRECISION.append(pytest.param(torch.bfloat16, id="bf16"))
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("case_id", FP16_CASES)
+def test_low_precision_within_torch_error(case_id, dtype):
+    c = CASES[case_id]
+    x, w, dz = make_inputs(c, dtype)
+    dx, dw = ours(c, x, w, dz)
+    assert dx.dtype == dtype and dw.dtype == torch.float32  # dw: fp32 partial sums, caller casts
+    ref_dx, ref_dw = reference(c, x, w, dz)  # float64 of the same rounded inputs
+    torch_dx, torch_dw = reference(c, x, w, dz, dtype)
+    assert_within_torch_error(dx, ref_dx, torch_dx, "dx")
+    assert_within_torch_error(dw, ref_dw, torch_dw, "dw")
+
+
+@pytest.fixture
+def max_splits(monkeypatch):
+    """16 rows per split: many partial sums and a ragged last split."""
+    config = cg.wgrad_config
+
+    def many(*args, **kw):
+        cfg = config(*args, **kw)
+        cfg["BLOCK_M"] = cfg["rows_per_split"] = 16
+        return cfg
+    monkeypatch.setattr(cg, "wgrad_config", many)
+
+
+@pytest.mark.parametrize("case_id", ["dense_3x3_cout_ne_cin", "4_per_group_s2_several_blocks"])
+def test_wgrad_many_splits_is_deterministic(case_id, max_splits, ieee_fp32):
+    c = Case(**{**CASES[case_id].__dict__, "N": 6})  # M = 210 and 36: ragged last split
+    x, w, dz = make_inputs(c, torch.float32, seed=1)
+    grid, _, _ = cg.wgrad_launch(c.N, c.Cin, c.H, c.W, c.Cout, c.Ho, c.Wo, c.k, c.stride, c.padding,
+                                 c.groups, torch.float32)
+    assert grid[2] >= 3
+    first = cg.conv_wgrad(dz, x, w.shape, c.stride, c.padding, c.groups)
+    second = cg.conv_wgrad(dz, x, w.shape, c.stride, c.padding, c.groups)
+    assert torch.equal(first, second), "two runs differ: the reduction is not deterministic"
+    assert_close_fp32(first, reference(c, x, w, dz)[1], "dw")
+
+
+def test_default_split_count_above_one_and_deterministic(ieee_fp32):
+    """The launcher's own split choice (2 under the interpreter) is exercised and repeatable."""
+    c = Case(2, 16, 16, 7, 5, 3, 1, 1, 2)
+    x, w, dz = make_inputs(c, torch.float32, seed=2)
+    grid, _, _ = cg.wgrad_launch(c.N, c.Cin, c.H, c.W, c.Cout, c.Ho, c.Wo, c.k, c.stride, c.padding,
+                                 c.groups, torch.float32)
+    assert grid[2] >= 2
+    runs = [ours(c, x, w, dz) for _ in range(2)]
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+def test_any_input_memory_format_gives_the_same_bits(ieee_fp32):
+    c = CASES["8_per_group_s2_cout_16_per_group"]
+    x, w, dz = make_inputs(c, torch.float32, seed=3)
+    base = ours(c, x, w, dz)
+    cl = ours(c, x.contiguous(memory_format=torch.channels_last), w,
+              dz.contiguous(memory_format=torch.channels_last))
+    # non-contiguous views: every other channel of a twice-as-wide tensor
+    wide = lambda t: torch.stack([t, torch.randn_like(t)], dim=2).flatten(1, 2)[:, ::2]  # noqa: E731
+    strided = ours(c, wide(x), w, wide(dz))
+    for other in (cl, strided):
+        assert torch.equal(base[0], other[0]) and torch.equal(base[1], other[1])
+
+
+def test_float64_and_plain_cpu_fall_back_to_aten(monkeypatch):
+    c = CASES["two_groups_s2_16_to_24"]
+    x, w, dz = make_inputs(c, torch.float64)
+    ref_dx, ref_dw = reference(c, x, w, dz)
+    dx, dw = ours(c, x, w, dz)
+    assert dx.dtype == dw.dtype == torch.float64
+    assert dx.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(dx.cpu(), ref_dx, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dw.cpu(), ref_dw, rtol=1e-12, atol=1e-12)
+
+    monkeypatch.setattr(cg, "use_triton", lambda t: False)  # a CPU tensor without the interpreter
+    x, w, dz = (t.float().cpu() for t in (x, w, dz))
+    dx, dw = ours(c, x, w, dz)
+    assert dx.dtype == dw.dtype == torch.float32
+    assert dx.is_contiguous(memory_format=torch.channels_last)
+    assert_close_fp32(dx, ref_dx, "dx")
+    assert_close_fp32(dw, ref_dw, "dw")
+
+
+def test_empty_batch_and_shape_mismatch():
+    c = CASES["4_per_group_resnext_stage1"]
+    x, w, dz = make_inputs(c, torch.float32)
+    dx = cg.conv_dgrad(dz[:0], w, (c.H, c.W), c.stride, c.padding, c.groups)
+    assert dx.shape == (0, c.Cin, c.H, c.W)
+    dw = cg.conv_wgrad(dz[:0], x[:0], w.shape, c.stride, c.padding, c.groups)
+    assert torch.equal(dw, torch.zeros_like(w))
+    with pytest.raises(ValueError, match="does not match"):
+        cg.conv_dgrad(dz, w, (c.H + 2, c.W), c.stride, c.padding, c.groups)
+    with pytest.raises(ValueError, match="does not match"):
+        cg.conv_wgrad(dz, x, w.shape, c.stride, c.padding, c.groups * 2)
+
+
+# --------------------------------------------------------------------------------------
+# Offline compilation for Hopper (sm_90) of what the launchers pick for ResNeXt-50.
+# --------------------------------------------------------------------------------------
+# Grouped 3x3 (channels, input size, stride, groups = channels / per-group) from NOTES.md,
+# and the bottleneck's 1x1 convolutions (cin, cout, input size, stride).
+RESNEXT50_GROUPED_3X3 = [(128, 56, 1, 32), (256, 56, 2, 32), (256, 28, 1, 32), (512, 28, 2, 32),
+                         (512, 14, 1, 32), (1024, 14, 2, 32), (1024, 7, 1, 32)]
+RESNEXT50_1X1 = [(64, 128, 56, 1), (256, 128, 56, 1), (128, 256, 56, 1), (64, 256, 56, 1),
+                 (256, 256, 56, 1), (512, 256, 28, 1), (256, 512, 28, 1), (256, 512, 56, 2),
+                 (512, 512, 28, 1), (1024, 512, 14, 1), (512, 1024, 14, 1), (512, 1024, 28, 2),
+                 (1024, 1024, 14, 1), (2048, 1024, 7, 1), (1024, 2048, 7, 1), (1024, 2048, 14, 2)]
+BATCHES = (256, 32)
+
+
+def _resnext50_launches(dtype):
+    """Yield (kernel, pointer types, size arguments, constexprs + launch options) as launched."""
+    convs = [(c, c, hw, 3, s, 1, g) for c, hw, s, g in RESNEXT50_GROUPED_3X3]
+    convs += [(ci, co, hw, 1, s, 0, 1) for ci, co, hw, s in RESNEXT50_1X1]
+    ty = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}[dtype]
+    for N in BATCHES:
+        for cin, cout, hw, k, s, p, g in convs:
+            ho = (hw + 2 * p - k) // s + 1
+            args = (N, cin, hw, hw, cout, ho, ho, k, s, p, g, dtype)
+            _, sizes, meta = cg.dgrad_launch(*args)
+            yield cg.conv_dgrad_kernel, dict(dx_ptr=ty, dz_ptr=ty, w_ptr=ty), sizes, meta
+            _, sizes, meta = cg.wgrad_launch(*args)
+            yield cg.conv_wgrad_kernel, dict(part_ptr="*fp32", dz_ptr=ty, a_ptr=ty), sizes, meta
+
+
+def _compile_for_hopper(dtype_name):
+    """Compile every distinct launch; return one summary line per kernel binary."""
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    dtype = getattr(torch, dtype_name)
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    launches = list(_resnext50_launches(dtype))
+    if dtype == torch.float32:  # also the exact path, taken when TF32 is switched off
+        launches += [(k, p, s, {**m, "ALLOW_TF32": False}) for k, p, s, m in launches[:2]]
+    done, report = set(), []
+    for kernel, ptrs, sizes, meta in launches:
+        meta = dict(meta)
+        options = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
+        # Specialise like the JIT: an int equal to 1 becomes a constant, a multiple of 16
+        # (and every pointer: PyTorch allocations are 16-byte aligned) gets that divisibility.
+        signature, constexprs, attrs = {}, dict(meta), {}
+        for i, name in enumerate(kernel.arg_names):
+            if name in meta:
+                signature[name] = "constexpr"
+            elif name in ptrs:
+                signature[name] = ptrs[name]
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            elif sizes[name] == 1:
+                signature[name] = "constexpr"
+                constexprs[name] = 1
+            else:
+                signature[name] = "i32"
+                if sizes[name] % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        # One binary per block configuration and set of constant-1 sizes (stride 1, ...);
+        # the divisibility of sizes varies too, but compiling every variant costs minutes.
+        key = (kernel.__name__, tuple(sorted(constexprs.items())), tuple(sorted(options.items())))
+        if key in done:
+            continue
+        done.add(key)
+        src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+        ptx = compiled.asm["ptx"]
+        line = dict(kernel=kernel.__name__, meta=meta, options=options, mma=("mma" in ptx),
+                    vector_loads=("cp.async" in ptx or "ld.global.v" in ptx))
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(compiled.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", f.name],
+                                   capture_output=True, text=True).stdout
+        line["usage"] = [ln.strip() for ln in usage.splitlines() if "REG:" in ln]
+        report.append(line)
+    return report
+
+
+COMPILE_DTYPES = ["float32", "float16", "bfloat16"]
+
+
+@pytest.fixture(scope="module")
+def hopper_compiles():
+    """One fresh process per dtype, without the interpreter (as CI would), all started at once."""
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=REPO, TRITON_DEFAULT_FP_FUSION="1")
+    procs = {name: subprocess.Popen([sys.executable, os.path.abspath(__file__), "--compile", name],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    env=env, cwd=REPO)
+             for name in COMPILE_DTYPES}
+    try:
+        yield {name: proc.communicate(timeout=600) + (proc.returncode,) for name, proc in procs.items()}
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+
+
+@pytest.mark.parametrize("dtype_name", COMPILE_DTYPES)
+def test_compiles_for_hopper(dtype_name, hopper_compiles):
+    """Every kernel and block configuration the launchers pick for ResNeXt-50 compiles for sm_90."""
+    stdout, stderr, returncode = hopper_compiles[dtype_name]
+    assert returncode == 0, stderr[-4000:]
+    report = json.loads(stdout.strip().splitlines()[-1])
+    kernels = {line["kernel"] for line in report}
+    assert kernels == {"conv_dgrad_kernel", "conv_wgrad_kernel"}
+    for line in report:
+        exact_fp32 = dtype_name == "float32" and not line["meta"]["ALLOW_TF32"]  # FMA by design
+        assert line["mma"] or exact_fp32, f"tl.dot did not become an MMA: {line}"
+        assert line["vector_loads"], f"no vectorised/async loads: {line}"
+        for usage in line["usage"]:
+            assert "LOCAL:0" in usage and "STACK:0" in usage, f"register spills: {line}"
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--compile"]:
+    print(json.dumps(_compile_for_hopper(sys.argv[2])))
