@@ -14,6 +14,7 @@ import re
 import subprocess
 from typing import Dict, Iterable, List, Tuple
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
@@ -73,7 +74,7 @@ def conv_launches(shapes: Iterable[Tuple[int, int, int, int, int, int, int, int]
     seen, launches = set(), []
     for (N, Cin, H, W, Cout, groups, ks, stride) in shapes:
         M = N * out_size(H, ks, stride, ks // 2) * out_size(W, ks, stride, ks // 2)
-        cfg = conv_config(M, Cout, Cin // groups, Cout // groups)
+        cfg = conv_config(M, Cout, Cin // groups, Cout // groups, getattr(torch, dtype))
         for mode in modes:
             train = mode == "train"
             flags = dict(KSIZE=ks, IN_AFFINE=train, IN_RELU=train, OUT_AFFINE=not train,

@@ -26,7 +26,7 @@ def _pow2_clamp(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(1, n))))
 
 
-def conv_config(M: int, cout: int, cin_g: int, cout_g: int) -> dict:
+def conv_config(M: int, cout: int, cin_g: int, cout_g: int, dtype: torch.dtype = torch.bfloat16) -> dict:
     """Block sizes for the implicit-GEMM convolution kernel.
 
     Rows are output pixels (M = N*Ho*Wo), columns output channels.  A block of
@@ -34,7 +34,10 @@ def conv_config(M: int, cout: int, cin_g: int, cout_g: int) -> dict:
     multiplies by a block-diagonal weight tile, so ``BLOCK_K`` covers those groups'
     input channels (4 channels per group x 8 groups = one 32-wide ``tl.dot``).  The
     wasted zero products are free: every grouped 3x3 of ResNeXt is memory-bound.
-    Chosen by design, not yet by measurement on a GPU (see benchmarks/NOTES.md).
+    Chosen by design, not yet by measurement on a GPU (see benchmarks/NOTES.md).  Two rules
+    come from the sm_90 register report (``python -m kernels._compile``): 8 warps above
+    64x32 outputs, and K <= 32 channels in fp32 (same bytes per pipeline stage as 64 bf16
+    channels); without them 3x3 tiles spilled.
     """
     if INTERPRET:  # fewer, larger programs: the interpreter pays per program
         block_m = _pow2_clamp(M, 16, 64)
@@ -42,8 +45,8 @@ def conv_config(M: int, cout: int, cin_g: int, cout_g: int) -> dict:
         block_m = 128 if M >= 128 * 132 else 64
     block_n = _pow2_clamp(cout, 16, 64 if cout_g >= 64 else 32)
     groups_per_block = -(-block_n // cout_g)
-    block_k = _pow2_clamp(groups_per_block * cin_g, 16, 64)
-    num_warps = 4 if block_m * block_n <= 64 * 64 else 8
+    block_k = _pow2_clamp(groups_per_block * cin_g, 16, 32 if dtype == torch.float32 else 64)
+    num_warps = 4 if block_m * block_n <= 64 * 32 else 8
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=3)
 
 

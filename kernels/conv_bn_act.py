@@ -176,7 +176,7 @@ def conv_bn_act_forward(
     M = N * Ho * Wo
     x = _channels_last(x)
     y = torch.empty((N, Cout, Ho, Wo), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
-    cfg = conv_config(M, Cout, cin_g, Cout // groups)
+    cfg = conv_config(M, Cout, cin_g, Cout // groups, x.dtype)
     n_row_blocks = triton.cdiv(M, cfg["BLOCK_M"])
     if stats:
         part_mean = torch.empty((n_row_blocks, Cout), device=x.device, dtype=torch.float32)

@@ -139,18 +139,10 @@ def dgrad_config(N: int, H: int, W: int, cin: int, cin_g: int, cout_g: int, stri
     """Block sizes of ``conv_dgrad_kernel``: the forward's with input and output channels swapped.
 
     Rows are the input pixels of one parity class; columns input channels (``cin_g`` per
-    group); the reduction runs over output channels (``cout_g`` per group).  Two changes,
-    from the sm_90 register counts (``cuobjdump -res-usage``; not yet timed on a GPU):
-    8 warps above 64x32 outputs (4 warps on 128x32 fp32 took 255 registers and spilled),
-    and K <= 32 channels for fp32 (same bytes per pipeline stage as 64 fp16 channels;
-    K = 64 fp32 spilled at 128x64).
+    group); the reduction runs over output channels (``cout_g`` per group).
     """
     rows_per_class = N * triton.cdiv(H, stride) * triton.cdiv(W, stride)
-    cfg = conv_config(rows_per_class, cin, cout_g, cin_g)
-    if dtype == torch.float32:
-        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], 32)
-    cfg["num_warps"] = 4 if cfg["BLOCK_M"] * cfg["BLOCK_N"] <= 64 * 32 else 8
-    return cfg
+    return conv_config(rows_per_class, cin, cout_g, cin_g, dtype)
 
 
 def dgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype):

@@ -42,6 +42,6 @@ def test_convolutions_use_hopper_tensor_cores(compiled):
 
 
 def test_no_large_spills(compiled):
-    """A few hundred bytes of stack are tolerated; kilobytes mean a config to fix."""
+    """A few bytes of stack are tolerated; more means a config to fix (see _runtime.conv_config)."""
     for r in compiled:
-        assert r["local_bytes"] <= 512, r
+        assert r["local_bytes"] <= 64, r
