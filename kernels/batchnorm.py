@@ -20,6 +20,7 @@ import triton.language as tl
 
 from . import reference
 from ._runtime import rows_config, use_triton
+from .bn_backward import bn_backward
 
 Tensor = torch.Tensor
 
@@ -146,6 +147,24 @@ def _bn_act_setup_context(ctx, inputs, output):
 def _bn_act_backward(ctx, dy):
     z, scale, residual, res_scale, y = ctx.saved_tensors
     need = ctx.needs_input_grad
+    if use_triton(z) and z.dtype != torch.float64:
+        # One pass of bn_backward_kernel: reads dy, y (ReLU mask), z and the residual only
+        # for the sums asked for; writes dz and dres.  (PyTorch formulas below: the reference.)
+        res_affine = residual is not None and res_scale is not None
+        o = bn_backward(
+            dy, relu_out=y if ctx.relu else None, scale=scale,
+            dz_dtype=z.dtype if need[0] else None,
+            dres_dtype=residual.dtype if residual is not None and need[3] else None,
+            res_scale=res_scale if res_affine else None,
+            sum_g=need[2] or (res_affine and need[5]), sum_gv=z if need[1] else None,
+            sum_gr=residual if res_affine and need[4] else None)
+        dscale = o.sum_gv.to(scale.dtype) if need[1] else None
+        dshift = o.sum_g.to(scale.dtype) if need[2] else None
+        dres_scale = o.sum_gr.to(res_scale.dtype) if res_affine and need[4] else None
+        # a copy: two parameters must not share one gradient tensor
+        dres_shift = o.sum_g.to(res_scale.dtype, copy=True) if res_affine and need[5] else None
+        return o.dz, dscale, dshift, o.dres, dres_scale, dres_shift, None
+
     pc = reference._per_channel
     acc = reference.acc_dtype(z)
     du = dy.to(acc)
@@ -178,12 +197,25 @@ def bn_act(z: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor] =
     """
     if z.dim() != 4:
         raise ValueError(f"expected a 4-D input (N, C, H, W), got shape {list(z.shape)}")
+    if not z.is_floating_point():
+        raise TypeError(f"expected a floating-point input, got {z.dtype}")
+    if scale is None or shift is None:
+        raise TypeError("bn_act needs a scale and a shift tensor (use ones/zeros for the identity)")
     C = z.shape[1]
     for name, v in (("scale", scale), ("shift", shift), ("res_scale", res_scale), ("res_shift", res_shift)):
-        if v is not None and (v.dim() != 1 or v.shape[0] != C):
+        if v is None:
+            continue
+        if v.dim() != 1 or v.shape[0] != C:
             raise ValueError(f"{name} must have shape [{C}], got {list(v.shape)}")
-    if residual is not None and residual.shape != z.shape:
-        raise ValueError(f"residual must have shape {list(z.shape)}, got {list(residual.shape)}")
+        if v.device != z.device:
+            raise ValueError(f"{name} is on {v.device} but the input is on {z.device}")
+        if not v.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {v.dtype}")
+    if residual is not None:
+        if residual.shape != z.shape:
+            raise ValueError(f"residual must have shape {list(z.shape)}, got {list(residual.shape)}")
+        if residual.device != z.device:
+            raise ValueError(f"residual is on {residual.device} but the input is on {z.device}")
     if (res_scale is None) != (res_shift is None):
         raise ValueError("res_scale and res_shift must be given together")
     return bn_act_op(z, scale, shift, residual, res_scale, res_shift, relu)
@@ -199,6 +231,8 @@ def uses_batch_stats(bn: torch.nn.BatchNorm2d) -> bool:
 
 def folded_scale_shift(bn: torch.nn.BatchNorm2d) -> Tuple[Tensor, Tensor]:
     """Eval mode: y = z * scale + shift with the running statistics (differentiable in gamma, beta)."""
+    if bn.eps < 0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {bn.eps}")
     scale = torch.rsqrt(bn.running_var.float() + bn.eps)
     if bn.weight is not None:
         scale = bn.weight.float() * scale
@@ -215,19 +249,22 @@ def batch_norm_scale_shift(bn: torch.nn.BatchNorm2d, mean: Tensor, var: Tensor, 
     in ``running_var``, ``momentum=None`` is a cumulative average, ``num_batches_tracked``
     counts batches.  No host synchronisation: the factor stays a tensor.
     """
-    if count <= 1:
+    if bn.eps <= 0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {bn.eps}")
+    if count == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input with {count} "
                          f"value(s) per channel")
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         with torch.no_grad():
             bn.num_batches_tracked.add_(1)
-            if bn.momentum is None:
-                factor = 1.0 / bn.num_batches_tracked.to(bn.running_mean.dtype)
-            else:
-                factor = bn.momentum
-            bn.running_mean.lerp_(mean.detach().to(bn.running_mean.dtype), factor)
-            unbiased = var.detach() * (count / (count - 1))
-            bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), factor)
+            if count > 0:  # an empty batch is counted but leaves the statistics alone (as PyTorch)
+                if bn.momentum is None:
+                    factor = 1.0 / bn.num_batches_tracked.to(bn.running_mean.dtype)
+                else:
+                    factor = bn.momentum
+                bn.running_mean.lerp_(mean.detach().to(bn.running_mean.dtype), factor)
+                unbiased = var.detach() * (count / (count - 1))
+                bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), factor)
     scale = torch.rsqrt(var + bn.eps)
     if bn.weight is not None:
         scale = bn.weight.float() * scale

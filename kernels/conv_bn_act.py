@@ -33,7 +33,8 @@ import triton.language as tl
 
 from . import reference
 from ._runtime import allow_tf32, conv_config, use_triton
-from .batchnorm import merge_stats
+from .batchnorm import bn_act_op, merge_stats
+from .bn_backward import bn_backward
 from .conv_grad import conv_dgrad, conv_wgrad
 
 Tensor = torch.Tensor
@@ -227,7 +228,7 @@ def _(x, weight, stride, padding, groups, in_scale, in_shift, in_relu,
     N, _, H, W = x.shape
     Cout, _, ksize, _ = weight.shape
     Ho, Wo = out_size(H, ksize, stride, padding), out_size(W, ksize, stride, padding)
-    y = x.new_empty((N, Cout, Ho, Wo), memory_format=torch.channels_last)
+    y = torch.empty((N, Cout, Ho, Wo), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     n_stats, stat_dtype = (Cout if stats else 0), reference.acc_dtype(x)
     return y, x.new_empty(n_stats, dtype=stat_dtype), x.new_empty(n_stats, dtype=stat_dtype)
 
@@ -249,7 +250,7 @@ def conv_grads_op(dz: Tensor, a: Tensor, weight: Tensor, stride: int, padding: i
 
 @conv_grads_op.register_fake
 def _(dz, a, weight, stride, padding, groups, need_input, need_weight):
-    da = a.new_empty(a.shape, dtype=dz.dtype, memory_format=torch.channels_last) if need_input \
+    da = torch.empty(a.shape, device=a.device, dtype=dz.dtype, memory_format=torch.channels_last) if need_input \
         else dz.new_empty(0)
     dw_dtype = reference.acc_dtype(dz)
     dw = weight.new_empty(weight.shape, dtype=dw_dtype) if need_weight else dz.new_empty(0, dtype=torch.float32)
@@ -276,34 +277,72 @@ def _backward(ctx, dy, dmean, dvar):
     need = ctx.needs_input_grad
     pc = reference._per_channel
     acc = reference.acc_dtype(x)  # elementwise work in fp32 (float64 for gradcheck)
+    # Triton path: each elementwise step below is one pass of bn_backward_kernel.  The
+    # PyTorch formulas stay for float64 (gradcheck) and plain CPU tensors: they are the reference.
+    fused = use_triton(x) and x.dtype != torch.float64
+    need_z = out_scale is not None and need[8]  # frozen BN with a trainable gamma
 
-    a = reference.input_prologue(x, in_scale, in_shift, in_relu)
-    du = dy.to(acc) if dy is not None else torch.zeros_like(y, dtype=acc)
-    if out_relu:
-        du = du * (y > 0)
-    d_res = du.to(y.dtype) if has_res and need[10] else None
-    d_out_scale = d_out_shift = None
-    dz = du
-    if out_scale is not None:
-        dz = du * pc(out_scale.to(acc))
-        if need[8]:  # frozen BN with a trainable gamma: recompute z rather than keep it
-            z = torch.nn.functional.conv2d(a, weight.to(a.dtype), stride=stride, padding=padding, groups=groups)
-            d_out_scale = _channel_sum(du * z.to(acc)).to(out_scale.dtype)
-        if need[9]:
-            d_out_shift = _channel_sum(du).to(out_shift.dtype)
-    if stats:
-        # y is the raw convolution output z here (no epilogue is allowed with stats).
-        count = y.numel() // y.shape[1]
-        if dmean is not None:
-            dz = dz + pc(dmean.to(acc)) / count
-        if dvar is not None:
-            dz = dz + pc(dvar.to(acc)) * (2.0 / count) * (y.to(acc) - pc(mean.to(acc)))
+    if not fused:
+        a = reference.input_prologue(x, in_scale, in_shift, in_relu)
+    elif in_scale is not None and (need[1] or need_z):
+        a = bn_act_op(x, in_scale, in_shift, None, None, None, in_relu)  # one Triton pass
+    else:
+        a = x  # the weight gradient and z do not need a; conv_grads only reads its shape
+
+    d_res = d_out_scale = d_out_shift = None
+    if fused:
+        if dy is not None and not out_relu and out_scale is None and not stats and not (has_res and need[10]):
+            dz = dy  # nothing to do between y and z
+        else:
+            # Recompute z rather than keep it; then one pass: ReLU mask from y, scale,
+            # statistics terms, d_res, and the sums for gamma and beta.
+            z = torch.nn.functional.conv2d(a, weight.to(a.dtype), stride=stride, padding=padding,
+                                           groups=groups) if need_z else None
+            ep = bn_backward(
+                dy, relu_out=y if out_relu else None, scale=out_scale,
+                stats=(y, mean, dmean, dvar) if stats else None,  # y is the raw z with stats
+                dz_dtype=a.dtype, dres_dtype=y.dtype if has_res and need[10] else None,
+                sum_g=out_scale is not None and need[9], sum_gv=z)
+            dz, d_res = ep.dz, ep.dres
+            d_out_scale = ep.sum_gv.to(out_scale.dtype) if need_z else None
+            d_out_shift = ep.sum_g.to(out_shift.dtype) if out_scale is not None and need[9] else None
+    else:
+        du = dy.to(acc) if dy is not None else torch.zeros_like(y, dtype=acc)
+        if out_relu:
+            du = du * (y > 0)
+        d_res = du.to(y.dtype) if has_res and need[10] else None
+        dz = du
+        if out_scale is not None:
+            dz = du * pc(out_scale.to(acc))
+            if need_z:  # frozen BN with a trainable gamma: recompute z rather than keep it
+                z = torch.nn.functional.conv2d(a, weight.to(a.dtype), stride=stride, padding=padding,
+                                               groups=groups)
+                d_out_scale = _channel_sum(du * z.to(acc)).to(out_scale.dtype)
+            if need[9]:
+                d_out_shift = _channel_sum(du).to(out_shift.dtype)
+        if stats:
+            # y is the raw convolution output z here (no epilogue is allowed with stats).
+            count = y.numel() // y.shape[1]
+            if dmean is not None:
+                dz = dz + pc(dmean.to(acc)) / count
+            if dvar is not None:
+                dz = dz + pc(dvar.to(acc)) * (2.0 / count) * (y.to(acc) - pc(mean.to(acc)))
 
     need_da = need[0] or need[5] or need[6]
     da, dw = conv_grads_op(dz.to(a.dtype), a, weight, stride, padding, groups, need_da, need[1])
     da = da if need_da else None
     dx = d_in_scale = d_in_shift = None
-    if in_scale is not None and da is not None:
+    if in_scale is not None and da is not None and fused:
+        # One pass: ReLU mask recomputed from x (a is not kept), scale, sums for gamma and beta.
+        pr = bn_backward(
+            da, relu_in=x if in_relu else None, relu_in_scale=in_scale if in_relu else None,
+            relu_in_shift=in_shift if in_relu else None, scale=in_scale,
+            dz_dtype=x.dtype if need[0] else None, sum_g=need[6],
+            sum_gv=x if need[5] and not in_relu else None, sum_gv_is_relu_in=need[5] and in_relu)
+        dx = pr.dz
+        d_in_scale = pr.sum_gv.to(in_scale.dtype) if need[5] else None
+        d_in_shift = pr.sum_g.to(in_shift.dtype) if need[6] else None
+    elif in_scale is not None and da is not None:
         da = da.to(acc)
         if in_relu:
             da = da * (a > 0)
@@ -344,6 +383,8 @@ def check_conv_inputs(x: Tensor, weight: Tensor, stride: int, padding: int, grou
         raise TypeError(f"expected a floating-point input (float32, float16 or bfloat16), got {x.dtype}")
     if weight.device != x.device:
         raise ValueError(f"input is on {x.device} but the weight is on {weight.device}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"input dtype {x.dtype} does not match the weight dtype {weight.dtype}")
     if weight.dim() != 4 or weight.shape[2] != weight.shape[3]:
         raise ValueError(f"expected a square [Cout, Cin/groups, k, k] weight, got {list(weight.shape)}")
     if groups < 1 or x.shape[1] % groups or weight.shape[0] % groups:

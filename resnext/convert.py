@@ -6,7 +6,7 @@ from .modules import FusedSequential
 
 
 def convert(model: nn.Module) -> nn.Module:
-    """Fuse ``model`` in place and return it.
+    """Fuse ``model`` in place and return it (use the return value: a root Sequential is replaced).
 
     * every torchvision/timm-style ``Bottleneck`` becomes a ``FusedBottleneck``;
     * every ``Conv2d -> BatchNorm2d [-> ReLU]`` run inside an ``nn.Sequential`` is fused
@@ -26,4 +26,6 @@ def convert(model: nn.Module) -> nn.Module:
             new = FusedSequential.from_sequential(new) or new
         if new is not child:
             setattr(model, name, new)
+    if type(model) is nn.Sequential:  # a Sequential passed as the root
+        return FusedSequential.from_sequential(model) or model
     return model

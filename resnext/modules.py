@@ -51,6 +51,8 @@ def fusable(conv: nn.Module, bn: nn.Module) -> bool:
 
 def _compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
     """Autocast's dtype when it is on (as F.conv2d would use), else the input's."""
+    if x.device != weight.device:
+        raise ValueError(f"input is on {x.device} but the weight is on {weight.device}")
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     if x.dtype != weight.dtype:
@@ -106,10 +108,15 @@ def finish(main: Union[Tensor, Pending], residual: Union[Tensor, Pending, None] 
     return kernels.bn_act(main.z, main.scale, main.shift, residual, relu=relu)
 
 
-def like_input(y: Tensor, x: Tensor) -> Tensor:
-    """PyTorch's convolution rule: a channels_last input gives a channels_last output, else NCHW."""
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return y
+def _is_channels_last(t: Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def like_input(y: Tensor, x: Tensor, weight: Optional[Tensor] = None) -> Tensor:
+    """PyTorch's convolution rule: channels_last out when the input or the weight is
+    channels_last, else NCHW."""
+    if _is_channels_last(x) or (weight is not None and _is_channels_last(weight)):
+        return y.contiguous(memory_format=torch.channels_last)
     return y.contiguous()
 
 
@@ -148,7 +155,7 @@ class ConvBNAct(nn.Module):
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         """x: [N, Cin, H, W]; residual (optional, added before the ReLU): [N, Cout, Ho, Wo]."""
         out = conv_bn_stage(x, self.conv, self.bn, self.relu, residual)
-        return like_input(finish(out), x)
+        return like_input(finish(out), x, self.conv.weight)
 
     def extra_repr(self) -> str:
         return f"relu={self.relu}"
@@ -190,7 +197,7 @@ class FusedSequential(nn.Sequential):
             if i in self.runs:
                 length, relu = self.runs[i]
                 inp = x
-                x = like_input(finish(conv_bn_stage(x, mods[i], mods[i + 1], relu)), inp)
+                x = like_input(finish(conv_bn_stage(x, mods[i], mods[i + 1], relu)), inp, mods[i].weight)
                 i += length
             else:
                 x = mods[i](x)

@@ -1,0 +1,299 @@
+"""One-pass BatchNorm / ReLU backward over NHWC rows: the elementwise half of every backward.
+
+The backward of ``conv_bn_act`` (epilogue and prologue side) and of ``bn_act`` is, per
+element of an [M, C] NHWC matrix (M = N*H*W rows, channels contiguous), the same few
+steps, which in plain PyTorch are one full pass over the activation each::
+
+    g     = dy                               (0 where no gradient flows in)
+    g     = 0 where relu_src <= 0            (ReLU backward; relu_src = the op output y,
+                                              or the recomputed pre-activation x*s + b)
+    dz    = g * scale[c]                     (BN scale; optional)
+          + dmean[c]/M + dvar[c]*2/M*(z - mean[c])   (batch-statistics terms; optional)
+    dres  = g * res_scale[c]  or  g          (residual-branch gradient; optional)
+    sums  = sum_m g,  sum_m g*v,  sum_m g*r  (per channel: BN shift/scale gradients)
+
+``bn_backward_kernel`` does them all in a single read of its inputs and a single write of
+its outputs.  The per-channel sums are reduced in fp32: each program owns a fixed run of
+rows, accumulates in registers and writes one partial row to a ``[sums, programs, C]``
+buffer that ``torch.sum`` finishes in a fixed order.  No atomics: bit-identical results
+run to run.  The program count depends only on (M, C), not on the device, so two GPUs
+give the same bits too.
+
+``bn_backward`` is the entry point; it goes through the ``resnext::bn_backward`` custom op
+so that ``torch.compile`` traces the surrounding backward formulas with fake tensors.
+It only runs the Triton kernel: callers keep the plain PyTorch formulas for float64 and
+plain CPU tensors (see ``conv_bn_act._backward`` and ``batchnorm._bn_act_backward``).
+"""
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._runtime import INTERPRET, _pow2_clamp, rows_config
+
+Tensor = torch.Tensor
+
+# Programs per launch (row runs x channel blocks) to aim for: a few waves on an H100's
+# 132 SMs, and few enough that the partial-sum buffer stays a small fraction of the
+# activation.  A constant, not the device's SM count: the reduction order (hence the
+# bits of the sums) must not depend on which GPU runs it.
+TARGET_PROGRAMS = 1024
+
+# relu_mode values
+RELU_NONE, RELU_OUTPUT, RELU_AFFINE = 0, 1, 2
+
+
+@triton.jit
+def bn_backward_kernel(
+    dz_ptr,  # [M, C] out (WRITE_DZ), its own dtype: g*scale (+ statistics terms)
+    dres_ptr,  # [M, C] out (WRITE_DRES), its own dtype: g*res_scale, or g
+    part_ptr,  # [3, T, C] fp32 out: this program's sum(g), sum(g*v), sum(g*r) (SUM_G, SUM_V, SUM_R)
+    dy_ptr,  # [M, C] incoming gradient (HAS_DY; without it g = 0)
+    relu_src_ptr,  # [M, C]: the op output y (RELU_MODE 1) or the pre-BN input x (RELU_MODE 2)
+    relu_scale_ptr, relu_shift_ptr,  # [C] fp32 (RELU_MODE 2): the mask is x*scale + shift > 0
+    v_ptr,  # [M, C] (SUM_V == 1, or STATS: the z of the statistics terms)
+    r_ptr,  # [M, C] (SUM_R)
+    scale_ptr,  # [C] fp32 (SCALE)
+    res_scale_ptr,  # [C] fp32 (RES_SCALE)
+    mean_ptr, dmean_ptr, dvar_ptr,  # [C] fp32 (STATS): batch mean; the loss's gradients w.r.t. mean and var
+    M, C,  # rows, channels
+    rows_per_prog,  # rows one program reduces: a multiple of BLOCK_M
+    count,  # fp32 (STATS): elements per channel the statistics were taken over (M)
+    HAS_DY: tl.constexpr,
+    RELU_MODE: tl.constexpr,  # 0 none, 1 from the output y, 2 recomputed from x*scale + shift
+    SCALE: tl.constexpr, STATS: tl.constexpr, WRITE_DZ: tl.constexpr,
+    WRITE_DRES: tl.constexpr, RES_SCALE: tl.constexpr,
+    SUM_G: tl.constexpr,
+    SUM_V: tl.constexpr,  # 0 none, 1 v from v_ptr, 2 v = x already loaded for the mask (RELU_MODE 2)
+    SUM_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    T = tl.num_programs(0)
+
+    # Per-channel vectors: loaded once per program, reused for every row block.
+    if SCALE:
+        s = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0)
+    if RELU_MODE == 2:
+        relu_s = tl.load(relu_scale_ptr + offs_c, mask=c_ok, other=0.0)
+        relu_b = tl.load(relu_shift_ptr + offs_c, mask=c_ok, other=0.0)
+    if RES_SCALE:
+        res_s = tl.load(res_scale_ptr + offs_c, mask=c_ok, other=0.0)
+    if STATS:
+        mean = tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0)
+        dmean_term = tl.load(dmean_ptr + offs_c, mask=c_ok, other=0.0) / count
+        dvar_coef = tl.load(dvar_ptr + offs_c, mask=c_ok, other=0.0) * (2.0 / count)
+
+    # 2-D accumulators, reduced over rows once at the end: no cross-thread reduction per
+    # row block, and each register sums only rows_per_prog / BLOCK_M terms.
+    acc_g = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    acc_gv = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    acc_gr = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    row_start = pid_t * rows_per_prog
+    row_end = tl.minimum(row_start + rows_per_prog, M)
+    for m0 in range(row_start, row_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        ok = (offs_m < row_end)[:, None] & c_ok[None, :]
+        off = offs_m.to(tl.int64)[:, None] * C + offs_c[None, :]  # int64: M*C may exceed 2**31
+        if HAS_DY:
+            g = tl.load(dy_ptr + off, mask=ok, other=0.0).to(tl.float32)
+        else:
+            g = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+        # ReLU backward as torch's threshold_backward: 0 where the ReLU output is <= 0, else
+        # g.  A NaN activation passes g (NaN <= 0 is false), a NaN g is zeroed where masked.
+        if RELU_MODE == 1:
+            y = tl.load(relu_src_ptr + off, mask=ok, other=0.0)
+            g = tl.where(y <= 0.0, 0.0, g)
+        elif RELU_MODE == 2:
+            x = tl.load(relu_src_ptr + off, mask=ok, other=0.0)
+            # Rounded to x's dtype as the forward stored the activation: the mask of a, exactly.
+            pre = (x.to(tl.float32) * relu_s[None, :] + relu_b[None, :]).to(relu_src_ptr.dtype.element_ty)
+            g = tl.where(pre <= 0.0, 0.0, g)
+        # (masked-out elements have g == 0: they add nothing to the sums)
+        if SUM_G:
+            acc_g += g
+        if STATS:  # z of the statistics terms, also the v of sum(g*v) if asked
+            v = tl.load(v_ptr + off, mask=ok, other=0.0).to(tl.float32)
+        elif SUM_V == 1:
+            v = tl.load(v_ptr + off, mask=ok, other=0.0).to(tl.float32)
+        if SUM_V == 1:
+            acc_gv += g * v
+        elif SUM_V == 2:
+            acc_gv += g * x.to(tl.float32)
+        if SUM_R:
+            acc_gr += g * tl.load(r_ptr + off, mask=ok, other=0.0).to(tl.float32)
+        if WRITE_DZ:
+            dz = g
+            if SCALE:
+                dz = g * s[None, :]
+            if STATS:
+                dz += dmean_term[None, :] + dvar_coef[None, :] * (v - mean[None, :])
+            tl.store(dz_ptr + off, dz.to(dz_ptr.dtype.element_ty), mask=ok)
+        if WRITE_DRES:
+            dres = g
+            if RES_SCALE:
+                dres = g * res_s[None, :]
+            tl.store(dres_ptr + off, dres.to(dres_ptr.dtype.element_ty), mask=ok)
+
+    part_off = pid_t.to(tl.int64) * C + offs_c
+    if SUM_G:
+        tl.store(part_ptr + part_off, tl.sum(acc_g, axis=0), mask=c_ok)
+    if SUM_V != 0:
+        tl.store(part_ptr + T * C + part_off, tl.sum(acc_gv, axis=0), mask=c_ok)
+    if SUM_R:
+        tl.store(part_ptr + 2 * T * C + part_off, tl.sum(acc_gr, axis=0), mask=c_ok)
+
+
+def launch_config(M: int, C: int) -> dict:
+    """Blocks, warps, row run per program and grid for an [M, C] launch (a function of M, C only).
+
+    GPU: 2048-element tiles (32 rows x 64 channels at C >= 64) on 8 warps, 8 elements per
+    thread: the 2-D accumulators and up to five loaded tiles fit in ~80 registers (sm_90
+    report: 64 x 64 on 4 warps spilled at 255 registers; 64 x 64 on 8 warps needed ~155,
+    one block per SM).  The interpreter takes ``rows_config``'s small tiles.
+    """
+    block_c = _pow2_clamp(C, 16, 64)
+    if INTERPRET:
+        block_m, num_warps = rows_config(M, C)["BLOCK_M"], 4
+    else:
+        block_m, num_warps = _pow2_clamp(M, 16, max(16, 2048 // block_c)), 8
+    c_blocks = triton.cdiv(C, block_c)
+    runs = max(1, min(triton.cdiv(M, block_m), triton.cdiv(TARGET_PROGRAMS, c_blocks)))
+    rows_per_prog = max(1, triton.cdiv(triton.cdiv(M, runs), block_m)) * block_m
+    runs = triton.cdiv(max(M, 1), rows_per_prog)  # every program gets at least one row
+    return dict(BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps, rows_per_prog=rows_per_prog,
+                grid=(runs, c_blocks))
+
+
+def _rows(t: Optional[Tensor]) -> Optional[Tensor]:
+    """[N, C, H, W] -> channels_last (no copy when it already is): its memory is the [M, C] matrix."""
+    return None if t is None else t.contiguous(memory_format=torch.channels_last)
+
+
+def _vec(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.detach().float().contiguous()
+
+
+def _shape_of(*ts: Optional[Tensor]):
+    for t in ts:
+        if t is not None and t.dim() == 4:
+            return t.shape, t.device
+    raise ValueError("bn_backward needs at least one [N, C, H, W] tensor")
+
+
+def _new_grad(shape, device, dtype: Optional[torch.dtype]) -> Tensor:
+    """A channels_last output, or an empty placeholder when not asked for (op outputs cannot be None)."""
+    if dtype is None:
+        return torch.empty(0, device=device)
+    return torch.empty(shape, device=device, dtype=dtype, memory_format=torch.channels_last)
+
+
+@torch.library.custom_op("resnext::bn_backward", mutates_args=())
+def bn_backward_op(
+    dy: Optional[Tensor], relu_src: Optional[Tensor], relu_scale: Optional[Tensor],
+    relu_shift: Optional[Tensor], scale: Optional[Tensor], z: Optional[Tensor], mean: Optional[Tensor],
+    dmean: Optional[Tensor], dvar: Optional[Tensor], res_scale: Optional[Tensor], v: Optional[Tensor],
+    v_is_relu_src: bool, r: Optional[Tensor], sum_g: bool, dz_dtype: Optional[torch.dtype],
+    dres_dtype: Optional[torch.dtype],
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """See ``bn_backward``.  Returns (dz or empty, dres or empty, sums [3, C] fp32)."""
+    shape, device = _shape_of(dy, relu_src, z, v, r)
+    N, C, H, W = shape
+    M = N * H * W
+    cfg = launch_config(M, C)
+    runs = cfg["grid"][0]
+    dz, dres = _new_grad(shape, device, dz_dtype), _new_grad(shape, device, dres_dtype)
+    stats = z is not None
+    if stats:  # a missing gradient (None) is a zero term
+        zeros = torch.zeros(C, device=device, dtype=torch.float32)
+        mean = _vec(mean)
+        dmean = _vec(dmean) if dmean is not None else zeros
+        dvar = _vec(dvar) if dvar is not None else zeros
+    sum_v = 2 if v_is_relu_src else 1 if v is not None else 0
+    if v_is_relu_src and (relu_scale is None or relu_src is None):
+        raise ValueError("v_is_relu_src needs the affine ReLU mask (relu_src, relu_scale, relu_shift)")
+    # Zeros: the slots of sums not asked for come back 0.  At most 3 x 1024 x 64 floats.
+    part = torch.zeros((3, runs, C), device=device, dtype=torch.float32)
+    dy, relu_src, z, v, r = map(_rows, (dy, relu_src, z, v, r))
+    v = z if stats else v  # the kernel reads z through v_ptr
+    relu_mode = RELU_NONE if relu_src is None else RELU_AFFINE if relu_scale is not None else RELU_OUTPUT
+    dummy = part  # any pointer for operands a constexpr switches off
+    pick = lambda t: dummy if t is None else t  # noqa: E731
+    if M > 0:
+        bn_backward_kernel[cfg["grid"]](
+            dz if dz_dtype is not None else dummy, dres if dres_dtype is not None else dummy, part,
+            pick(dy), pick(relu_src), pick(_vec(relu_scale)), pick(_vec(relu_shift)), pick(v), pick(r),
+            pick(_vec(scale)), pick(_vec(res_scale)),
+            pick(mean if stats else None), pick(dmean if stats else None), pick(dvar if stats else None),
+            M, C, cfg["rows_per_prog"], float(M),
+            HAS_DY=dy is not None, RELU_MODE=relu_mode, SCALE=scale is not None, STATS=stats,
+            WRITE_DZ=dz_dtype is not None, WRITE_DRES=dres_dtype is not None, RES_SCALE=res_scale is not None,
+            SUM_G=sum_g, SUM_V=sum_v, SUM_R=r is not None,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
+        )
+    return dz, dres, part.sum(dim=1)  # fixed-order reduction over the row runs
+
+
+@bn_backward_op.register_fake
+def _(dy, relu_src, relu_scale, relu_shift, scale, z, mean, dmean, dvar, res_scale, v, v_is_relu_src, r,
+      sum_g, dz_dtype, dres_dtype):
+    shape, device = _shape_of(dy, relu_src, z, v, r)
+    return (_new_grad(shape, device, dz_dtype), _new_grad(shape, device, dres_dtype),
+            torch.empty((3, shape[1]), device=device, dtype=torch.float32))
+
+
+class BNBackward(NamedTuple):
+    dz: Optional[Tensor]  # [N, C, H, W] channels_last, or None when not asked for
+    dres: Optional[Tensor]  # [N, C, H, W] channels_last, or None
+    sum_g: Optional[Tensor]  # [C] fp32: sum of g over N, H, W
+    sum_gv: Optional[Tensor]  # [C] fp32: sum of g*v
+    sum_gr: Optional[Tensor]  # [C] fp32: sum of g*r
+
+
+def bn_backward(
+    dy: Optional[Tensor], *,
+    relu_out: Optional[Tensor] = None,
+    relu_in: Optional[Tensor] = None, relu_in_scale: Optional[Tensor] = None,
+    relu_in_shift: Optional[Tensor] = None,
+    scale: Optional[Tensor] = None,
+    stats: Optional[Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]] = None,
+    dz_dtype: Optional[torch.dtype] = None,
+    dres_dtype: Optional[torch.dtype] = None, res_scale: Optional[Tensor] = None,
+    sum_g: bool = False, sum_gv: Optional[Tensor] = None, sum_gv_is_relu_in: bool = False,
+    sum_gr: Optional[Tensor] = None,
+) -> BNBackward:
+    """The elementwise BN/ReLU backward step in one pass (Triton; see the module docstring).
+
+    All [N, C, H, W] tensors may be NCHW or channels_last (NCHW ones are copied to
+    channels_last first: one extra pass each).  [C] vectors are used in fp32.
+
+    dy: incoming gradient, or None for zero.
+    relu_out: ReLU mask from an output: g = 0 where relu_out <= 0.
+    relu_in, relu_in_scale, relu_in_shift: ReLU mask recomputed from an input:
+        g = 0 where (relu_in*scale + shift), rounded to relu_in's dtype, is <= 0.
+    scale: dz = g * scale.  stats = (z, mean, dmean, dvar): dz += dmean/M + dvar*2/M*(z - mean)
+        (dmean / dvar None: no such term).
+    dz_dtype / dres_dtype: write dz / dres = g*res_scale (or g) in that dtype; None: not written.
+    sum_g, sum_gv (a tensor v, or ``sum_gv_is_relu_in`` for v = relu_in), sum_gr (a tensor r):
+        per-channel fp32 sums of g, g*v, g*r.
+    """
+    if relu_out is not None and relu_in is not None:
+        raise ValueError("one ReLU mask at a time")
+    if (relu_in is None) != (relu_in_scale is None) or (relu_in_scale is None) != (relu_in_shift is None):
+        raise ValueError("relu_in needs relu_in_scale and relu_in_shift")
+    z = mean = dmean = dvar = None
+    if stats is not None:
+        z, mean, dmean, dvar = stats
+        if sum_gv is not None:
+            raise ValueError("sum_gv cannot be combined with the statistics terms")
+    relu_src = relu_out if relu_out is not None else relu_in
+    dz, dres, sums = bn_backward_op(
+        dy, relu_src, relu_in_scale, relu_in_shift, scale, z, mean, dmean, dvar, res_scale, sum_gv,
+        sum_gv_is_relu_in, sum_gr, sum_g, dz_dtype, dres_dtype)
+    want_v = sum_gv is not None or sum_gv_is_relu_in
+    return BNBackward(dz if dz_dtype is not None else None, dres if dres_dtype is not None else None,
+                      sums[0] if sum_g else None, sums[1] if want_v else None,
+                      sums[2] if sum_gr is not None else None)
