@@ -77,7 +77,7 @@ class FusedBottleneck(nn.Module):
         else:
             identity = x
         out = conv_bn_stage(out, self.conv3, self.bn3, relu=True, residual=identity)
-        return like_input(finish(out), x, self.conv3.weight)
+        return like_input(finish(out), x, self.conv1.weight, self.conv2.weight, self.conv3.weight)
 
 
 def fuse_sequential(seq: nn.Sequential) -> nn.Module:

@@ -21,9 +21,7 @@ def convert(model: nn.Module) -> nn.Module:
     if is_fusable_bottleneck(model):
         return FusedBottleneck(model)
     for name, child in list(model.named_children()):
-        new = convert(child)
-        if type(child) is nn.Sequential:
-            new = FusedSequential.from_sequential(new) or new
+        new = convert(child)  # a plain Sequential child comes back fused (see below)
         if new is not child:
             setattr(model, name, new)
     if type(model) is nn.Sequential:  # a Sequential passed as the root

@@ -109,13 +109,23 @@ def finish(main: Union[Tensor, Pending], residual: Union[Tensor, Pending, None] 
 
 
 def _is_channels_last(t: Tensor) -> bool:
-    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    """``t.suggest_memory_format() == torch.channels_last`` (c10's is_channels_last_strides_2d,
+    not exposed in Python): strides ordered C < W < H < N, so sliced NHWC views and 1x1
+    weights converted with .to(memory_format=torch.channels_last) count, as in F.conv2d."""
+    if t.dim() != 4 or t.stride(1) == 0:
+        return False
+    smallest = 0
+    for d in (1, 3, 2, 0):
+        if t.shape[d] == 0 or t.stride(d) < smallest or (d == 0 and smallest == t.stride(1)):
+            return False
+        smallest = t.stride(d) * (t.shape[d] if t.shape[d] > 1 else 1)
+    return True
 
 
-def like_input(y: Tensor, x: Tensor, weight: Optional[Tensor] = None) -> Tensor:
-    """PyTorch's convolution rule: channels_last out when the input or the weight is
+def like_input(y: Tensor, x: Tensor, *weights: Tensor) -> Tensor:
+    """PyTorch's convolution rule: channels_last out when the input or a weight is
     channels_last, else NCHW."""
-    if _is_channels_last(x) or (weight is not None and _is_channels_last(weight)):
+    if _is_channels_last(x) or any(_is_channels_last(w) for w in weights):
         return y.contiguous(memory_format=torch.channels_last)
     return y.contiguous()
 
