@@ -1,0 +1,146 @@
+"""What a run measures: sizes per profile, the device, and what our provider really runs.
+
+Profiles:
+
+* ``full``  (``--benchmark`` on a CUDA GPU): the issue's grid: 224x224, batches
+  32-256, bf16 and fp32, every conv shape of ResNeXt-50/101 32x4d;
+* ``cpu``   (``--benchmark`` without CUDA): the PyTorch paths timed on the CPU at reduced
+  size (batch 2, 112x112, fp32); our kernels only checked;
+* ``smoke`` (no ``--benchmark``): every benchmark once at tiny size (CI), nothing timed
+  meaningfully.
+"""
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+import torch
+
+import kernels
+
+PROVIDERS = ("ours", "eager", "eager_nchw", "compile", "compile_max")
+PROVIDER_LABELS = {
+    "ours": "ours (Triton)",
+    "eager": "PyTorch eager, channels_last (cuDNN)",
+    "eager_nchw": "PyTorch eager, NCHW (cuDNN)",
+    "compile": "torch.compile (default)",
+    "compile_max": "torch.compile (max-autotune)",
+}
+BASELINE = "eager"  # speedups are over eager channels_last (the faster eager layout for these convs)
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    image: int  # model input side
+    kernel_batches: Tuple[int, ...]
+    kernel_image: int  # conv and block shapes are those of a model fed this image side
+    dtypes: Tuple[str, ...]
+    kernel_shapes: str  # "all" or "subset" (one per channels-per-group and 1x1 epilogue)
+    block_batches: Tuple[int, ...]
+    block_stages: Tuple[int, ...]
+    model_batches: Tuple[int, ...]
+    models: Tuple[str, ...]
+    single: bool  # call once instead of timing
+    warmup_ms: float = 25.0
+    rep_ms: float = 100.0
+    model_rep_ms: float = 1000.0
+
+
+FULL = Profile("full", 224, (32, 64, 128, 256), 224, ("bf16", "fp32"), "all", (32, 128), (1, 2, 3, 4),
+               (32, 128), ("resnet50", "resnet101", "resnext50_32x4d", "resnext101_32x4d"), False)
+CPU = Profile("cpu", 112, (2,), 112, ("fp32",), "all", (2,), (1, 2, 3, 4), (2,),
+              ("resnet50", "resnet101", "resnext50_32x4d", "resnext101_32x4d"), False,
+              warmup_ms=50.0, rep_ms=300.0, model_rep_ms=2000.0)
+SMOKE = Profile("smoke", 32, (2,), 32, ("fp32",), "subset", (2,), (1,), (2,),
+                ("resnet50", "resnet101", "resnext50_32x4d", "resnext101_32x4d", "mini"), True)
+
+# The interpreter runs one program after another: our kernels are only checked on cases
+# producing at most this many output elements.
+INTERPRETER_MAX_OUTPUT = 1 << 16
+# ... and with at most this many weights (the interpreter's cost grows with the channels:
+# a stage-4 bottleneck, 4.5M weights, takes minutes; a stage-4 grouped 3x3, 0.3M, ~25 s
+# for its three modes; a stage-1 bottleneck has 0.07M).
+INTERPRETER_MAX_WEIGHTS = 1 << 18
+
+
+@dataclass
+class RunContext:
+    device: torch.device
+    profile: Profile
+    interpret: bool
+    ceilings: Optional[dict] = None
+    compile_backend: Optional[str] = None  # None: Inductor; "eager" in smoke runs (Dynamo only)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def ours_runs(self) -> str:
+        """What the ``ours`` provider executes: triton | interpreter | reference."""
+        if self.cuda:
+            return "triton"
+        return "interpreter" if self.interpret else "reference"
+
+    @property
+    def smoke(self) -> bool:
+        return self.profile.single
+
+
+def make_context(full: bool, device: Optional[str] = None) -> RunContext:
+    """The run's context: ``full`` is ``--benchmark``; the device defaults to CUDA when present."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not full:
+        profile = SMOKE
+    else:
+        profile = FULL if dev.type == "cuda" else CPU
+    backend = "eager" if profile.single and dev.type != "cuda" else None
+    return RunContext(dev, profile, kernels.INTERPRET, compile_backend=backend)
+
+
+def header_lines(ctx: RunContext) -> list:
+    """What the run's header says about the meaning of its numbers."""
+    p = ctx.profile
+    lines = [f"device: {describe_device(ctx.device)}; profile: {p.name}"
+             + (" (every case once at tiny size: a harness check, not a measurement)" if ctx.smoke else ""),
+             f"profile sizes: models {p.image}x{p.image} at batch {'/'.join(map(str, p.model_batches))}; kernels and blocks "
+             f"from {p.kernel_image}x{p.kernel_image} inputs at batch {'/'.join(map(str, p.kernel_batches))} "
+             f"(kernels), {'/'.join(map(str, p.block_batches))} (blocks); {', '.join(p.dtypes)}"]
+    if not ctx.cuda:
+        lines.append("NO CUDA GPU: Triton timings need a CUDA GPU. CPU times below are PyTorch on the CPU, "
+                     "not kernel speed.")
+        if ctx.ours_runs == "interpreter":
+            lines.append("ours: runs through the Triton interpreter (TRITON_INTERPRET=1) on tiny cases to "
+                         "check the harness end to end; its times are never reported as speed.")
+        else:
+            lines.append("ours: runs the PyTorch reference path of the fused modules (no Triton); "
+                         "set TRITON_INTERPRET=1 to check the kernels through the interpreter.")
+    if ctx.compile_backend:
+        lines.append(f"torch.compile runs with backend={ctx.compile_backend!r} (Dynamo only) in this smoke run.")
+    return lines
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+@contextmanager
+def smoke_threads(ctx: RunContext):
+    """One CPU thread during a smoke run on the CPU, restored afterwards.
+
+    Nothing a smoke run times is a speed, and OpenMP's spin-waiting makes two threads on
+    a shared 2-core machine up to 5x slower than one (measured: 91 s vs 17 s for
+    ``python -m benchmarks --tiny`` under load).
+    """
+    before = torch.get_num_threads()
+    if ctx.smoke and not ctx.cuda:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
