@@ -69,6 +69,18 @@ def _fmt_ratio(x: Optional[float], speed: bool = True) -> str:
     return f"{x:.2f}" + ("" if speed else "*")
 
 
+def _row_cells(r: dict) -> List[str]:
+    """One headline row as text cells (shared by the terminal table and the Markdown one)."""
+    return [
+        r["task"], f"{PRETTY[r['resnext']]} vs {PRETTY[r['resnet']]}", str(r["batch"]),
+        _fmt_ms(r["resnet_eager_ms"], r["resnet_eager_speed"]),
+        _fmt_ms(r["resnext_eager_ms"], r["resnext_eager_speed"]),
+        _fmt_ms(r["resnext_ours_ms"], r["resnext_ours_speed"], r.get("resnext_ours_status", "")),
+        _fmt_ratio(r["ratio_eager"], r["resnet_eager_speed"] and r["resnext_eager_speed"]),
+        _fmt_ratio(r["ratio_ours"], r["resnet_eager_speed"] and r["resnext_ours_speed"]),
+        _fmt_ratio(r["paper_ratio"]),
+    ]
+
 def format_headline(rows: List[dict], header: Iterable[str] = ()) -> str:
     """The table as text; ``*`` marks figures that are not speeds (CPU reference path, smoke)."""
     cols = ["task", "models", "batch", "ResNet eager", "ResNeXt eager", "ResNeXt ours",
@@ -76,15 +88,7 @@ def format_headline(rows: List[dict], header: Iterable[str] = ()) -> str:
     table = []
     any_star = False
     for r in rows:
-        cells = [
-            r["task"], f"{PRETTY[r['resnext']]} vs {PRETTY[r['resnet']]}", str(r["batch"]),
-            _fmt_ms(r["resnet_eager_ms"], r["resnet_eager_speed"]),
-            _fmt_ms(r["resnext_eager_ms"], r["resnext_eager_speed"]),
-            _fmt_ms(r["resnext_ours_ms"], r["resnext_ours_speed"], r.get("resnext_ours_status", "")),
-            _fmt_ratio(r["ratio_eager"], r["resnet_eager_speed"] and r["resnext_eager_speed"]),
-            _fmt_ratio(r["ratio_ours"], r["resnet_eager_speed"] and r["resnext_ours_speed"]),
-            _fmt_ratio(r["paper_ratio"]),
-        ]
+        cells = _row_cells(r)
         any_star |= any(c.endswith("*") for c in cells)
         table.append(cells)
     widths = [max(len(c), *(len(t[i]) for t in table)) if table else len(c) for i, c in enumerate(cols)]
@@ -111,13 +115,5 @@ def headline_markdown(rows: List[dict]) -> str:
             "| ResNeXt/ResNet eager | ours/ResNet eager | paper |\n|---|---|---:|---:|---:|---:|---:|---:|---:|")
     body = []
     for r in rows:
-        body.append("| " + " | ".join([
-            r["task"], f"{PRETTY[r['resnext']]} vs {PRETTY[r['resnet']]}", str(r["batch"]),
-            _fmt_ms(r["resnet_eager_ms"], r["resnet_eager_speed"]),
-            _fmt_ms(r["resnext_eager_ms"], r["resnext_eager_speed"]),
-            _fmt_ms(r["resnext_ours_ms"], r["resnext_ours_speed"], r.get("resnext_ours_status", "")),
-            _fmt_ratio(r["ratio_eager"], r["resnet_eager_speed"] and r["resnext_eager_speed"]),
-            _fmt_ratio(r["ratio_ours"], r["resnet_eager_speed"] and r["resnext_ours_speed"]),
-            _fmt_ratio(r["paper_ratio"]),
-        ]).replace("*", "\\*") + " |")
+        body.append("| " + " | ".join(_row_cells(r)).replace("*", "\\*") + " |")
     return "\n".join([head] + body)
