@@ -45,7 +45,10 @@ def conv_config(M: int, cout: int, cin_g: int, cout_g: int, dtype: torch.dtype =
         block_m = 128 if M >= 128 * 132 else 64
     block_n = _pow2_clamp(cout, 16, 64 if cout_g >= 64 else 32)
     groups_per_block = -(-block_n // cout_g)
-    block_k = _pow2_clamp(groups_per_block * cin_g, 16, 32 if dtype == torch.float32 else 64)
+    # K <= 32 in fp32 and on the largest tiles (16 for both): 128x64 3x3 tiles spilled on sm_90
+    big = block_m * block_n >= 128 * 64
+    k_cap = (16 if big else 32) if dtype == torch.float32 else (32 if big else 64)
+    block_k = _pow2_clamp(groups_per_block * cin_g, 16, k_cap)
     num_warps = 4 if block_m * block_n <= 64 * 32 else 8
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=3)
 

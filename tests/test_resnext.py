@@ -64,16 +64,18 @@ def test_block_output_memory_format_follows_input():
 def test_training_run_matches_eager():
     """5 SGD steps with momentum on random data, fused fp32 vs eager fp32 vs eager float64.
 
-    A tiny net with 1x1 maps in its last stage is chaotic under SGD: eager fp32 itself drifts
-    from float64 by orders of magnitude per step.  So the rule is the low-precision one: at
-    every step the fused model's distance to the float64 run (losses, parameters, running
-    statistics) is at most twice eager fp32's, plus a small atol.
+    A tiny net with 1x1 maps in its last stage (BatchNorm over 4 values) turns chaotic at a
+    large learning rate (at lr=0.01 eager fp32 itself drifts from float64 10x per step, and
+    how far depends on the thread count), so lr=0.001 keeps it in the regime where rounding
+    stays rounding.  The rule is the low-precision one: at every step the fused model's
+    distance to the float64 run (losses, parameters, running statistics) is at most twice
+    eager fp32's, plus a small atol.
     """
     ref32 = tiny_resnext().train()
     ref64 = copy.deepcopy(ref32).double()
     fused = resnext.convert(copy.deepcopy(ref32)).train()
     models = (fused, ref32, ref64)
-    opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in models]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.001, momentum=0.9) for m in models]
     g = torch.Generator().manual_seed(1)
 
     def dist(a, b):
