@@ -3,7 +3,7 @@
 #   bash benchmarks/device_run.sh [OUT_DIR]
 # 1. correctness on the GPU, no interpreter, bf16 included (tests skip nothing GPU-only);
 # 2. the benchmarks that fit: headline table (batch 32), grouped 3x3 kernels, one block per stage;
-# 3. a profile of one ResNeXt-50 training step.
+# 3. the cost of the exact NaN/Inf path (NOTES.md, choice 5); a profile of one ResNeXt-50 training step.
 # Every stage has its own time limit so a slow one cannot eat the others; logs and result
 # files land in OUT_DIR (default: $OUT, else benchmarks/results/).
 set -uo pipefail
@@ -31,5 +31,7 @@ timeout 150 python -m pytest benchmarks --benchmark -q -p no:cacheprovider --ben
 timeout 120 python -m pytest benchmarks --benchmark -q -p no:cacheprovider --bench-results-dir "$OUT_DIR" \
   -k "block and bf16 and b128 and not compile" 2>&1 | tail -40 | tee "$OUT_DIR/blocks.log"
 
+timeout 45 python -m benchmarks.nan_path_cost --batch 128 --out "$OUT_DIR" 2>&1 | tail -20 \
+  | tee "$OUT_DIR/nan_path_cost.log"
 timeout 90 python -m benchmarks.profile --out "$OUT_DIR/profile" 2>&1 | tail -60 | tee "$OUT_DIR/profile.log"
 exit 0

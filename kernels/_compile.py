@@ -84,7 +84,7 @@ def conv_launches(shapes: Iterable[Tuple[int, int, int, int, int, int, int, int]
             if key in seen:
                 continue
             seen.add(key)
-            const = dict(flags, **{k: v for k, v in cfg.items() if k.startswith("BLOCK")})
+            const = dict(flags, **{k: v for k, v in cfg.items() if k.isupper()})
             sig = {}
             for name in conv_bn_act_fwd_kernel.arg_names:
                 if name in const:
@@ -159,7 +159,7 @@ def _compile_one(launch: dict) -> dict:
     code = sass(c)
     row = dict(kernel=launch["kernel"].fn.__name__, mode=launch["mode"], dtype=launch["dtype"],
                num_warps=launch["num_warps"], num_stages=launch["num_stages"],
-               **{k: v for k, v in launch["constexprs"].items() if k.startswith(("BLOCK", "KSIZE"))},
+               **{k: v for k, v in launch["constexprs"].items() if k.startswith(("BLOCK", "KSIZE", "MULTI"))},
                **resource_usage(c), tensor_cores=("HGMMA" if "HGMMA" in code else "HMMA" if "HMMA" in code
                                                   else "none"))
     return row
@@ -183,7 +183,7 @@ def main(argv=None) -> int:
     print(f"compiling {len(launches)} kernel variants for sm_90 with {args.jobs} processes", flush=True)
     with ProcessPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(_compile_one, launches))
-    cols = ["kernel", "mode", "dtype", "KSIZE", "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_C", "num_warps",
+    cols = ["kernel", "mode", "dtype", "KSIZE", "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_C", "MULTI_GROUP", "num_warps",
             "registers", "local_bytes", "shared_bytes", "tensor_cores"]
     print(" ".join(f"{c:>12}" for c in cols))
     for r in rows:

@@ -4,6 +4,13 @@ A tensor goes to a Triton kernel when it lives on a CUDA device, or when it live
 the CPU and ``TRITON_INTERPRET=1`` was set before Triton was imported (the numpy
 interpreter, used by the CPU test suite).  Any other CPU tensor takes the pure-PyTorch
 reference path in ``kernels.reference``: slow, but the same numbers.
+
+Recompilation: Triton specialises an integer argument on being 1 or a multiple of 16,
+so a batch-dependent size (N, M = N*H*W, row-block counts) would give up to three
+binaries per layer as the batch size changes.  Every kernel marks those arguments
+``do_not_specialize`` (none of them is a stride, so nothing vectorises on them); the
+only batch-dependent choice left is ``conv_config``'s BLOCK_M bucket, so a layer has at
+most two binaries per dtype and mode over all batch sizes (tests/test_recompile.py).
 """
 import os
 
@@ -37,7 +44,7 @@ def conv_config(M: int, cout: int, cin_g: int, cout_g: int, dtype: torch.dtype =
     Chosen by design, not yet by measurement on a GPU (see benchmarks/NOTES.md).  Two rules
     come from the sm_90 register report (``python -m kernels._compile``): 8 warps above
     64x32 outputs, and K <= 32 channels in fp32 (same bytes per pipeline stage as 64 bf16
-    channels); without them 3x3 tiles spilled.
+    channels; 16 with the NaN/Inf path); without them 3x3 tiles spilled.
     """
     if INTERPRET:  # fewer, larger programs: the interpreter pays per program
         block_m = _pow2_clamp(M, 16, 64)
@@ -45,12 +52,17 @@ def conv_config(M: int, cout: int, cin_g: int, cout_g: int, dtype: torch.dtype =
         block_m = 128 if M >= 128 * 132 else 64
     block_n = _pow2_clamp(cout, 16, 64 if cout_g >= 64 else 32)
     groups_per_block = -(-block_n // cout_g)
-    # K <= 32 in fp32 and on the largest tiles (16 for both): 128x64 3x3 tiles spilled on sm_90
+    # Blocks that may span several groups need the kernel's exact NaN/Inf path (a NaN
+    # input times another group's zero weight is NaN); dense and group-aligned blocks do not.
+    multi_group = cout_g < cout and cout_g % block_n != 0
+    # K <= 32 in fp32 and on the largest tiles (16 for both, and for fp32 tiles with the
+    # NaN/Inf path): wider 3x3 tiles spilled on sm_90
     big = block_m * block_n >= 128 * 64
-    k_cap = (16 if big else 32) if dtype == torch.float32 else (32 if big else 64)
+    k_cap = (16 if big or multi_group else 32) if dtype == torch.float32 else (32 if big else 64)
     block_k = _pow2_clamp(groups_per_block * cin_g, 16, k_cap)
     num_warps = 4 if block_m * block_n <= 64 * 32 else 8
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=3)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, MULTI_GROUP=multi_group,
+                num_warps=num_warps, num_stages=3)
 
 
 def rows_config(M: int, C: int) -> dict:

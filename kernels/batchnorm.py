@@ -25,7 +25,7 @@ from .bn_backward import bn_backward
 Tensor = torch.Tensor
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "M"])  # batch-dependent sizes: see _runtime
 def merge_stats_kernel(
     mean_ptr,  # [C] fp32 out: batch mean
     var_ptr,  # [C] fp32 out: biased batch variance
@@ -74,7 +74,7 @@ def merge_stats(part_mean: Tensor, part_m2: Tensor, M: int, rows_per_block: int)
     return mean, var
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # batch-dependent sizes: see _runtime
 def bn_act_kernel(
     out_ptr,  # [M, C] NHWC rows, activation dtype
     z_ptr,  # [M, C] NHWC rows

@@ -44,7 +44,7 @@ TARGET_PROGRAMS = 1024
 RELU_NONE, RELU_OUTPUT, RELU_AFFINE = 0, 1, 2
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "rows_per_prog"])  # batch-dependent sizes: see _runtime
 def bn_backward_kernel(
     dz_ptr,  # [M, C] out (WRITE_DZ), its own dtype: g*scale (+ statistics terms)
     dres_ptr,  # [M, C] out (WRITE_DRES), its own dtype: g*res_scale, or g

@@ -33,6 +33,7 @@ import triton.language as tl
 
 from . import reference
 from ._runtime import allow_tf32, conv_config, use_triton
+from ._triton_helpers import has_nonfinite, mma
 from .batchnorm import bn_act_op, merge_stats
 from .bn_backward import bn_backward
 from .conv_grad import conv_dgrad, conv_wgrad
@@ -41,6 +42,38 @@ Tensor = torch.Tensor
 
 
 @triton.jit
+def _input_tile(x_ptr, in_scale_ptr, in_shift_ptr, img, oh, ow, m_ok, offs_k, k_ok, tap,
+                H, W, Cin, stride, padding,
+                KSIZE: tl.constexpr, IN_AFFINE: tl.constexpr, IN_RELU: tl.constexpr):
+    """[BLOCK_M, BLOCK_K] input tile under one tap, with the optional BN + ReLU prologue."""
+    ih = oh * stride - padding + tap // KSIZE
+    iw = ow * stride - padding + tap % KSIZE
+    pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    x_row = ((img * H + ih) * W + iw) * Cin
+    a_ok = pix_ok[:, None] & k_ok[None, :]
+    a = tl.load(x_ptr + x_row[:, None] + offs_k[None, :], mask=a_ok, other=0.0)
+    if IN_AFFINE:
+        s = tl.load(in_scale_ptr + offs_k, mask=k_ok, other=0.0)
+        b = tl.load(in_shift_ptr + offs_k, mask=k_ok, other=0.0)
+        af = a.to(tl.float32) * s[None, :] + b[None, :]
+        if IN_RELU:
+            af = tl.where(af < 0.0, 0.0, af)  # keeps NaN, like torch.relu
+        # zero padding applies to the normalised activation, not to x
+        a = tl.where(a_ok, af, 0.0).to(x_ptr.dtype.element_ty)
+    return a
+
+
+@triton.jit
+def _weight_tile(w_ptr, offs_k, k_ok, tap, offs_n, n_ok, group_n, CIN_G, Cout):
+    """[BLOCK_K, BLOCK_N] block-diagonal weight tile: w[ci, co] is zero unless ci and co share a group."""
+    group_k = offs_k // CIN_G
+    ci_local = offs_k - group_k * CIN_G
+    w_off = (tap * CIN_G + ci_local[:, None]) * Cout + offs_n[None, :]
+    w_ok = (group_k[:, None] == group_n[None, :]) & k_ok[:, None] & n_ok[None, :]
+    return tl.load(w_ptr + w_off, mask=w_ok, other=0.0)
+
+
+@triton.jit(do_not_specialize=["N"])  # batch-dependent sizes: see _runtime
 def conv_bn_act_fwd_kernel(
     out_ptr,  # [N, Ho, Wo, Cout] NHWC, activation dtype
     part_mean_ptr,  # [cdiv(M, BLOCK_M), Cout] fp32: per row-block channel mean of z (STATS)
@@ -60,6 +93,7 @@ def conv_bn_act_fwd_kernel(
     OUT_AFFINE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, OUT_RELU: tl.constexpr,
     STATS: tl.constexpr, ALLOW_TF32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    MULTI_GROUP: tl.constexpr,  # a block of BLOCK_N output channels may span several groups
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -89,34 +123,33 @@ def conv_bn_act_fwd_kernel(
         else:
             tap = it // num_k
             kc = it - tap * num_k
-        kh = tap // KSIZE
-        kw = tap % KSIZE
-        ih = oh * stride - padding + kh
-        iw = ow * stride - padding + kw
-        pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        x_row = ((img * H + ih) * W + iw) * Cin
         offs_k = ci_start + kc * BLOCK_K + tl.arange(0, BLOCK_K)
         k_ok = offs_k < ci_end
-        a_ok = pix_ok[:, None] & k_ok[None, :]
-        a = tl.load(x_ptr + x_row[:, None] + offs_k[None, :], mask=a_ok, other=0.0)
-        if IN_AFFINE:
-            s = tl.load(in_scale_ptr + offs_k, mask=k_ok, other=0.0)
-            b = tl.load(in_shift_ptr + offs_k, mask=k_ok, other=0.0)
-            af = a.to(tl.float32) * s[None, :] + b[None, :]
-            if IN_RELU:
-                af = tl.where(af < 0.0, 0.0, af)  # keeps NaN, like torch.relu
-            # zero padding applies to the normalised activation, not to x
-            a = tl.where(a_ok, af, 0.0).to(x_ptr.dtype.element_ty)
-        # block-diagonal weight tile: w[ci, co] is zero unless ci and co share a group
-        group_k = offs_k // CIN_G
-        ci_local = offs_k - group_k * CIN_G
-        w_off = (tap * CIN_G + ci_local[:, None]) * Cout + offs_n[None, :]
-        w_ok = (group_k[:, None] == group_n[None, :]) & k_ok[:, None] & n_ok[None, :]
-        wt = tl.load(w_ptr + w_off, mask=w_ok, other=0.0)
-        if ALLOW_TF32:
-            acc = tl.dot(a, wt, acc)
-        else:
-            acc = tl.dot(a, wt, acc, input_precision="ieee")
+        a = _input_tile(x_ptr, in_scale_ptr, in_shift_ptr, img, oh, ow, m_ok, offs_k, k_ok, tap,
+                        H, W, Cin, stride, padding, KSIZE, IN_AFFINE, IN_RELU)
+        wt = _weight_tile(w_ptr, offs_k, k_ok, tap, offs_n, n_ok, group_n, CIN_G, Cout)
+        acc = mma(a, wt, acc, ALLOW_TF32)
+
+    if MULTI_GROUP:
+        # The block-diagonal tile multiplies other groups' inputs by zero weights, and a NaN
+        # or Inf input times zero is NaN: one bad input would reach every channel of its
+        # row, not just its group's.  It also leaves a NaN/Inf in acc, so one check after
+        # the loop finds every such tile (real NaN/Inf or overflow: rare), and only those
+        # are recomputed one group at a time, which is exact.
+        if has_nonfinite(acc):
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            g_first = (pid_n * BLOCK_N) // COUT_G
+            num_kg = tl.cdiv(CIN_G, BLOCK_K)
+            steps = KSIZE * KSIZE * num_kg
+            for it in tl.range(0, (n_last // COUT_G + 1 - g_first) * steps, num_stages=1):  # rare: no pipelining
+                g = g_first + it // steps
+                tap = (it % steps) // num_kg
+                offs_k = g * CIN_G + (it % num_kg) * BLOCK_K + tl.arange(0, BLOCK_K)
+                k_ok = offs_k < (g + 1) * CIN_G
+                a = _input_tile(x_ptr, in_scale_ptr, in_shift_ptr, img, oh, ow, m_ok, offs_k, k_ok, tap,
+                                H, W, Cin, stride, padding, KSIZE, IN_AFFINE, IN_RELU)
+                wt = _weight_tile(w_ptr, offs_k, k_ok, tap, offs_n, n_ok, group_n, CIN_G, Cout)
+                acc = tl.where((group_n == g)[None, :], mma(a, wt, acc, ALLOW_TF32), acc)
 
     y = acc
     out_ok = m_ok[:, None] & n_ok[None, :]

@@ -32,6 +32,7 @@ import triton.language as tl
 
 from . import _runtime
 from ._runtime import _pow2_clamp, allow_tf32, conv_config, use_triton
+from ._triton_helpers import has_nonfinite, mma
 
 Tensor = torch.Tensor
 
@@ -40,6 +41,35 @@ Tensor = torch.Tensor
 # Data gradient
 # --------------------------------------------------------------------------------------
 @triton.jit
+def _dz_tile(dz_ptr, img, ih, iw, m_ok, offs_k, k_ok, tap_c, kh0, kw0, n_kw, Ho, Wo, Cout, stride, padding):
+    """[BLOCK_M, BLOCK_K] tile of dz reaching input pixels (ih, iw) through the tap_c-th tap of their class."""
+    kh = kh0 + (tap_c // n_kw) * stride
+    kw = kw0 + (tap_c % n_kw) * stride
+    # Exact divisions (by the choice of kh, kw), so rounding direction is moot.
+    oh = (ih + padding - kh) // stride
+    ow = (iw + padding - kw) // stride
+    pix_ok = m_ok & (oh >= 0) & (oh < Ho) & (ow >= 0) & (ow < Wo)
+    dz_row = ((img * Ho + oh) * Wo + ow) * Cout
+    # Mask the load by "< Cout" only (constant over 16 channels: vector loads), then zero
+    # the channels outside this block's groups in registers.
+    g = tl.load(dz_ptr + dz_row[:, None] + offs_k[None, :],
+                mask=pix_ok[:, None] & (offs_k < Cout)[None, :], other=0.0)
+    return tl.where(k_ok[None, :], g, 0.0)
+
+
+@triton.jit
+def _dgrad_weight_tile(w_ptr, offs_k, k_ok, tap_c, kh0, kw0, n_kw, n_ok, group_n, ci_local,
+                       COUT_G, CIN_G, Cout, stride, KSIZE: tl.constexpr):
+    """[BLOCK_K, BLOCK_N] block-diagonal tile: w[co, ci] is zero unless co and ci share a group."""
+    kh = kh0 + (tap_c // n_kw) * stride
+    kw = kw0 + (tap_c % n_kw) * stride
+    group_k = offs_k // COUT_G
+    w_off = ((kh * KSIZE + kw) * Cout + offs_k[:, None]) * CIN_G + ci_local[None, :]
+    w_ok = (group_k[:, None] == group_n[None, :]) & k_ok[:, None] & n_ok[None, :]
+    return tl.load(w_ptr + w_off, mask=w_ok, other=0.0)
+
+
+@triton.jit(do_not_specialize=["N"])  # batch-dependent sizes: see _runtime
 def conv_dgrad_kernel(
     dx_ptr,  # [N, H, W, Cin] NHWC, activation dtype: every element is written
     dz_ptr,  # [N, Ho, Wo, Cout] NHWC
@@ -51,6 +81,7 @@ def conv_dgrad_kernel(
     BLOCK_M: tl.constexpr,  # input pixels of one parity class
     BLOCK_N: tl.constexpr,  # input channels
     BLOCK_K: tl.constexpr,  # output channels (the reduction)
+    MULTI_GROUP: tl.constexpr,  # a block of BLOCK_N input channels may span several groups
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -96,31 +127,34 @@ def conv_dgrad_kernel(
     # One flat loop over (tap, output-channel block), not nested static loops: the
     # pipeliner then prefetches across taps, and the registers of one tap suffice.
     for it in range(0, n_kh * n_kw * n_k):
-        k_step = it % n_k
         tap_c = it // n_k
-        kh = kh0 + (tap_c // n_kw) * stride
-        kw = kw0 + (tap_c % n_kw) * stride
-        # Exact divisions (by the choice of kh, kw), so rounding direction is moot.
-        oh = (ih + padding - kh) // stride
-        ow = (iw + padding - kw) // stride
-        pix_ok = m_ok & (oh >= 0) & (oh < Ho) & (ow >= 0) & (ow < Wo)
-        dz_row = ((img * Ho + oh) * Wo + ow) * Cout
-        offs_k = k_base + k_step * BLOCK_K + tl.arange(0, BLOCK_K)
+        offs_k = k_base + (it % n_k) * BLOCK_K + tl.arange(0, BLOCK_K)
         k_ok = (offs_k >= co_start) & (offs_k < co_end)
-        # Mask the load by "< Cout" only (constant over 16 channels: vector loads), then zero
-        # the other groups' channels in registers so a NaN there cannot leak into this group.
-        g = tl.load(dz_ptr + dz_row[:, None] + offs_k[None, :],
-                    mask=pix_ok[:, None] & (offs_k < Cout)[None, :], other=0.0)
-        g = tl.where(k_ok[None, :], g, 0.0)
-        # block-diagonal weight tile: w[co, ci] is zero unless co and ci share a group
-        group_k = offs_k // COUT_G
-        w_off = ((kh * KSIZE + kw) * Cout + offs_k[:, None]) * CIN_G + ci_local[None, :]
-        w_ok = (group_k[:, None] == group_n[None, :]) & k_ok[:, None] & n_ok[None, :]
-        wt = tl.load(w_ptr + w_off, mask=w_ok, other=0.0)
-        if ALLOW_TF32:
-            acc = tl.dot(g, wt, acc)
-        else:
-            acc = tl.dot(g, wt, acc, input_precision="ieee")
+        g = _dz_tile(dz_ptr, img, ih, iw, m_ok, offs_k, k_ok, tap_c, kh0, kw0, n_kw, Ho, Wo, Cout,
+                     stride, padding)
+        wt = _dgrad_weight_tile(w_ptr, offs_k, k_ok, tap_c, kh0, kw0, n_kw, n_ok, group_n, ci_local,
+                                COUT_G, CIN_G, Cout, stride, KSIZE)
+        acc = mma(g, wt, acc, ALLOW_TF32)
+
+    if MULTI_GROUP:
+        # As in the forward kernel: a NaN/Inf in dz times another group's zero weight would
+        # reach every channel of its row.  Tiles whose result holds a NaN/Inf (rare) are
+        # recomputed one group at a time, which is exact.
+        if has_nonfinite(acc):
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            g_first = (pid_n * BLOCK_N) // CIN_G
+            num_kg = tl.cdiv(COUT_G, BLOCK_K)
+            steps = n_kh * n_kw * num_kg
+            for it in tl.range(0, (n_last // CIN_G + 1 - g_first) * steps, num_stages=1):  # rare: no pipelining
+                grp = g_first + it // steps
+                tap_c = (it % steps) // num_kg
+                offs_k = grp * COUT_G + (it % num_kg) * BLOCK_K + tl.arange(0, BLOCK_K)
+                k_ok = offs_k < (grp + 1) * COUT_G
+                g = _dz_tile(dz_ptr, img, ih, iw, m_ok, offs_k, k_ok, tap_c, kh0, kw0, n_kw, Ho, Wo, Cout,
+                             stride, padding)
+                wt = _dgrad_weight_tile(w_ptr, offs_k, k_ok, tap_c, kh0, kw0, n_kw, n_ok, group_n, ci_local,
+                                        COUT_G, CIN_G, Cout, stride, KSIZE)
+                acc = tl.where((group_n == grp)[None, :], mma(g, wt, acc, ALLOW_TF32), acc)
 
     # Pixels no tap reaches (e.g. odd rows of a strided 1x1) get their zeros here too.
     dx_row = ((img * H + ih) * W + iw) * Cin
@@ -216,7 +250,7 @@ def conv_dgrad(dz: Tensor, weight: Tensor, input_hw: Sequence[int], stride: int,
 # --------------------------------------------------------------------------------------
 # Weight gradient
 # --------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["N", "rows_per_split"])  # batch-dependent sizes: see _runtime
 def conv_wgrad_kernel(
     part_ptr,  # [splits, Cout, Cin_g, KSIZE, KSIZE] fp32: this split's sum, every element written
     dz_ptr,  # [N, Ho, Wo, Cout] NHWC

@@ -4,9 +4,8 @@ converted model.
 Each case either behaves as PyTorch does (same result, NaN/Inf in the same places, or the
 same exception type and message) or raises a ValueError/TypeError whose message names the
 problem, never a kernel crash, a KeyError from deep inside Triton or silent garbage.
-Cases that currently fail because of a bug in the code under test are marked
-``xfail(strict=True)`` with the bug in the reason: fixing the bug turns them into XPASS
-failures, which is the signal to drop the mark.
+A case that finds a bug is fixed, not marked: the grouped NaN/Inf cases below once were
+strict xfails (the block-diagonal tile's NaN * 0 leak across groups).
 """
 import copy
 import re
@@ -147,6 +146,44 @@ def nan_in_prologue():
                 torch=lambda: F.conv2d(x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1), w, padding=1, groups=4))
 
 
+def specials_uneven_groups_strided():
+    """3 input / 5 output channels per group, stride 2: a tile spans groups unevenly.  NaN in
+    group 0, +Inf in group 2, -Inf in the last group; the other groups stay finite."""
+    x = with_specials(t(2, 12, 7, 7), (0, 1, 3, 3))
+    x = with_specials(with_specials(x, (1, 7, 0, 6), value=INF), (0, 11, 6, 0), value=-INF)
+    w = t(20, 3, 3, 3)
+    return Case(ours=lambda: conv(x, w, 2, 1, 4)[0], torch=lambda: F.conv2d(x, w, stride=2, padding=1, groups=4))
+
+
+def nan_two_chunk_groups_train():
+    """16 channels per group (a tile holds two groups, each one K chunk), train mode: the raw
+    output and the batch statistics of the other group stay finite."""
+    x = with_specials(t(2, 32, 4, 4), (1, 20, 2, 1))  # group 1
+    w = t(32, 16, 3, 3)
+
+    def ours():
+        y, mean, var = conv(x, w, 1, 1, 2, stats=True)
+        return torch.cat([y.flatten(), mean, var])
+
+    def theirs():
+        y = F.conv2d(x, w, padding=1, groups=2)
+        return torch.cat([y.flatten(), y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False)])
+    return Case(ours=ours, torch=theirs)
+
+
+def nan_grad_grouped():
+    """A NaN/Inf in the output gradient reaches the input gradient of its own group only (dgrad)."""
+    x, w = t(2, 16, 5, 5), t(16, 2, 3, 3)
+    dy = with_specials(with_specials(t(2, 16, 3, 3), (0, 3, 1, 1)), (1, 12, 2, 0), value=INF)
+
+    def grad(fn):
+        xr = x.clone().requires_grad_()
+        fn(xr).backward(dy)
+        return xr.grad
+    return Case(ours=lambda: grad(lambda xr: conv(xr, w, 2, 1, 8)[0]),
+                torch=lambda: grad(lambda xr: F.conv2d(xr, w, stride=2, padding=1, groups=8)))
+
+
 def nan_bn_act_relu():
     z = with_specials(t(2, 4, 3, 3), (0, 0, 0, 0), (1, 3, 2, 1))
     scale, shift = torch.rand(4, device=DEVICE) + 0.5, t(4)
@@ -234,14 +271,6 @@ def module_input_on_meta():
     return Case(ours=lambda: ours(x), exc=ValueError, match=f"{OTHER_DEVICE}")
 
 
-_GROUP_NAN_BUG = ("a NaN/Inf input of one group reaches the other groups of its BLOCK_N tile: the "
-                  "block-diagonal weight tile multiplies it by the zeros between groups (NaN * 0 = NaN)")
-
-
-def xfail(reason):
-    return pytest.mark.xfail(strict=True, reason=reason)
-
-
 CASES = [
     # ---- kernels.conv_bn_act: shapes, dtypes, devices, arguments ----------------------------
     # (F.conv2d also takes an unbatched [C, H, W] input; a clear ValueError is the documented choice)
@@ -317,9 +346,12 @@ CASES = [
     # ---- kernels.conv_bn_act: NaN / Inf propagate as in PyTorch ------------------------------
     pytest.param(inf_conv, id="conv-inf-input"),
     pytest.param(nan_weight_padded_conv, id="conv-nan-weight-at-padding"),
-    pytest.param(nan_grouped_conv, id="conv-nan-input-grouped", marks=xfail(_GROUP_NAN_BUG)),
-    pytest.param(inf_grouped_conv, id="conv-inf-input-grouped", marks=xfail(_GROUP_NAN_BUG)),
-    pytest.param(nan_in_prologue, id="conv-nan-prologue-shift-grouped", marks=xfail(_GROUP_NAN_BUG)),
+    pytest.param(nan_grouped_conv, id="conv-nan-input-grouped"),
+    pytest.param(inf_grouped_conv, id="conv-inf-input-grouped"),
+    pytest.param(nan_in_prologue, id="conv-nan-prologue-shift-grouped"),
+    pytest.param(specials_uneven_groups_strided, id="conv-nan-inf-uneven-groups-strided"),
+    pytest.param(nan_two_chunk_groups_train, id="conv-nan-two-groups-per-tile-train-stats"),
+    pytest.param(nan_grad_grouped, id="conv-nan-inf-output-grad-grouped"),
     pytest.param(nan_conv_relu, id="conv-nan-input-relu"),
     pytest.param(lambda: Case(lambda: conv(t(0, 4, 5, 5), t(8, 4, 3, 3), 2, 1)[0],
                               torch=lambda: F.conv2d(t(0, 4, 5, 5), t(8, 4, 3, 3), stride=2, padding=1)),

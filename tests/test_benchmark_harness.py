@@ -557,3 +557,29 @@ def test_pytest_benchmarks_plugin(tmp_path):
     help_text = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "--help"], cwd=ROOT,
                                capture_output=True, text=True, timeout=300).stdout
     assert "--benchmark " in help_text and "--benchmark-json" in help_text
+
+
+# ----------------------------------------------------------------------------------------
+# The NaN/Inf-path A/B (benchmarks/nan_path_cost.py)
+# ----------------------------------------------------------------------------------------
+def test_nan_path_ab_switches_the_path():
+    """The 'off' arm really is the leaking kernel (else the A/B would time the same thing
+    twice), and the shipped one keeps a NaN inside its group."""
+    import kernels
+    from benchmarks.nan_path_cost import multi_group_off
+    x = torch.randn(1, 8, 5, 5)
+    x[0, 0, 2, 2] = float("nan")  # group 0 of 4
+    w = torch.randn(8, 2, 3, 3)
+    nan_groups = lambda y: sorted({c // 2 for c in torch.isnan(y).any(dim=(0, 2, 3)).nonzero().flatten().tolist()})
+    assert nan_groups(kernels.conv_bn_act(x, w, 1, 1, 4)[0]) == [0]
+    if kernels.use_triton(x):  # the reference path has no tiles to leak across
+        with multi_group_off():
+            assert nan_groups(kernels.conv_bn_act(x, w, 1, 1, 4)[0]) == [0, 1, 2, 3]
+    assert nan_groups(kernels.conv_bn_act(x, w, 1, 1, 4)[0]) == [0]  # restored
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_nan_path_cost_refuses_without_gpu():
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.nan_path_cost"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and "CUDA" in proc.stderr

@@ -42,6 +42,36 @@ def test_index_arithmetic_past_2_31_elements():
     torch.testing.assert_close(out[N - 1:].float(), ref, atol=5e-2, rtol=5e-2)
 
 
+def test_grouped_conv_and_backward_past_2_31_elements():
+    """The grouped 3x3 forward, its data and weight gradients and the BN/ReLU backward on
+    tensors of more than 2**31 elements: the last image (past the 2**31-th element) is right."""
+    from kernels.conv_grad import conv_dgrad, conv_wgrad
+    N, C, H, W, G = 33, 256, 512, 512, 32  # 2.2e9 elements, 4.4 GB in bf16
+    big = dict(device="cuda", dtype=torch.bfloat16, memory_format=torch.channels_last)
+    x = torch.empty(N, C, H, W, **big).uniform_(-1, 1)
+    w = (torch.randn(C, C // G, 3, 3, device="cuda") / 3).to(torch.bfloat16)
+    last = slice(N - 1, N)
+    y, _, _ = kernels.conv3x3_bn_act(x, w, 1, G)
+    ref = nn.functional.conv2d(x[last].float(), w.float(), padding=1, groups=G)
+    torch.testing.assert_close(y[last].float(), ref, atol=5e-2, rtol=5e-2)
+    del y
+    dz = torch.empty(N, C, H, W, **big).uniform_(-1, 1)
+    dx = conv_dgrad(dz, w, (H, W), 1, 1, G)
+    ref = torch.nn.grad.conv2d_input((1, C, H, W), w.float(), dz[last].float(), padding=1, groups=G)
+    torch.testing.assert_close(dx[last].float(), ref, atol=5e-2, rtol=5e-2)
+    del dx
+    dw = conv_wgrad(dz, x, w.shape, 1, 1, G)
+    ref = torch.nn.grad.conv2d_weight(x.float(), w.shape, dz.float(), padding=1, groups=G)
+    torch.testing.assert_close(dw, ref, atol=1e-2 * ref.abs().max().item(), rtol=1e-2)
+    del dw, ref
+    scale, shift = torch.rand(C, device="cuda") + 0.5, torch.randn(C, device="cuda")
+    z = x.requires_grad_()
+    kernels.bn_act(z, scale, shift, relu=True).backward(dz)
+    pre = x[last].float() * scale.view(-1, 1, 1) + shift.view(-1, 1, 1)
+    ref = dz[last].float() * (pre > 0) * scale.view(-1, 1, 1)
+    torch.testing.assert_close(z.grad[last].float(), ref, atol=2e-2, rtol=2e-2)
+
+
 def test_no_memory_growth_over_100_steps_and_peak_not_above_eager():
     eager = _tiny_model().train()
     fused = resnext.convert(copy.deepcopy(eager)).train()

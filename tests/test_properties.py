@@ -183,6 +183,48 @@ def test_conv_bn_act_gradients_match_float64_reference(p):
 
 
 # --------------------------------------------------------------------------------------
+# NaN / Inf: exactly where PyTorch puts them, in the grouped forward and the data gradient
+# --------------------------------------------------------------------------------------
+def _specials_equal(ours, theirs, what):
+    ours, theirs = ours.detach().double().cpu(), theirs.detach().double().cpu()
+    for name, f in (("NaN", torch.isnan), ("+Inf", torch.isposinf), ("-Inf", torch.isneginf)):
+        mine, ref = f(ours), f(theirs)
+        assert torch.equal(mine, ref), (f"{what}: {name} in {int(mine.sum())} places, PyTorch {int(ref.sum())}; "
+                                        f"first differing index {(mine != ref).nonzero()[0].tolist()}")
+
+
+@settings(max_examples=20, **SETTINGS)
+@given(n=st.integers(1, 2), h=st.integers(3, 7), w=st.integers(3, 7), groups=st.sampled_from([2, 3, 4, 8, 16]),
+       cin_g=st.sampled_from([1, 2, 4, 5, 16]), cout_g=st.sampled_from([1, 3, 4, 8]),
+       stride=st.sampled_from([1, 2]), n_specials=st.integers(1, 3), to_grad=st.booleans(),
+       seed=st.integers(0, 2 ** 31 - 1))
+def test_nan_inf_stay_in_their_group(n, h, w, groups, cin_g, cout_g, stride, n_specials, to_grad, seed):
+    """A few NaN/+Inf/-Inf in the input (or in the output gradient) of a grouped 3x3: NaN,
+    +Inf and -Inf land in exactly the places where F.conv2d (or its gradient) puts them."""
+    g = _gen(seed)
+    x = _randn(g, n, groups * cin_g, h, w)
+    wt = _randn(g, groups * cout_g, cin_g, 3, 3)
+    conv = lambda t: kernels.conv_bn_act(t, wt, stride, 1, groups)[0]  # noqa: E731
+    conv_ref = lambda t: nn.functional.conv2d(t, wt, stride=stride, padding=1, groups=groups)  # noqa: E731
+    target = torch.empty_like(conv_ref(x), memory_format=torch.contiguous_format) if to_grad else x
+    target = _randn(g, *target.shape)
+    picks = torch.randint(0, target.numel(), (n_specials,), generator=g).tolist()
+    kinds = torch.randint(0, 3, (n_specials,), generator=g).tolist()
+    flat = target.view(-1)
+    for i, k in zip(picks, kinds):
+        flat[i] = (float("nan"), float("inf"), -float("inf"))[k]
+    if not to_grad:
+        _specials_equal(conv(target), conv_ref(target), "forward")
+        return
+    grads = []
+    for f in (conv, conv_ref):
+        xr = x.clone().requires_grad_()
+        f(xr).backward(target)
+        grads.append(xr.grad)
+    _specials_equal(grads[0], grads[1], "input gradient")
+
+
+# --------------------------------------------------------------------------------------
 # kernels.bn_act against kernels.reference.bn_act_reference in float64
 # --------------------------------------------------------------------------------------
 @settings(max_examples=80, **SETTINGS)

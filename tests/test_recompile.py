@@ -1,0 +1,208 @@
+"""New batch sizes and new processes must not mean new compilations.
+
+* Triton: each kernel marks its batch-dependent sizes ``do_not_specialize`` (see
+  ``kernels/_runtime.py``).  A child process without the interpreter runs a converted
+  bottleneck forward and backward on CPU tensors with every kernel launch replaced by a
+  recorder that computes the key Triton's JIT would cache the binary under (Triton's own
+  binder, for an sm_90 target): batch sizes that stay in one ``conv_config`` BLOCK_M
+  bucket must need exactly the binaries of the first one, and crossing the bucket at
+  most doubles them.  On a GPU the same is checked on the real JIT cache.
+* Triton's on-disk cache: a second process compiling the same kernels adds nothing to it.
+* torch.compile: new batch sizes cost at most one recompilation (to a dynamic batch).
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _child_env(**extra):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+def _run_child(code: str, **env) -> str:
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          env=_child_env(**env), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
+# Runs without TRITON_INTERPRET: the kernels are real JITFunctions, the configurations the
+# GPU's.  Launches are recorded, not run, so the outputs are garbage: only keys count.
+_LAUNCH_KEYS = r'''
+import copy, importlib, json, sys
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import make_backend
+from triton.runtime.jit import create_function_from_signature
+import kernels, resnext
+from resnext.models import Bottleneck
+
+backend = make_backend(GPUTarget("cuda", 90, 32))
+launches = []
+
+def recorder(kernel):
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    def run(*args, grid, warmup, **kwargs):
+        _, specialization, options = binder(*args, **kwargs)
+        runtime = {p.name: repr(s) for p, s in zip(kernel.params, specialization) if not p.is_constexpr}
+        config = {p.name: repr(s) for p, s in zip(kernel.params, specialization) if p.is_constexpr}
+        launches.append([kernel.fn.__name__, runtime, json.dumps([config, sorted(options.items())])])
+    return run
+
+for name in ("batchnorm", "bn_backward", "conv_bn_act", "conv_grad"):
+    module = importlib.import_module("kernels." + name)  # (kernels.conv_bn_act is also a function)
+    module.use_triton = lambda t: True  # CPU tensors take the Triton path (recorded)
+    for name in dir(module):
+        obj = getattr(module, name)
+        if isinstance(obj, triton.runtime.JITFunction) and name.endswith("_kernel"):
+            obj.run = recorder(obj)
+
+torch.manual_seed(0)
+block = Bottleneck(64, 16, groups=4, base_width=4)  # 16 channels, 4 per group, + identity
+down = Bottleneck(64, 32, stride=2, groups=8, base_width=4,
+                  downsample=torch.nn.Sequential(torch.nn.Conv2d(64, 128, 1, 2, bias=False),
+                                                 torch.nn.BatchNorm2d(128)))
+models = [resnext.convert(copy.deepcopy(m)) for m in (block, down)]
+out = {}
+for batch in json.loads(sys.argv[1]):
+    launches.clear()
+    x = torch.randn(batch, 64, 16, 16).to(memory_format=torch.channels_last)
+    for m in models:
+        m.train()
+        xr = x.clone().requires_grad_()
+        m(xr).float().sum().backward()
+        m.eval()
+        with torch.no_grad():
+            m(x)
+    out[batch] = list(launches)
+print(json.dumps(out))
+'''
+
+
+def _launches(batches):
+    """{batch: [(kernel, {runtime argument: Triton's specialization}, configuration), ...]}, in launch order."""
+    code = _LAUNCH_KEYS.replace("json.loads(sys.argv[1])", json.dumps(list(batches)))
+    return {int(b): v for b, v in json.loads(_run_child(code)).items()}
+
+
+def test_new_batch_sizes_reuse_triton_binaries():
+    """A binary is keyed by the constexprs (our configuration: block sizes, bucketed on
+    purpose) and by how Triton specialises each runtime argument (== 1, multiple of 16,
+    alignment).  The second part must not depend on the batch size, or every new batch
+    size of the 1 / multiple-of-16 / other kind compiles a fresh binary of every kernel."""
+    batches = (2, 1, 3, 16, 17, 33, 64, 100)
+    runs = _launches(batches)
+    first = runs[2]
+    kinds = {k for k, _, _ in first}
+    assert {"conv_bn_act_fwd_kernel", "conv_dgrad_kernel", "conv_wgrad_kernel", "merge_stats_kernel",
+            "bn_act_kernel", "bn_backward_kernel"} <= kinds, kinds
+    for batch in batches[1:]:
+        assert [k for k, _, _ in runs[batch]] == [k for k, _, _ in first], "launch sequence changed"
+        for i, ((kernel, spec, _), (_, spec2, _)) in enumerate(zip(first, runs[batch])):
+            changed = {a: (spec[a], spec2[a]) for a in spec if spec[a] != spec2[a]}
+            assert not changed, f"launch {i} ({kernel}): batch 2 -> {batch} re-specialises {changed}"
+    # What is left is the configuration: conv_config's two BLOCK_M buckets and the row tiles
+    # of the elementwise kernels, which only change for tiny M.
+    per_batch = {b: {(k, json.dumps(s), c) for k, s, c in r} for b, r in runs.items()}
+    total = set().union(*per_batch.values())
+    assert len(total) <= 2 * len(per_batch[2]), f"{len(total)} binaries over {len(batches)} batch sizes"
+
+
+_COMPILE_ONE = r'''
+import warnings; warnings.filterwarnings("ignore")
+from kernels import _compile
+launches = _compile.conv_launches([(4, 64, 16, 16, 64, 16, 3, 1)], "bfloat16")
+for l in launches:
+    _compile.compile_for_hopper(l["kernel"], l["signature"], l["constexprs"], l["num_warps"], l["num_stages"])
+print(len(launches))
+'''
+
+
+def _cache_files(d: Path):
+    return {p.relative_to(d): p.stat().st_mtime_ns for p in d.rglob("*") if p.is_file()}
+
+
+def test_second_process_hits_triton_cache(tmp_path):
+    """The kernels hash the same in every process (no source built at run time, no
+    per-process constants), so a restart compiles nothing: Triton's disk cache serves it."""
+    cache = tmp_path / "triton-cache"
+    assert int(_run_child(_COMPILE_ONE, TRITON_CACHE_DIR=str(cache))) == 2  # eval and train variants
+    first = _cache_files(cache)
+    assert any(str(p).endswith(".cubin") for p in first), sorted(map(str, first))[:5]
+    _run_child(_COMPILE_ONE, TRITON_CACHE_DIR=str(cache))
+    assert _cache_files(cache) == first, "the second process compiled again instead of using the cache"
+
+
+def test_torch_compile_new_batch_sizes_recompile_once(fresh_dynamo):
+    """Dynamo compiles the converted block once per static shape, then once with a dynamic
+    batch (automatic_dynamic_shapes); later batch sizes reuse that graph.  The custom ops'
+    fake implementations must accept a symbolic batch for this to hold."""
+    import resnext
+    from resnext.models import Bottleneck
+    compiles = []
+
+    def counting_backend(gm, example_inputs):
+        compiles.append(len(example_inputs))
+        return gm.forward
+
+    block = resnext.convert(Bottleneck(32, 8, groups=4, base_width=8)).to(DEVICE).train()
+    step = torch.compile(block, backend=counting_backend, fullgraph=True)
+    for batch in (2, 3, 4, 5, 7, 9):
+        x = torch.randn(batch, 32, 6, 6, device=DEVICE).to(memory_format=torch.channels_last)
+        ref = block(x)
+        y = step(x)
+        assert y.shape == ref.shape
+    assert len(compiles) <= 2, f"{len(compiles)} compilations for 6 batch sizes"
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the JIT cache exists on a GPU only")
+def test_gpu_jit_cache_bounded_over_batch_sizes():
+    import kernels
+    from kernels.conv_bn_act import conv_bn_act_fwd_kernel
+    w = torch.randn(64, 4, 3, 3, device="cuda", dtype=torch.bfloat16)
+    counts = []
+    for batch in (2, 1, 3, 16, 17, 33, 64):
+        x = torch.randn(batch, 64, 16, 16, device="cuda", dtype=torch.bfloat16)
+        kernels.conv_bn_act(x, w, 1, 1, 16, out_relu=True)
+        cache = conv_bn_act_fwd_kernel.device_caches[torch.cuda.current_device()][0]
+        counts.append(len(cache))
+    assert counts[-1] == counts[0], f"binaries after each batch size: {counts}"
+
+
+_LAUNCH_ON_GPU = r'''
+import torch, kernels
+x = torch.randn(2, 64, 16, 16, device="cuda", dtype=torch.bfloat16)
+w = torch.randn(64, 4, 3, 3, device="cuda", dtype=torch.bfloat16)
+y = kernels.conv_bn_act(x, w, 1, 1, 16, out_relu=True)[0]
+torch.cuda.synchronize()
+print(float(y.float().abs().sum()))
+'''
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the JIT launches on a GPU only")
+def test_gpu_second_process_hits_triton_cache(tmp_path):
+    cache = tmp_path / "triton-cache"
+    _run_child(_LAUNCH_ON_GPU, TRITON_CACHE_DIR=str(cache))
+    first = _cache_files(cache)
+    assert first, "nothing was cached"
+    _run_child(_LAUNCH_ON_GPU, TRITON_CACHE_DIR=str(cache))
+    assert _cache_files(cache) == first, "the second process compiled again instead of using the cache"
