@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# One GPU session's work for issue 6, in one call (the device tool gives 10 min a command):
-#   bash benchmarks/device_run.sh [OUT_DIR]
+# One GPU session's work for issue 6, in two calls of under 10 minutes each (the device
+# tool's limit per command; a warm machine keeps Triton's cache between them):
+#   bash benchmarks/device_run.sh 1 [OUT_DIR]    # GPU tests, headline, grouped 3x3 kernels (~7 min)
+#   bash benchmarks/device_run.sh 2 [OUT_DIR]    # blocks, NaN-path cost, profile (~4 min)
+#   bash benchmarks/device_run.sh all [OUT_DIR]  # both, where no such limit applies
 # 1. correctness on the GPU, no interpreter, bf16 included (tests skip nothing GPU-only);
 # 2. the benchmarks that fit: headline table (batch 32), grouped 3x3 kernels, one block per stage;
 # 3. the cost of the exact NaN/Inf path (NOTES.md, choice 5); a profile of one ResNeXt-50 training step.
@@ -8,7 +11,8 @@
 # files land in OUT_DIR (default: $OUT, else benchmarks/results/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT_DIR="${1:-${OUT:-benchmarks/results}}"
+PART="${1:-all}"
+OUT_DIR="${2:-${OUT:-benchmarks/results}}"
 mkdir -p "$OUT_DIR"
 unset TRITON_INTERPRET
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -19,6 +23,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } 2>&1 | tee "$OUT_DIR/device.txt"
 
+if [[ "$PART" == 1 || "$PART" == all ]]; then
 timeout 150 python -m pytest tests -q -x -p no:cacheprovider \
   --deselect tests/test_compile_hopper.py 2>&1 | tail -40 | tee "$OUT_DIR/tests_gpu.log"
 
@@ -28,10 +33,14 @@ timeout 150 python -m benchmarks --batch 32 --out "$OUT_DIR" 2>&1 | tail -30 | t
 timeout 150 python -m pytest benchmarks --benchmark -q -p no:cacheprovider --bench-results-dir "$OUT_DIR" \
   -k "conv3x3 and bf16 and (b128 or b256)" --bench-providers ours,eager,eager_nchw 2>&1 | tail -40 \
   | tee "$OUT_DIR/kernels.log"
+fi
+
+if [[ "$PART" == 2 || "$PART" == all ]]; then
 timeout 120 python -m pytest benchmarks --benchmark -q -p no:cacheprovider --bench-results-dir "$OUT_DIR" \
   -k "block and bf16 and b128 and not compile" 2>&1 | tail -40 | tee "$OUT_DIR/blocks.log"
 
 timeout 45 python -m benchmarks.nan_path_cost --batch 128 --out "$OUT_DIR" 2>&1 | tail -20 \
   | tee "$OUT_DIR/nan_path_cost.log"
 timeout 90 python -m benchmarks.profile --out "$OUT_DIR/profile" 2>&1 | tail -60 | tee "$OUT_DIR/profile.log"
+fi
 exit 0
