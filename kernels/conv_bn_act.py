@@ -23,7 +23,9 @@ never goes through memory.
 Grouped convolution: a program owns ``BLOCK_N`` output channels, which may span several
 groups (with 4 channels per group, 8 groups in a 32-wide block).  It multiplies the
 input channels of those groups by a block-diagonal weight tile (zeros across groups),
-so ``tl.dot`` always sees K, N >= 16; see ``_runtime.conv_config``.
+so ``tl.dot`` always sees K, N >= 16; see ``_runtime.conv_config``.  Those zeros would turn
+one group's NaN/Inf input into NaN for every group of the tile (NaN * 0 = NaN), so a tile
+that ends up holding a NaN/Inf is recomputed one group at a time (``MULTI_GROUP``).
 """
 from typing import Optional, Tuple
 
