@@ -30,9 +30,33 @@ def _jit_function(kernel):
 
 
 def compile_for_hopper(kernel, signature: Dict[str, str], constexprs: Dict[str, object],
-                       num_warps: int = 4, num_stages: int = 3):
-    src = triton.compiler.ASTSource(fn=_jit_function(kernel), signature=signature, constexprs=constexprs)
+                       num_warps: int = 4, num_stages: int = 3, attrs=None):
+    src = triton.compiler.ASTSource(fn=_jit_function(kernel), signature=signature, constexprs=constexprs,
+                                    attrs=attrs or {})
     return triton.compile(src, target=HOPPER, options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def jit_specialization(kernel, ints: Dict[str, int], pointer_types: Dict[str, str], constexprs: Dict[str, object]):
+    """(signature, constexprs, attrs) as Triton's JIT specialises this launch: every pointer
+    16-byte aligned (PyTorch's allocations are), an int equal to 1 becomes a constant and a
+    multiple of 16 gets that divisibility, except the kernel's ``do_not_specialize`` ones."""
+    kernel = _jit_function(kernel)
+    signature, constexprs, attrs = {}, dict(constexprs), {}
+    for i, param in enumerate(kernel.params):
+        name = param.name
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointer_types:
+            signature[name] = pointer_types[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif ints[name] == 1 and not param.do_not_specialize:
+            signature[name] = "constexpr"
+            constexprs[name] = 1
+        else:
+            signature[name] = "i32"
+            if ints[name] % 16 == 0 and not param.do_not_specialize:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs
 
 
 def _nvidia_bin(tool: str) -> str:
@@ -64,7 +88,8 @@ def sass(compiled) -> str:
 
 def conv_launches(shapes: Iterable[Tuple[int, int, int, int, int, int, int, int]], dtype: str,
                   modes=("eval", "train")) -> List[dict]:
-    """The distinct compilations ``conv_bn_act`` performs for the given conv shapes.
+    """The distinct compilations ``conv_bn_act`` performs for the given conv shapes, each
+    specialised as the JIT would (``jit_specialization``).
 
     shapes: (N, Cin, H, W, Cout, groups, ksize, stride); mode "eval" = folded BN + residual +
     ReLU epilogue, "train" = prologue (BN + ReLU on load) + statistics.
@@ -73,29 +98,25 @@ def conv_launches(shapes: Iterable[Tuple[int, int, int, int, int, int, int, int]
     from ._runtime import conv_config
     seen, launches = set(), []
     for (N, Cin, H, W, Cout, groups, ks, stride) in shapes:
-        M = N * out_size(H, ks, stride, ks // 2) * out_size(W, ks, stride, ks // 2)
-        cfg = conv_config(M, Cout, Cin // groups, Cout // groups, getattr(torch, dtype))
+        Ho, Wo = out_size(H, ks, stride, ks // 2), out_size(W, ks, stride, ks // 2)
+        cfg = conv_config(N * Ho * Wo, Cout, Cin // groups, Cout // groups, getattr(torch, dtype))
+        ints = dict(N=N, H=H, W=W, Cin=Cin, Ho=Ho, Wo=Wo, Cout=Cout, CIN_G=Cin // groups, COUT_G=Cout // groups,
+                    stride=stride, padding=ks // 2)
         for mode in modes:
             train = mode == "train"
             flags = dict(KSIZE=ks, IN_AFFINE=train, IN_RELU=train, OUT_AFFINE=not train,
                          HAS_RESIDUAL=not train and ks == 1, OUT_RELU=not train, STATS=train,
                          ALLOW_TF32=dtype == "float32")
-            key = (mode, ks, tuple(sorted(cfg.items())), tuple(sorted(flags.items())))
+            const = dict(flags, **{k: v for k, v in cfg.items() if k.isupper()})
+            pointers = {name: (_PTR[dtype] if name in ("out_ptr", "x_ptr", "w_ptr", "res_ptr") else "*fp32")
+                        for name in conv_bn_act_fwd_kernel.arg_names if name.endswith("_ptr")}
+            sig, const, attrs = jit_specialization(conv_bn_act_fwd_kernel, ints, pointers, const)
+            key = (mode, tuple(sorted(sig.items())), tuple(sorted(const.items())), tuple(sorted(attrs)),
+                   cfg["num_warps"], cfg["num_stages"])
             if key in seen:
                 continue
             seen.add(key)
-            const = dict(flags, **{k: v for k, v in cfg.items() if k.isupper()})
-            sig = {}
-            for name in conv_bn_act_fwd_kernel.arg_names:
-                if name in const:
-                    sig[name] = "constexpr"
-                elif name in ("out_ptr", "x_ptr", "w_ptr", "res_ptr"):
-                    sig[name] = _PTR[dtype]
-                elif name.endswith("_ptr"):
-                    sig[name] = "*fp32"
-                else:
-                    sig[name] = "i32"
-            launches.append(dict(kernel=conv_bn_act_fwd_kernel, signature=sig, constexprs=const,
+            launches.append(dict(kernel=conv_bn_act_fwd_kernel, signature=sig, constexprs=const, attrs=attrs,
                                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], mode=mode))
     return launches
 
@@ -155,13 +176,14 @@ def _resolve(name: str):
 def _compile_one(launch: dict) -> dict:
     launch = dict(launch, kernel=_resolve(launch["kernel"]))
     c = compile_for_hopper(launch["kernel"], launch["signature"], launch["constexprs"], launch["num_warps"],
-                           launch["num_stages"])
+                           launch["num_stages"], launch.get("attrs"))
     code = sass(c)
     row = dict(kernel=launch["kernel"].fn.__name__, mode=launch["mode"], dtype=launch["dtype"],
                num_warps=launch["num_warps"], num_stages=launch["num_stages"],
                **{k: v for k, v in launch["constexprs"].items() if k.startswith(("BLOCK", "KSIZE", "MULTI"))},
                **resource_usage(c), tensor_cores=("HGMMA" if "HGMMA" in code else "HMMA" if "HMMA" in code
-                                                  else "none"))
+                                                  else "none"),
+               vector_loads=bool(re.search(r"LDG(STS)?\.E(\.BYPASS)?\.128", code)))
     return row
 
 
@@ -184,7 +206,7 @@ def main(argv=None) -> int:
     with ProcessPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(_compile_one, launches))
     cols = ["kernel", "mode", "dtype", "KSIZE", "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_C", "MULTI_GROUP", "num_warps",
-            "registers", "local_bytes", "shared_bytes", "tensor_cores"]
+            "registers", "local_bytes", "shared_bytes", "tensor_cores", "vector_loads"]
     print(" ".join(f"{c:>12}" for c in cols))
     for r in rows:
         print(" ".join(f"{str(r.get(c, '')):>12}" for c in cols))

@@ -43,8 +43,8 @@ def conv_config(M: int, cout: int, cin_g: int, cout_g: int, dtype: torch.dtype =
     wasted zero products are free: every grouped 3x3 of ResNeXt is memory-bound.
     Chosen by design, not yet by measurement on a GPU (see benchmarks/NOTES.md).  Two rules
     come from the sm_90 register report (``python -m kernels._compile``): 8 warps above
-    64x32 outputs, and K <= 32 channels in fp32 (same bytes per pipeline stage as 64 bf16
-    channels; 16 with the NaN/Inf path); without them 3x3 tiles spilled.
+    64x32 outputs, and K <= 16 channels in fp32 (32 bf16 channels on 128x64 tiles); without
+    them 3x3 tiles spilled.
     """
     if INTERPRET:  # fewer, larger programs: the interpreter pays per program
         block_m = _pow2_clamp(M, 16, 64)
@@ -55,10 +55,9 @@ def conv_config(M: int, cout: int, cin_g: int, cout_g: int, dtype: torch.dtype =
     # Blocks that may span several groups need the kernel's exact NaN/Inf path (a NaN
     # input times another group's zero weight is NaN); dense and group-aligned blocks do not.
     multi_group = cout_g < cout and cout_g % block_n != 0
-    # K <= 32 in fp32 and on the largest tiles (16 for both, and for fp32 tiles with the
-    # NaN/Inf path): wider 3x3 tiles spilled on sm_90
+    # K <= 32 channels on the largest tiles and 16 in fp32: wider 3x3 tiles spilled on sm_90
     big = block_m * block_n >= 128 * 64
-    k_cap = (16 if big or multi_group else 32) if dtype == torch.float32 else (32 if big else 64)
+    k_cap = 16 if dtype == torch.float32 else (32 if big else 64)
     block_k = _pow2_clamp(groups_per_block * cin_g, 16, k_cap)
     num_warps = 4 if block_m * block_n <= 64 * 32 else 8
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, MULTI_GROUP=multi_group,

@@ -53,7 +53,11 @@ def _input_tile(x_ptr, in_scale_ptr, in_shift_ptr, img, oh, ow, m_ok, offs_k, k_
     pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
     x_row = ((img * H + ih) * W + iw) * Cin
     a_ok = pix_ok[:, None] & k_ok[None, :]
-    a = tl.load(x_ptr + x_row[:, None] + offs_k[None, :], mask=a_ok, other=0.0)
+    # Mask the load by "< Cin" only (constant over 16 channels when Cin is a multiple of 16,
+    # so the loads vectorise), then zero the channels outside this block's groups in registers.
+    a = tl.load(x_ptr + x_row[:, None] + offs_k[None, :], mask=pix_ok[:, None] & (offs_k < Cin)[None, :],
+                other=0.0)
+    a = tl.where(a_ok, a, 0.0)
     if IN_AFFINE:
         s = tl.load(in_scale_ptr + offs_k, mask=k_ok, other=0.0)
         b = tl.load(in_shift_ptr + offs_k, mask=k_ok, other=0.0)
@@ -71,8 +75,9 @@ def _weight_tile(w_ptr, offs_k, k_ok, tap, offs_n, n_ok, group_n, CIN_G, Cout):
     group_k = offs_k // CIN_G
     ci_local = offs_k - group_k * CIN_G
     w_off = (tap * CIN_G + ci_local[:, None]) * Cout + offs_n[None, :]
-    w_ok = (group_k[:, None] == group_n[None, :]) & k_ok[:, None] & n_ok[None, :]
-    return tl.load(w_ptr + w_off, mask=w_ok, other=0.0)
+    # Rows are contiguous in Cout: load whole rows (vectorised), then zero the other groups.
+    w = tl.load(w_ptr + w_off, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+    return tl.where(group_k[:, None] == group_n[None, :], w, 0.0)
 
 
 @triton.jit(do_not_specialize=["N"])  # batch-dependent sizes: see _runtime
@@ -116,7 +121,10 @@ def conv_bn_act_fwd_kernel(
 
     # One flat loop over (tap, input-channel chunk): a single software-pipelined loop keeps
     # register pressure low (nine unrolled tap loops spilled on sm_90).
-    num_k = tl.cdiv(ci_end - ci_start, BLOCK_K)
+    # K chunks start at a multiple of 16 below ci_start, so the compiler can prove 16-byte
+    # alignment of the activation loads (ci_start = first group * Cin_g is not, as far as it knows).
+    k_base = (ci_start // 16) * 16
+    num_k = tl.cdiv(ci_end - k_base, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for it in range(0, KSIZE * KSIZE * num_k):
         if KSIZE == 1:  # a plain GEMM: keep the loop free of divisions
@@ -125,13 +133,16 @@ def conv_bn_act_fwd_kernel(
         else:
             tap = it // num_k
             kc = it - tap * num_k
-        offs_k = ci_start + kc * BLOCK_K + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < ci_end
+        offs_k = k_base + kc * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_ok = (offs_k >= ci_start) & (offs_k < ci_end)
         a = _input_tile(x_ptr, in_scale_ptr, in_shift_ptr, img, oh, ow, m_ok, offs_k, k_ok, tap,
                         H, W, Cin, stride, padding, KSIZE, IN_AFFINE, IN_RELU)
         wt = _weight_tile(w_ptr, offs_k, k_ok, tap, offs_n, n_ok, group_n, CIN_G, Cout)
         acc = mma(a, wt, acc, ALLOW_TF32)
 
+    if OUT_AFFINE:  # loaded before the NaN/Inf check below, whose latency they then hide
+        out_s = tl.load(out_scale_ptr + offs_n, mask=n_ok, other=0.0)
+        out_b = tl.load(out_shift_ptr + offs_n, mask=n_ok, other=0.0)
     if MULTI_GROUP:
         # The block-diagonal tile multiplies other groups' inputs by zero weights, and a NaN
         # or Inf input times zero is NaN: one bad input would reach every channel of its
@@ -165,9 +176,7 @@ def conv_bn_act_fwd_kernel(
         tl.store(part_mean_ptr + pid_m * Cout + offs_n, tile_mean, mask=n_ok)
         tl.store(part_m2_ptr + pid_m * Cout + offs_n, tile_m2, mask=n_ok)
     if OUT_AFFINE:
-        s = tl.load(out_scale_ptr + offs_n, mask=n_ok, other=0.0)
-        b = tl.load(out_shift_ptr + offs_n, mask=n_ok, other=0.0)
-        y = y * s[None, :] + b[None, :]
+        y = y * out_s[None, :] + out_b[None, :]
     out_off = offs_m.to(tl.int64)[:, None] * Cout + offs_n[None, :]
     if HAS_RESIDUAL:
         y += tl.load(res_ptr + out_off, mask=out_ok, other=0.0).to(tl.float32)

@@ -2,8 +2,9 @@
 
 The interpreter proves the math, not that the kernels compile: this runs the real
 compiler (TTIR -> PTX -> cubin) for every configuration the launchers pick for the
-ResNet-50 / ResNeXt-50/101 shapes, in bf16, fp16 and fp32, in a process without
-TRITON_INTERPRET (the interpreter patches triton.language and cannot compile).
+ResNet-50 / ResNeXt-50/101 shapes, in bf16, fp16 and fp32, specialised as Triton's JIT
+would (``kernels._compile.jit_specialization``), in a process without TRITON_INTERPRET
+(the interpreter patches triton.language and cannot compile).
 """
 import json
 import os
@@ -39,6 +40,15 @@ def test_convolutions_use_hopper_tensor_cores(compiled):
     for r in compiled:
         if r["kernel"] == "conv_bn_act_fwd_kernel":
             assert r["tensor_cores"] == "HGMMA", r
+
+
+def test_convolution_loads_are_vectorised(compiled):
+    """Compiled as the JIT specialises them (channel counts multiples of 16, aligned
+    pointers), the convolutions load activations 16 bytes at a time (cp.async or LDG.128):
+    the K chunks start on a multiple of 16 channels and masks are constant over 16."""
+    for r in compiled:
+        if r["kernel"] == "conv_bn_act_fwd_kernel":
+            assert r["vector_loads"], r
 
 
 def test_no_large_spills(compiled):

@@ -125,7 +125,8 @@ import warnings; warnings.filterwarnings("ignore")
 from kernels import _compile
 launches = _compile.conv_launches([(4, 64, 16, 16, 64, 16, 3, 1)], "bfloat16")
 for l in launches:
-    _compile.compile_for_hopper(l["kernel"], l["signature"], l["constexprs"], l["num_warps"], l["num_stages"])
+    _compile.compile_for_hopper(l["kernel"], l["signature"], l["constexprs"], l["num_warps"], l["num_stages"],
+                                l["attrs"])
 print(len(launches))
 '''
 
