@@ -415,21 +415,15 @@ def _compile_one(req: dict) -> dict:
         from kernels.conv_bn_act import conv_bn_act_fwd_kernel as kern
         if not isinstance(kern, triton.runtime.JITFunction):
             kern = triton.runtime.JITFunction(kern.fn)
+        from kernels._compile import jit_specialization
         act = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}[dtype]
-        sig, attrs = {}, {}
-        for i, (name, p) in enumerate(zip(kern.arg_names, kern.params)):
-            if p.is_constexpr:
-                sig[name] = "constexpr"
-            elif name.endswith("_ptr"):
-                sig[name] = "*fp32" if any(t in name for t in ("part_", "scale", "shift", "mean", "var", "m2")) else act
-                attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
-            else:
-                sig[name] = "i32"
-                if int_args.get(name, 1) % 16 == 0:
-                    attrs[(i,)] = [["tt.divisibility", 16]]  # as the JIT specialises multiples of 16
-        missing = [n for n, t in sig.items() if t == "constexpr" and n not in constexprs]
+        missing = [p.name for p in kern.params if p.is_constexpr and p.name not in constexprs]
         if missing:
             raise KeyError(f"no value for constexpr(s) {missing}")
+        pointers = {n: ("*fp32" if any(t in n for t in ("part_", "scale", "shift", "mean", "var", "m2")) else act)
+                    for n in kern.arg_names if n.endswith("_ptr")}
+        # as the JIT specialises the launch: aligned pointers, ints == 1 constant, multiples of 16
+        sig, constexprs, attrs = jit_specialization(kern, int_args, pointers, constexprs)
         target = GPUTarget("cuda", capability, 32)
         options = dict(num_warps=req["num_warps"], num_stages=req["num_stages"])
         try:
