@@ -273,6 +273,7 @@ def _compile_for_hopper(dtype_name):
     import triton
     from triton.backends.compiler import GPUTarget
 
+    from kernels._compile import jit_specialization
     dtype = getattr(torch, dtype_name)
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     launches = list(_resnext50_launches(dtype))
@@ -284,20 +285,7 @@ def _compile_for_hopper(dtype_name):
         options = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
         # Specialise like the JIT: an int equal to 1 becomes a constant, a multiple of 16
         # (and every pointer: PyTorch allocations are 16-byte aligned) gets that divisibility.
-        signature, constexprs, attrs = {}, dict(meta), {}
-        for i, name in enumerate(kernel.arg_names):
-            if name in meta:
-                signature[name] = "constexpr"
-            elif name in ptrs:
-                signature[name] = ptrs[name]
-                attrs[(i,)] = [["tt.divisibility", 16]]
-            elif sizes[name] == 1:
-                signature[name] = "constexpr"
-                constexprs[name] = 1
-            else:
-                signature[name] = "i32"
-                if sizes[name] % 16 == 0:
-                    attrs[(i,)] = [["tt.divisibility", 16]]
+        signature, constexprs, attrs = jit_specialization(kernel, sizes, ptrs, meta)
         # One binary per block configuration and set of constant-1 sizes (stride 1, ...);
         # the divisibility of sizes varies too, but compiling every variant costs minutes.
         key = (kernel.__name__, tuple(sorted(constexprs.items())), tuple(sorted(options.items())))
