@@ -385,18 +385,24 @@ def compile_requests(requests: List[dict]) -> List[dict]:
     return [_COMPILED[k] for k in keys]
 
 
-def _compile_in_child(requests: List[dict]) -> List[dict]:
+def _json_in_child(code: str, payload) -> object:
+    """Run ``code`` (reads JSON on stdin, prints JSON last) in a child process without
+    TRITON_INTERPRET: the interpreter patches triton.language and cannot compile."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(payload), capture_output=True,
+                          text=True, env=env, cwd=root, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "child failed")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _compile_in_child(requests: List[dict]) -> List[dict]:
     code = ("import json, sys; from benchmarks.profile import _compile_one; "
             "print(json.dumps([_compile_one(r) for r in json.load(sys.stdin)]))")
     try:
-        proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(requests), capture_output=True,
-                              text=True, env=env, cwd=root, timeout=1800)
-        if proc.returncode != 0:
-            raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "child failed")
-        return json.loads(proc.stdout.strip().splitlines()[-1])
+        return _json_in_child(code, requests)
     except Exception as err:  # noqa: BLE001
         return [dict(error=f"{type(err).__name__}: {err}"[:300]) for _ in requests]
 
@@ -473,19 +479,12 @@ def triton_kernel_report(conv_list: List[shapes.ConvShape], batch: int, dtype: s
     """
     if os.environ.get("TRITON_INTERPRET", "0") != "1":
         return _triton_kernel_report_here(conv_list, batch, dtype, mode, compile_offline, image)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     code = ("import json, sys; from benchmarks.profile import _report_from_json; "
             "print(json.dumps(_report_from_json(json.load(sys.stdin))))")
     request = dict(convs=[dataclasses.asdict(c) for c in OrderedDict.fromkeys(conv_list)], batch=batch,
                    dtype=dtype, mode=mode, compile_offline=compile_offline, image=image)
     try:
-        proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(request), capture_output=True,
-                              text=True, env=env, cwd=root, timeout=1800)
-        if proc.returncode != 0:
-            raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "child failed")
-        return json.loads(proc.stdout.strip().splitlines()[-1])
+        return _json_in_child(code, request)
     except Exception as err:  # noqa: BLE001
         return [dict(error=f"kernel report failed: {type(err).__name__}: {err}"[:300])]
 

@@ -41,3 +41,11 @@ def poison_empty(monkeypatch, request):
     monkeypatch.setattr(torch, "empty", lambda *a, **k: nan_fill(real_empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan_fill(real_empty_like(*a, **k)))
     yield
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """torch.compile tests start and end with an empty Dynamo cache."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

@@ -1,4 +1,4 @@
-"""Shared test utilities: tolerance rules and non-trivial BatchNorm state."""
+"""Shared test utilities: tolerance rules, NaN/Inf placement, non-trivial BatchNorm state."""
 import torch
 from torch import nn
 
@@ -33,3 +33,12 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
                     m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
                     m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.5)
     return model
+
+
+def assert_same_specials(ours, theirs, what="output"):
+    """NaN, +Inf and -Inf in exactly the same places as PyTorch's result."""
+    ours, theirs = ours.detach().double().cpu(), theirs.detach().double().cpu()
+    for name, f in (("NaN", torch.isnan), ("+Inf", torch.isposinf), ("-Inf", torch.isneginf)):
+        mine, ref = f(ours), f(theirs)
+        assert torch.equal(mine, ref), (f"{what}: {name} in {int(mine.sum())} places, PyTorch {int(ref.sum())}; "
+                                        f"first differing index {(mine != ref).nonzero()[0].tolist()}")

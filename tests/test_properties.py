@@ -16,6 +16,7 @@ from torch import nn
 
 import kernels
 import resnext
+from helpers import assert_same_specials
 from kernels import reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -185,14 +186,6 @@ def test_conv_bn_act_gradients_match_float64_reference(p):
 # --------------------------------------------------------------------------------------
 # NaN / Inf: exactly where PyTorch puts them, in the grouped forward and the data gradient
 # --------------------------------------------------------------------------------------
-def _specials_equal(ours, theirs, what):
-    ours, theirs = ours.detach().double().cpu(), theirs.detach().double().cpu()
-    for name, f in (("NaN", torch.isnan), ("+Inf", torch.isposinf), ("-Inf", torch.isneginf)):
-        mine, ref = f(ours), f(theirs)
-        assert torch.equal(mine, ref), (f"{what}: {name} in {int(mine.sum())} places, PyTorch {int(ref.sum())}; "
-                                        f"first differing index {(mine != ref).nonzero()[0].tolist()}")
-
-
 @settings(max_examples=20, **SETTINGS)
 @given(n=st.integers(1, 2), h=st.integers(3, 7), w=st.integers(3, 7), groups=st.sampled_from([2, 3, 4, 8, 16]),
        cin_g=st.sampled_from([1, 2, 4, 5, 16]), cout_g=st.sampled_from([1, 3, 4, 8]),
@@ -215,7 +208,7 @@ def test_nan_inf_stay_in_their_group(n, h, w, groups, cin_g, cout_g, stride, n_s
     for i, k in zip(picks, kinds):
         flat[i] = (float("nan"), float("inf"), -float("inf"))[k]
     if not to_grad:
-        _specials_equal(conv(target), conv_ref(target), "forward")
+        assert_same_specials(conv(target), conv_ref(target), "forward")
         return
     grads = []
     for use_ours in (True, False):
@@ -224,10 +217,10 @@ def test_nan_inf_stay_in_their_group(n, h, w, groups, cin_g, cout_g, stride, n_s
             nn.functional.conv2d(xr, wr, stride=stride, padding=1, groups=groups)
         y.backward(target)
         grads.append((xr.grad, wr.grad))
-    _specials_equal(grads[0][0], grads[1][0], "input gradient")
+    assert_same_specials(grads[0][0], grads[1][0], "input gradient")
     # The centre tap only: the others also meet the zero padding, where Inf * 0 = NaN is
     # computed by some implementations (ours, PyTorch's CPU) and skipped by others.
-    _specials_equal(grads[0][1][:, :, 1, 1], grads[1][1][:, :, 1, 1], "weight gradient (centre tap)")
+    assert_same_specials(grads[0][1][:, :, 1, 1], grads[1][1][:, :, 1, 1], "weight gradient (centre tap)")
 
 
 # --------------------------------------------------------------------------------------

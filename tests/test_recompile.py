@@ -30,8 +30,8 @@ def _child_env(**extra):
     return env
 
 
-def _run_child(code: str, **env) -> str:
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+def _run_child(code: str, *args: str, **env) -> str:
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT,
                           env=_child_env(**env), timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout.strip().splitlines()[-1]
@@ -93,8 +93,7 @@ print(json.dumps(out))
 
 def _launches(batches):
     """{batch: [(kernel, {runtime argument: Triton's specialization}, configuration), ...]}, in launch order."""
-    code = _LAUNCH_KEYS.replace("json.loads(sys.argv[1])", json.dumps(list(batches)))
-    return {int(b): v for b, v in json.loads(_run_child(code)).items()}
+    return {int(b): v for b, v in json.loads(_run_child(_LAUNCH_KEYS, json.dumps(list(batches)))).items()}
 
 
 def test_new_batch_sizes_reuse_triton_binaries():
@@ -166,13 +165,6 @@ def test_torch_compile_new_batch_sizes_recompile_once(fresh_dynamo):
         y = step(x)
         assert y.shape == ref.shape
     assert len(compiles) <= 2, f"{len(compiles)} compilations for 6 batch sizes"
-
-
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the JIT cache exists on a GPU only")
