@@ -142,7 +142,7 @@ def model_conv_shapes(batch: int = 64, image: int = 224):
 
 
 def elementwise_launches(dtype: str) -> List[dict]:
-    from .batchnorm import bn_act_kernel, merge_stats_kernel
+    from .batchnorm import bn_act_kernel, bn_finalize_kernel
     launches = []
     for res_affine in (False, True):
         const = dict(HAS_RESIDUAL=True, RES_AFFINE=res_affine, RELU=True, BLOCK_M=64, BLOCK_C=64)
@@ -150,11 +150,14 @@ def elementwise_launches(dtype: str) -> List[dict]:
                    else "*fp32" if n.endswith("_ptr") else "i32") for n in bn_act_kernel.arg_names}
         launches.append(dict(kernel=bn_act_kernel, signature=sig, constexprs=const, num_warps=4, num_stages=3,
                              mode="bn_act"))
-    const = dict(BLOCK_T=32, BLOCK_C=64)
-    sig = {n: ("constexpr" if n in const else "*fp32" if n.endswith("_ptr") else "i32")
-           for n in merge_stats_kernel.arg_names}
-    launches.append(dict(kernel=merge_stats_kernel, signature=sig, constexprs=const, num_warps=4, num_stages=3,
-                         mode="merge_stats"))
+    for update in (False, True):
+        const = dict(AFFINE=update, UPDATE=update, CUMULATIVE=False, COUNT=update, BLOCK_T=32, BLOCK_C=64)
+        sig = {n: ("constexpr" if n in const else "*i64" if n == "nbt_ptr"
+                   else _PTR[dtype] if n in ("gamma_ptr", "beta_ptr", "run_mean_ptr", "run_var_ptr")
+                   else "*fp32" if n.endswith("_ptr") else "fp32" if n in ("momentum", "eps") else "i32")
+               for n in bn_finalize_kernel.arg_names}
+        launches.append(dict(kernel=bn_finalize_kernel, signature=sig, constexprs=const, num_warps=4, num_stages=3,
+                             mode="bn_finalize"))
     return launches
 
 

@@ -4,37 +4,46 @@ Train-mode statistics flow (see README, "How it works"):
 
 1. the convolution epilogue writes, per block of ``BLOCK_M`` rows, each channel's mean
    and M2 (sum of squared deviations from that block's mean), in fp32;
-2. ``merge_stats_kernel`` merges the blocks with Chan's parallel formula into the batch
-   mean and biased variance (no E[z^2] - E[z]^2 cancellation when |mean| >> std);
-3. ``batch_norm_scale_shift`` turns them into ``scale = gamma / sqrt(var + eps)`` and
-   ``shift = beta - mean * scale`` (differentiable PyTorch ops on [C] vectors) and updates
-   the running statistics exactly as ``nn.BatchNorm2d`` does;
+2. ``bn_finalize_kernel``, one launch per BatchNorm, merges the blocks with Chan's parallel
+   formula into the batch mean and biased variance (no E[z^2] - E[z]^2 cancellation when
+   |mean| >> std), turns them into ``scale = gamma / sqrt(var + eps)`` and
+   ``shift = beta - mean * scale``, and updates ``running_mean``, ``running_var`` and
+   ``num_batches_tracked`` in place exactly as ``nn.BatchNorm2d`` does.  Its backward
+   (gradients of gamma, beta and the batch mean/var) is folded into the producing
+   convolution's ``bn_backward`` pass: no [C]-vector PyTorch ops in either direction;
 4. the consumer applies ``scale/shift (+ residual) + ReLU``: the next convolution's
    prologue, or ``bn_act`` (one read of z, one write of y) at the end of a block.
 """
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from . import reference
-from ._runtime import rows_config, use_triton
+from ._runtime import DerivedCache, eager_or_op, rows_config, use_triton
 from .bn_backward import bn_backward
 
 Tensor = torch.Tensor
 
 
 @triton.jit(do_not_specialize=["T", "M"])  # batch-dependent sizes: see _runtime
-def merge_stats_kernel(
-    mean_ptr,  # [C] fp32 out: batch mean
-    var_ptr,  # [C] fp32 out: biased batch variance
+def bn_finalize_kernel(
+    mean_ptr, var_ptr,  # [C] fp32 out: batch mean and biased variance
+    scale_ptr, shift_ptr,  # [C] fp32 out: gamma / sqrt(var + eps), beta - mean * scale
     part_mean_ptr,  # [T, C] fp32: per row-block mean
     part_m2_ptr,  # [T, C] fp32: per row-block sum of squared deviations
+    gamma_ptr, beta_ptr,  # [C] (AFFINE), any float dtype
+    run_mean_ptr, run_var_ptr,  # [C] (UPDATE), updated in place, their own dtype
+    nbt_ptr,  # [] int64 (UPDATE and not CUMULATIVE): num_batches_tracked, incremented here
     T, C, M,  # row blocks, channels, rows in all
     ROWS_PER_BLOCK,  # rows per block (the conv's BLOCK_M); the last block may hold fewer
+    momentum, eps,  # fp32; with CUMULATIVE the factor is 1 / (num_batches_tracked + 1)
+    AFFINE: tl.constexpr, UPDATE: tl.constexpr, CUMULATIVE: tl.constexpr, COUNT: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    """One launch per BatchNorm: merge the partials (Chan et al.), then scale/shift and the
+    running-statistics update of nn.BatchNorm2d, on [C] vectors, in place."""
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
     n_a = 0.0
@@ -59,19 +68,93 @@ def merge_stats_kernel(
         mean_a += delta * (n_b / n)
         m2_a += m2_b + delta * delta * (n_a * n_b / n)
         n_a = n
+    var = m2_a / M
     tl.store(mean_ptr + offs_c, mean_a, mask=c_ok)
-    tl.store(var_ptr + offs_c, m2_a / M, mask=c_ok)
+    tl.store(var_ptr + offs_c, var, mask=c_ok)
+
+    scale = 1.0 / tl.sqrt(var + eps)
+    if AFFINE:
+        scale = scale * tl.load(gamma_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+        shift = tl.load(beta_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32) - mean_a * scale
+    else:
+        shift = -mean_a * scale
+    tl.store(scale_ptr + offs_c, scale, mask=c_ok)
+    tl.store(shift_ptr + offs_c, shift, mask=c_ok)
+
+    if UPDATE:
+        if CUMULATIVE:  # momentum=None: a cumulative average; the host increments the counter
+            factor = 1.0 / (tl.load(nbt_ptr).to(tl.float32) + 1.0)
+        else:
+            factor = momentum
+    if COUNT:
+        if tl.program_id(0) == 0:  # no program reads the counter then: no race
+            tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
+    if UPDATE:
+        if M > 0:  # an empty batch is counted but leaves the statistics alone (as PyTorch)
+            rm = tl.load(run_mean_ptr + offs_c, mask=c_ok, other=0.0)
+            rv = tl.load(run_var_ptr + offs_c, mask=c_ok, other=0.0)
+            # As torch.lerp_(running, batch statistic rounded to the buffer's dtype, factor)
+            new_mean = _lerp(rm.to(tl.float32), mean_a.to(rm.dtype).to(tl.float32), factor)
+            unbiased = (var * (M / (M - 1.0))).to(rv.dtype).to(tl.float32)
+            new_var = _lerp(rv.to(tl.float32), unbiased, factor)
+            tl.store(run_mean_ptr + offs_c, new_mean.to(rm.dtype), mask=c_ok)
+            tl.store(run_var_ptr + offs_c, new_var.to(rv.dtype), mask=c_ok)
+
+
+@triton.jit
+def _lerp(start, end, weight):
+    """torch.lerp's formula (exact at both ends)."""
+    if weight < 0.5:
+        out = start + weight * (end - start)
+    else:
+        out = end - (end - start) * (1.0 - weight)
+    return out
+
+
+class BNStats(NamedTuple):
+    """Batch statistics of one train-mode BatchNorm and the affine map they give."""
+    mean: Tensor  # [C] fp32
+    var: Tensor  # [C] fp32, biased
+    scale: Tensor  # [C] fp32: gamma / sqrt(var + eps)
+    shift: Tensor  # [C] fp32: beta - mean * scale
+
+
+def bn_finalize(part_mean: Tensor, part_m2: Tensor, M: int, rows_per_block: int,
+                gamma: Optional[Tensor] = None, beta: Optional[Tensor] = None,
+                running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
+                num_batches_tracked: Optional[Tensor] = None, momentum: Optional[float] = 0.1,
+                eps: float = 1e-5) -> BNStats:
+    """Per-row-block (mean, M2) partials [T, C] -> batch statistics and BN's scale/shift,
+    updating the running statistics in place when they are given (one launch)."""
+    T, C = part_mean.shape
+    # four buffers, not views of one: outputs of a custom op may not alias
+    out = [torch.empty(C, device=part_mean.device, dtype=torch.float32) for _ in range(4)]
+    update = running_mean is not None
+    cumulative = update and momentum is None
+    block_c = min(64, triton.next_power_of_2(max(C, 1)))
+    dummy = out[0]
+    bn_finalize_kernel[(triton.cdiv(C, block_c),)](
+        *out, part_mean, part_m2,
+        gamma if gamma is not None else dummy, beta if beta is not None else dummy,
+        running_mean if update else dummy, running_var if update else dummy,
+        num_batches_tracked if num_batches_tracked is not None else dummy,
+        T, C, M, rows_per_block, float(momentum or 0.0), float(eps),
+        AFFINE=gamma is not None, UPDATE=update, CUMULATIVE=cumulative,
+        COUNT=num_batches_tracked is not None and not cumulative, BLOCK_T=32, BLOCK_C=block_c)
+    if cumulative:  # momentum=None reads the counter in the kernel, so it is counted here
+        num_batches_tracked.add_(1)
+    # A kernel's writes do not bump version counters: bump them (host only), so that caches
+    # keyed on them (the eval-mode fold) and autograd's checks see the update.
+    for t in (running_mean, running_var, None if cumulative else num_batches_tracked):
+        if t is not None and update:
+            torch.autograd.graph.increment_version(t)
+    return BNStats(*out)
 
 
 def merge_stats(part_mean: Tensor, part_m2: Tensor, M: int, rows_per_block: int) -> Tuple[Tensor, Tensor]:
     """Per-row-block (mean, M2) partials [T, C] -> batch mean and biased variance [C]."""
-    T, C = part_mean.shape
-    mean = torch.empty(C, device=part_mean.device, dtype=torch.float32)
-    var = torch.empty_like(mean)
-    block_c = min(64, triton.next_power_of_2(C))
-    merge_stats_kernel[(triton.cdiv(C, block_c),)](
-        mean, var, part_mean, part_m2, T, C, M, rows_per_block, BLOCK_T=32, BLOCK_C=block_c)
-    return mean, var
+    st = bn_finalize(part_mean, part_m2, M, rows_per_block)
+    return st.mean, st.var
 
 
 @triton.jit(do_not_specialize=["M"])  # batch-dependent sizes: see _runtime
@@ -138,10 +221,25 @@ def _(z, scale, shift, residual, res_scale, res_shift, relu):
     return torch.empty_like(z, memory_format=torch.channels_last)
 
 
-def _bn_act_setup_context(ctx, inputs, output):
-    z, scale, shift, residual, res_scale, res_shift, relu = inputs
-    ctx.save_for_backward(z, scale, residual, res_scale, output)
-    ctx.relu = relu
+def run_bn_act(z, scale, shift, residual, res_scale, res_shift, relu) -> Tensor:
+    """The forward without autograd (backward formulas use it): operator or plain call."""
+    return eager_or_op(bn_act_op, bn_act_forward)(z, scale, shift, residual, res_scale, res_shift, relu)
+
+
+class BNActFn(torch.autograd.Function):
+    """Autograd of ``bn_act``: an ``autograd.Function`` around the operator (the operator
+    only while ``torch.compile`` traces; see ``_runtime.eager_or_op``)."""
+
+    @staticmethod
+    def forward(ctx, z, scale, shift, residual, res_scale, res_shift, relu):
+        y = run_bn_act(z, scale, shift, residual, res_scale, res_shift, relu)
+        ctx.save_for_backward(z, scale, residual, res_scale, y)
+        ctx.relu = relu
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _bn_act_backward(ctx, dy)
 
 
 def _bn_act_backward(ctx, dy):
@@ -158,11 +256,12 @@ def _bn_act_backward(ctx, dy):
             res_scale=res_scale if res_affine else None,
             sum_g=need[2] or (res_affine and need[5]), sum_gv=z if need[1] else None,
             sum_gr=residual if res_affine and need[4] else None)
-        dscale = o.sum_gv.to(scale.dtype) if need[1] else None
-        dshift = o.sum_g.to(scale.dtype) if need[2] else None
-        dres_scale = o.sum_gr.to(res_scale.dtype) if res_affine and need[4] else None
-        # a copy: two parameters must not share one gradient tensor
-        dres_shift = o.sum_g.to(res_scale.dtype, copy=True) if res_affine and need[5] else None
+        dscale = o.sum_gv if need[1] else None
+        dshift = o.sum_g if need[2] else None
+        dres_scale = o.sum_gr if res_affine and need[4] else None
+        # a copy: two inputs must not share one gradient tensor
+        dres_shift = o.sum_g.clone() if res_affine and need[5] and need[2] else o.sum_g if res_affine and need[5] \
+            else None
         return o.dz, dscale, dshift, o.dres, dres_scale, dres_shift, None
 
     pc = reference._per_channel
@@ -183,9 +282,6 @@ def _bn_act_backward(ctx, dy):
         elif need[3]:
             dres = du.to(residual.dtype)
     return dz, dscale, dshift, dres, dres_scale, dres_shift, None
-
-
-bn_act_op.register_autograd(_bn_act_backward, setup_context=_bn_act_setup_context)
 
 
 def bn_act(z: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor] = None,
@@ -218,7 +314,7 @@ def bn_act(z: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor] =
             raise ValueError(f"residual is on {residual.device} but the input is on {z.device}")
     if (res_scale is None) != (res_shift is None):
         raise ValueError("res_scale and res_shift must be given together")
-    return bn_act_op(z, scale, shift, residual, res_scale, res_shift, relu)
+    return BNActFn.apply(z, scale, shift, residual, res_scale, res_shift, relu)
 
 
 # --------------------------------------------------------------------------------------
@@ -229,46 +325,46 @@ def uses_batch_stats(bn: torch.nn.BatchNorm2d) -> bool:
     return bn.training or (bn.running_mean is None and bn.running_var is None)
 
 
+_FOLDED = DerivedCache()
+
+
 def folded_scale_shift(bn: torch.nn.BatchNorm2d) -> Tuple[Tensor, Tensor]:
-    """Eval mode: y = z * scale + shift with the running statistics (differentiable in gamma, beta)."""
+    """Eval mode: y = z * scale + shift with the running statistics (differentiable in gamma, beta).
+
+    Cached until a running statistic, gamma or beta changes (version counters, see
+    ``DerivedCache``), unless the result must carry a gradient to gamma or beta."""
     if bn.eps < 0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {bn.eps}")
-    scale = torch.rsqrt(bn.running_var.float() + bn.eps)
+    sources = (bn.running_mean, bn.running_var, bn.weight, bn.bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources[2:]):
+        return _fold(bn)
+    with torch.no_grad():
+        return _FOLDED.get(bn.running_var, sources, bn.eps, lambda: _fold(bn))
+
+
+def _fold(bn: torch.nn.BatchNorm2d) -> Tuple[Tensor, Tensor]:
+    acc = torch.float64 if bn.running_var.dtype == torch.float64 else torch.float32
+    scale = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
     if bn.weight is not None:
-        scale = bn.weight.float() * scale
-    shift = -bn.running_mean.float() * scale
+        scale = bn.weight.to(acc) * scale
+    shift = -bn.running_mean.to(acc) * scale
     if bn.bias is not None:
-        shift = shift + bn.bias.float()
+        shift = shift + bn.bias.to(acc)
     return scale, shift
 
 
-def batch_norm_scale_shift(bn: torch.nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int) -> Tuple[Tensor, Tensor]:
-    """Train mode: scale/shift from batch statistics, and the running-statistics update.
-
-    Matches ``nn.BatchNorm2d``: normalises with the biased variance, stores the unbiased one
-    in ``running_var``, ``momentum=None`` is a cumulative average, ``num_batches_tracked``
-    counts batches.  No host synchronisation: the factor stays a tensor.
-    """
+def check_batch_stats(bn: torch.nn.BatchNorm2d, count: int):
+    """nn.BatchNorm2d's errors for a batch-statistics forward over ``count`` values per channel."""
     if bn.eps <= 0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {bn.eps}")
     if count == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input with {count} "
                          f"value(s) per channel")
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        with torch.no_grad():
-            bn.num_batches_tracked.add_(1)
-            if count > 0:  # an empty batch is counted but leaves the statistics alone (as PyTorch)
-                if bn.momentum is None:
-                    factor = 1.0 / bn.num_batches_tracked.to(bn.running_mean.dtype)
-                else:
-                    factor = bn.momentum
-                bn.running_mean.lerp_(mean.detach().to(bn.running_mean.dtype), factor)
-                unbiased = var.detach() * (count / (count - 1))
-                bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), factor)
-    scale = torch.rsqrt(var + bn.eps)
-    if bn.weight is not None:
-        scale = bn.weight.float() * scale
-    shift = -mean * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.float()
-    return scale, shift
+
+
+def running_stats(bn: torch.nn.BatchNorm2d):
+    """(running_mean, running_var, num_batches_tracked) to update in this forward, or Nones:
+    as nn.BatchNorm2d, only in training with running statistics tracked."""
+    if bn.training and bn.track_running_stats and bn.running_mean is not None:
+        return bn.running_mean, bn.running_var, bn.num_batches_tracked
+    return None, None, None

@@ -15,7 +15,7 @@ steps, which in plain PyTorch are one full pass over the activation each::
 ``bn_backward_kernel`` does them all in a single read of its inputs and a single write of
 its outputs.  The per-channel sums are reduced in fp32: each program owns a fixed run of
 rows, accumulates in registers and writes one partial row to a ``[sums, programs, C]``
-buffer that ``torch.sum`` finishes in a fixed order.  No atomics: bit-identical results
+buffer that ``torch.sum`` finishes in a fixed order (only when a sum is asked for).  No atomics: bit-identical results
 run to run.  The program count depends only on (M, C), not on the device, so two GPUs
 give the same bits too.
 
@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import INTERPRET, _pow2_clamp, rows_config
+from ._runtime import INTERPRET, _pow2_clamp, eager_or_op, rows_config
 
 Tensor = torch.Tensor
 
@@ -56,13 +56,20 @@ def bn_backward_kernel(
     r_ptr,  # [M, C] (SUM_R)
     scale_ptr,  # [C] fp32 (SCALE)
     res_scale_ptr,  # [C] fp32 (RES_SCALE)
-    mean_ptr, dmean_ptr, dvar_ptr,  # [C] fp32 (STATS): batch mean; the loss's gradients w.r.t. mean and var
+    mean_ptr, var_ptr,  # [C] fp32 (STATS): batch mean and biased variance
+    dmean_ptr, dvar_ptr,  # [C] fp32 (STAT_DMV): the loss's gradients w.r.t. mean and var
+    dscale_ptr, dshift_ptr,  # [C] fp32 (STAT_DAFF): ... w.r.t. the BN's scale and shift
+    gamma_ptr,  # [C] (STAT_GAMMA): the BN weight
+    dparam_ptr,  # [2, C] fp32 out (STAT_DAFF): gradients of gamma and beta
     M, C,  # rows, channels
     rows_per_prog,  # rows one program reduces: a multiple of BLOCK_M
     count,  # fp32 (STATS): elements per channel the statistics were taken over (M)
+    eps,  # fp32 (STAT_DAFF): the BN's eps
     HAS_DY: tl.constexpr,
     RELU_MODE: tl.constexpr,  # 0 none, 1 from the output y, 2 recomputed from x*scale + shift
-    SCALE: tl.constexpr, STATS: tl.constexpr, WRITE_DZ: tl.constexpr,
+    SCALE: tl.constexpr, STATS: tl.constexpr,
+    STAT_DMV: tl.constexpr, STAT_DAFF: tl.constexpr, STAT_GAMMA: tl.constexpr,
+    WRITE_DZ: tl.constexpr,
     WRITE_DRES: tl.constexpr, RES_SCALE: tl.constexpr,
     SUM_G: tl.constexpr,
     SUM_V: tl.constexpr,  # 0 none, 1 v from v_ptr, 2 v = x already loaded for the mask (RELU_MODE 2)
@@ -84,8 +91,29 @@ def bn_backward_kernel(
         res_s = tl.load(res_scale_ptr + offs_c, mask=c_ok, other=0.0)
     if STATS:
         mean = tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0)
-        dmean_term = tl.load(dmean_ptr + offs_c, mask=c_ok, other=0.0) / count
-        dvar_coef = tl.load(dvar_ptr + offs_c, mask=c_ok, other=0.0) * (2.0 / count)
+        d_mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        d_var = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        if STAT_DMV:
+            d_mean += tl.load(dmean_ptr + offs_c, mask=c_ok, other=0.0)
+            d_var += tl.load(dvar_ptr + offs_c, mask=c_ok, other=0.0)
+        if STAT_DAFF:
+            # The finalize's backward, on [C] vectors here rather than in a launch of its own:
+            # scale = gamma * r, shift = beta - mean * scale, r = (var + eps)^-1/2.
+            r = 1.0 / tl.sqrt(tl.load(var_ptr + offs_c, mask=c_ok, other=1.0) + eps)
+            d_scale = tl.load(dscale_ptr + offs_c, mask=c_ok, other=0.0)
+            d_shift = tl.load(dshift_ptr + offs_c, mask=c_ok, other=0.0)
+            if STAT_GAMMA:
+                gamma = tl.load(gamma_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+            else:
+                gamma = tl.full((BLOCK_C,), 1.0, tl.float32)
+            d_gr = d_scale - d_shift * mean  # the gradient w.r.t. gamma * r
+            d_mean += -d_shift * gamma * r
+            d_var += d_gr * gamma * (-0.5 * r * r * r)
+            if pid_t == 0:  # one program per channel block writes gamma's and beta's gradients
+                tl.store(dparam_ptr + offs_c, d_gr * r, mask=c_ok)
+                tl.store(dparam_ptr + C + offs_c, d_shift, mask=c_ok)
+        dmean_term = d_mean / count
+        dvar_coef = d_var * (2.0 / count)
 
     # 2-D accumulators, reduced over rows once at the end: no cross-thread reduction per
     # row block, and each register sums only rows_per_prog / BLOCK_M terms.
@@ -138,12 +166,11 @@ def bn_backward_kernel(
                 dres = g * res_s[None, :]
             tl.store(dres_ptr + off, dres.to(dres_ptr.dtype.element_ty), mask=ok)
 
+    # Every slot is written (zeros for sums not asked for), so the buffer needs no zero fill.
     part_off = pid_t.to(tl.int64) * C + offs_c
-    if SUM_G:
+    if SUM_G or SUM_V != 0 or SUM_R:
         tl.store(part_ptr + part_off, tl.sum(acc_g, axis=0), mask=c_ok)
-    if SUM_V != 0:
         tl.store(part_ptr + T * C + part_off, tl.sum(acc_gv, axis=0), mask=c_ok)
-    if SUM_R:
         tl.store(part_ptr + 2 * T * C + part_off, tl.sum(acc_gr, axis=0), mask=c_ok)
 
 
@@ -191,15 +218,16 @@ def _new_grad(shape, device, dtype: Optional[torch.dtype]) -> Tensor:
     return torch.empty(shape, device=device, dtype=dtype, memory_format=torch.channels_last)
 
 
-@torch.library.custom_op("resnext::bn_backward", mutates_args=())
-def bn_backward_op(
+def bn_backward_impl(
     dy: Optional[Tensor], relu_src: Optional[Tensor], relu_scale: Optional[Tensor],
     relu_shift: Optional[Tensor], scale: Optional[Tensor], z: Optional[Tensor], mean: Optional[Tensor],
-    dmean: Optional[Tensor], dvar: Optional[Tensor], res_scale: Optional[Tensor], v: Optional[Tensor],
-    v_is_relu_src: bool, r: Optional[Tensor], sum_g: bool, dz_dtype: Optional[torch.dtype],
-    dres_dtype: Optional[torch.dtype],
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """See ``bn_backward``.  Returns (dz or empty, dres or empty, sums [3, C] fp32)."""
+    var: Optional[Tensor], dmean: Optional[Tensor], dvar: Optional[Tensor], dscale: Optional[Tensor],
+    dshift: Optional[Tensor], gamma: Optional[Tensor], eps: float, res_scale: Optional[Tensor],
+    v: Optional[Tensor], v_is_relu_src: bool, r: Optional[Tensor], sum_g: bool,
+    dz_dtype: Optional[torch.dtype], dres_dtype: Optional[torch.dtype],
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """See ``bn_backward``.  Returns (dz or empty, dres or empty, sums [3, C] fp32,
+    [d gamma, d beta] [2, C] fp32 or empty)."""
     shape, device = _shape_of(dy, relu_src, z, v, r)
     N, C, H, W = shape
     M = N * H * W
@@ -207,16 +235,20 @@ def bn_backward_op(
     runs = cfg["grid"][0]
     dz, dres = _new_grad(shape, device, dz_dtype), _new_grad(shape, device, dres_dtype)
     stats = z is not None
-    if stats:  # a missing gradient (None) is a zero term
-        zeros = torch.zeros(C, device=device, dtype=torch.float32)
-        mean = _vec(mean)
-        dmean = _vec(dmean) if dmean is not None else zeros
-        dvar = _vec(dvar) if dvar is not None else zeros
+    stat_dmv = stats and (dmean is not None or dvar is not None)
+    stat_daff = stats and (dscale is not None or dshift is not None)
+    if stat_dmv and (dmean is None or dvar is None):  # one of the two missing: a zero term
+        dmean = dmean if dmean is not None else torch.zeros_like(dvar)
+        dvar = dvar if dvar is not None else torch.zeros_like(dmean)
+    if stat_daff and (dscale is None or dshift is None):
+        dscale = dscale if dscale is not None else torch.zeros_like(dshift)
+        dshift = dshift if dshift is not None else torch.zeros_like(dscale)
     sum_v = 2 if v_is_relu_src else 1 if v is not None else 0
     if v_is_relu_src and (relu_scale is None or relu_src is None):
         raise ValueError("v_is_relu_src needs the affine ReLU mask (relu_src, relu_scale, relu_shift)")
-    # Zeros: the slots of sums not asked for come back 0.  At most 3 x 1024 x 64 floats.
-    part = torch.zeros((3, runs, C), device=device, dtype=torch.float32)
+    any_sum = sum_g or sum_v != 0 or r is not None
+    part = torch.empty((3, runs, C), device=device, dtype=torch.float32)  # every slot is written
+    dparam = torch.empty((2, C) if stat_daff else (0,), device=device, dtype=torch.float32)
     dy, relu_src, z, v, r = map(_rows, (dy, relu_src, z, v, r))
     v = z if stats else v  # the kernel reads z through v_ptr
     relu_mode = RELU_NONE if relu_src is None else RELU_AFFINE if relu_scale is not None else RELU_OUTPUT
@@ -227,22 +259,47 @@ def bn_backward_op(
             dz if dz_dtype is not None else dummy, dres if dres_dtype is not None else dummy, part,
             pick(dy), pick(relu_src), pick(_vec(relu_scale)), pick(_vec(relu_shift)), pick(v), pick(r),
             pick(_vec(scale)), pick(_vec(res_scale)),
-            pick(mean if stats else None), pick(dmean if stats else None), pick(dvar if stats else None),
-            M, C, cfg["rows_per_prog"], float(M),
+            pick(_vec(mean) if stats else None), pick(_vec(var) if stat_daff else None),
+            pick(_vec(dmean) if stat_dmv else None), pick(_vec(dvar) if stat_dmv else None),
+            pick(_vec(dscale) if stat_daff else None), pick(_vec(dshift) if stat_daff else None),
+            pick(gamma if stat_daff else None), dparam,
+            M, C, cfg["rows_per_prog"], float(M), float(eps),
             HAS_DY=dy is not None, RELU_MODE=relu_mode, SCALE=scale is not None, STATS=stats,
+            STAT_DMV=stat_dmv, STAT_DAFF=stat_daff, STAT_GAMMA=stat_daff and gamma is not None,
             WRITE_DZ=dz_dtype is not None, WRITE_DRES=dres_dtype is not None, RES_SCALE=res_scale is not None,
             SUM_G=sum_g, SUM_V=sum_v, SUM_R=r is not None,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
         )
-    return dz, dres, part.sum(dim=1)  # fixed-order reduction over the row runs
+    elif any_sum:
+        part.zero_()
+    if stat_daff and M == 0:
+        dparam.zero_()
+    # fixed-order reduction over the row runs, only when a sum was asked for
+    sums = part.sum(dim=1) if any_sum else torch.empty((3, C), device=device, dtype=torch.float32)
+    return dz, dres, sums, dparam
+
+
+@torch.library.custom_op("resnext::bn_backward", mutates_args=())
+def bn_backward_op(
+    dy: Optional[Tensor], relu_src: Optional[Tensor], relu_scale: Optional[Tensor],
+    relu_shift: Optional[Tensor], scale: Optional[Tensor], z: Optional[Tensor], mean: Optional[Tensor],
+    var: Optional[Tensor], dmean: Optional[Tensor], dvar: Optional[Tensor], dscale: Optional[Tensor],
+    dshift: Optional[Tensor], gamma: Optional[Tensor], eps: float, res_scale: Optional[Tensor],
+    v: Optional[Tensor], v_is_relu_src: bool, r: Optional[Tensor], sum_g: bool,
+    dz_dtype: Optional[torch.dtype], dres_dtype: Optional[torch.dtype],
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return bn_backward_impl(dy, relu_src, relu_scale, relu_shift, scale, z, mean, var, dmean, dvar, dscale,
+                            dshift, gamma, eps, res_scale, v, v_is_relu_src, r, sum_g, dz_dtype, dres_dtype)
 
 
 @bn_backward_op.register_fake
-def _(dy, relu_src, relu_scale, relu_shift, scale, z, mean, dmean, dvar, res_scale, v, v_is_relu_src, r,
-      sum_g, dz_dtype, dres_dtype):
+def _(dy, relu_src, relu_scale, relu_shift, scale, z, mean, var, dmean, dvar, dscale, dshift, gamma, eps,
+      res_scale, v, v_is_relu_src, r, sum_g, dz_dtype, dres_dtype):
     shape, device = _shape_of(dy, relu_src, z, v, r)
+    daff = z is not None and (dscale is not None or dshift is not None)
     return (_new_grad(shape, device, dz_dtype), _new_grad(shape, device, dres_dtype),
-            torch.empty((3, shape[1]), device=device, dtype=torch.float32))
+            torch.empty((3, shape[1]), device=device, dtype=torch.float32),
+            torch.empty((2, shape[1]) if daff else (0,), device=device, dtype=torch.float32))
 
 
 class BNBackward(NamedTuple):
@@ -251,6 +308,22 @@ class BNBackward(NamedTuple):
     sum_g: Optional[Tensor]  # [C] fp32: sum of g over N, H, W
     sum_gv: Optional[Tensor]  # [C] fp32: sum of g*v
     sum_gr: Optional[Tensor]  # [C] fp32: sum of g*r
+    dgamma: Optional[Tensor]  # [C] fp32 (stats with dscale/dshift): the BN weight's gradient
+    dbeta: Optional[Tensor]  # [C] fp32: the BN bias's gradient
+
+
+class StatsGrad(NamedTuple):
+    """The batch-statistics terms of a BN backward: z, its statistics, and the gradients
+    that reached them (None: no such term)."""
+    z: Tensor
+    mean: Tensor
+    var: Tensor
+    dmean: Optional[Tensor] = None  # w.r.t. the batch mean and variance (kernels.conv_bn_act's outputs)
+    dvar: Optional[Tensor] = None
+    dscale: Optional[Tensor] = None  # w.r.t. the BN's scale and shift (the finalize's outputs)
+    dshift: Optional[Tensor] = None
+    gamma: Optional[Tensor] = None  # the BN weight (None: affine=False)
+    eps: float = 1e-5
 
 
 def bn_backward(
@@ -259,7 +332,7 @@ def bn_backward(
     relu_in: Optional[Tensor] = None, relu_in_scale: Optional[Tensor] = None,
     relu_in_shift: Optional[Tensor] = None,
     scale: Optional[Tensor] = None,
-    stats: Optional[Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]] = None,
+    stats: Optional[StatsGrad] = None,
     dz_dtype: Optional[torch.dtype] = None,
     dres_dtype: Optional[torch.dtype] = None, res_scale: Optional[Tensor] = None,
     sum_g: bool = False, sum_gv: Optional[Tensor] = None, sum_gv_is_relu_in: bool = False,
@@ -274,8 +347,9 @@ def bn_backward(
     relu_out: ReLU mask from an output: g = 0 where relu_out <= 0.
     relu_in, relu_in_scale, relu_in_shift: ReLU mask recomputed from an input:
         g = 0 where (relu_in*scale + shift), rounded to relu_in's dtype, is <= 0.
-    scale: dz = g * scale.  stats = (z, mean, dmean, dvar): dz += dmean/M + dvar*2/M*(z - mean)
-        (dmean / dvar None: no such term).
+    scale: dz = g * scale.  stats (a ``StatsGrad``): dz += dmean'/M + dvar'*2/M*(z - mean), where
+        dmean', dvar' gather the gradients of the mean and variance, directly and through the
+        BN's scale and shift; then dgamma and dbeta come back too.
     dz_dtype / dres_dtype: write dz / dres = g*res_scale (or g) in that dtype; None: not written.
     sum_g, sum_gv (a tensor v, or ``sum_gv_is_relu_in`` for v = relu_in), sum_gr (a tensor r):
         per-channel fp32 sums of g, g*v, g*r.
@@ -284,16 +358,17 @@ def bn_backward(
         raise ValueError("one ReLU mask at a time")
     if (relu_in is None) != (relu_in_scale is None) or (relu_in_scale is None) != (relu_in_shift is None):
         raise ValueError("relu_in needs relu_in_scale and relu_in_shift")
-    z = mean = dmean = dvar = None
-    if stats is not None:
-        z, mean, dmean, dvar = stats
-        if sum_gv is not None:
-            raise ValueError("sum_gv cannot be combined with the statistics terms")
+    st = stats if stats is not None else StatsGrad(None, None, None)
+    if stats is not None and sum_gv is not None:
+        raise ValueError("sum_gv cannot be combined with the statistics terms")
     relu_src = relu_out if relu_out is not None else relu_in
-    dz, dres, sums = bn_backward_op(
-        dy, relu_src, relu_in_scale, relu_in_shift, scale, z, mean, dmean, dvar, res_scale, sum_gv,
-        sum_gv_is_relu_in, sum_gr, sum_g, dz_dtype, dres_dtype)
+    dz, dres, sums, dparam = eager_or_op(bn_backward_op, bn_backward_impl)(
+        dy, relu_src, relu_in_scale, relu_in_shift, scale, st.z, st.mean, st.var, st.dmean, st.dvar,
+        st.dscale, st.dshift, st.gamma, st.eps, res_scale, sum_gv, sum_gv_is_relu_in, sum_gr, sum_g,
+        dz_dtype, dres_dtype)
     want_v = sum_gv is not None or sum_gv_is_relu_in
+    daff = stats is not None and (st.dscale is not None or st.dshift is not None)
     return BNBackward(dz if dz_dtype is not None else None, dres if dres_dtype is not None else None,
                       sums[0] if sum_g else None, sums[1] if want_v else None,
-                      sums[2] if sum_gr is not None else None)
+                      sums[2] if sum_gr is not None else None,
+                      dparam[0] if daff else None, dparam[1] if daff else None)

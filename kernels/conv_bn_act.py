@@ -34,10 +34,10 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._runtime import allow_tf32, conv_config, use_triton
+from ._runtime import DerivedCache, allow_tf32, conv_config, eager_or_op, use_triton
 from ._triton_helpers import has_nonfinite, mma
-from .batchnorm import bn_act_op, merge_stats
-from .bn_backward import bn_backward
+from .batchnorm import bn_finalize, run_bn_act
+from .bn_backward import StatsGrad, bn_backward
 from .conv_grad import conv_dgrad, conv_wgrad
 
 Tensor = torch.Tensor
@@ -185,10 +185,24 @@ def conv_bn_act_fwd_kernel(
     tl.store(out_ptr + out_off, y.to(out_ptr.dtype.element_ty), mask=out_ok)
 
 
+_PACKED = DerivedCache()
+
+
 def pack_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
-    """[Cout, Cin_g, KH, KW] -> [KH*KW, Cin_g, Cout] so a weight tile row is contiguous in Cout."""
+    """[Cout, Cin_g, KH, KW] -> [KH*KW, Cin_g, Cout] in ``dtype``, so a weight-tile row is
+    contiguous in Cout: one copy kernel (cast and permute together).  The data-gradient
+    kernel reads the same layout."""
     cout, cin_g, kh, kw = weight.shape
-    return weight.to(dtype).permute(2, 3, 1, 0).reshape(kh * kw, cin_g, cout).contiguous()
+    # (``.to(dtype, memory_format=...)`` would return the permuted view itself when the dtype matches)
+    packed = weight.new_empty((kh * kw, cin_g, cout), dtype=dtype)
+    packed.view(kh, kw, cin_g, cout).copy_(weight.detach().permute(2, 3, 1, 0))
+    return packed
+
+
+def packed_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """``pack_weight``, cached until the weight changes (an optimizer step, ``load_state_dict``,
+    ``.to()``): in eval no launch at all, in training one per weight per step."""
+    return _PACKED.get(weight, (weight,), dtype, lambda: pack_weight(weight, dtype))
 
 
 def out_size(size: int, ksize: int, stride: int, padding: int) -> int:
@@ -204,16 +218,29 @@ def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def conv_bn_act_forward(
-    x, weight, stride, padding, groups, in_scale, in_shift, in_relu,
+    x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu,
     out_scale, out_shift, residual, out_relu, stats,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """Launch the Triton kernel (or run the reference on a plain CPU tensor)."""
+    bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Launch the Triton kernels (or run the reference on a plain CPU tensor).
+
+    Returns (y, mean, var, scale, shift); the last four are empty unless ``stats``: then the
+    batch statistics of y (the raw convolution output) and the BN's scale/shift from them,
+    with the running statistics (when given) updated in place: one finalize launch.
+    """
     if not use_triton(x) or x.dtype == torch.float64:  # float64: reference (for gradcheck)
         y, mean, var = reference.conv_bn_act_reference(
             x, weight, stride, padding, groups, in_scale, in_shift, in_relu,
             out_scale, out_shift, residual, out_relu, stats)
         stat_dtype = reference.acc_dtype(x)
-        return _channels_last(y), mean.to(stat_dtype), var.to(stat_dtype)
+        mean, var = mean.to(stat_dtype), var.to(stat_dtype)
+        if stats:
+            scale, shift = reference.bn_finalize_reference(
+                mean, var, y.numel() // max(y.shape[1], 1), bn_weight, bn_bias, running_mean, running_var,
+                num_batches_tracked, momentum, eps)
+        else:
+            scale, shift = mean.new_empty(0), mean.new_empty(0)
+        return _channels_last(y), mean, var, scale, shift
 
     N, Cin, H, W = x.shape
     Cout, cin_g, ksize, _ = weight.shape
@@ -230,9 +257,11 @@ def conv_bn_act_forward(
         part_mean = part_m2 = y  # never read: STATS is off
     res = _channels_last(residual) if residual is not None else y
     in_scale, in_shift, out_scale, out_shift = map(_f32, (in_scale, in_shift, out_scale, out_shift))
+    if packed is None:
+        packed = pack_weight(weight, x.dtype)
     grid = (n_row_blocks, triton.cdiv(Cout, cfg["BLOCK_N"]))
     conv_bn_act_fwd_kernel[grid](
-        y, part_mean, part_m2, x, pack_weight(weight, x.dtype),
+        y, part_mean, part_m2, x, packed,
         in_scale if in_scale is not None else y, in_shift if in_shift is not None else y,
         out_scale if out_scale is not None else y, out_shift if out_shift is not None else y,
         res,
@@ -244,56 +273,65 @@ def conv_bn_act_forward(
         **cfg,
     )
     if stats:
-        mean, var = merge_stats(part_mean, part_m2, M, cfg["BLOCK_M"])
-    else:
-        mean = torch.empty(0, device=x.device, dtype=torch.float32)
-        var = torch.empty(0, device=x.device, dtype=torch.float32)  # distinct: op outputs may not alias
-    return y, mean, var
+        return (y, *bn_finalize(part_mean, part_m2, M, cfg["BLOCK_M"], bn_weight, bn_bias, running_mean,
+                                running_var, num_batches_tracked, momentum, eps))
+    # distinct empties: op outputs may not alias
+    return (y, *(torch.empty(0, device=x.device, dtype=torch.float32) for _ in range(4)))
 
 
 # --------------------------------------------------------------------------------------
-# Custom operator (torch.compile sees one opaque node) and its autograd formula.
+# Custom operators (torch.compile sees opaque nodes) and the autograd formula.
 # --------------------------------------------------------------------------------------
-@torch.library.custom_op("resnext::conv_bn_act", mutates_args=())
+@torch.library.custom_op("resnext::conv_bn_act", mutates_args=("running_mean", "running_var",
+                                                                "num_batches_tracked"))
 def conv_bn_act_op(
-    x: Tensor, weight: Tensor, stride: int, padding: int, groups: int,
+    x: Tensor, weight: Tensor, packed: Optional[Tensor], stride: int, padding: int, groups: int,
     in_scale: Optional[Tensor], in_shift: Optional[Tensor], in_relu: bool,
     out_scale: Optional[Tensor], out_shift: Optional[Tensor], residual: Optional[Tensor],
-    out_relu: bool, stats: bool,
-) -> Tuple[Tensor, Tensor, Tensor]:
+    out_relu: bool, stats: bool, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+    running_mean: Optional[Tensor], running_var: Optional[Tensor], num_batches_tracked: Optional[Tensor],
+    momentum: Optional[float], eps: float,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return conv_bn_act_forward(
-        x, weight, stride, padding, groups, in_scale, in_shift, in_relu,
-        out_scale, out_shift, residual, out_relu, stats)
+        x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu,
+        out_scale, out_shift, residual, out_relu, stats,
+        bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps)
 
 
 @conv_bn_act_op.register_fake
-def _(x, weight, stride, padding, groups, in_scale, in_shift, in_relu,
-      out_scale, out_shift, residual, out_relu, stats):
+def _(x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu,
+      out_scale, out_shift, residual, out_relu, stats, bn_weight, bn_bias, running_mean, running_var,
+      num_batches_tracked, momentum, eps):
     N, _, H, W = x.shape
     Cout, _, ksize, _ = weight.shape
     Ho, Wo = out_size(H, ksize, stride, padding), out_size(W, ksize, stride, padding)
     y = torch.empty((N, Cout, Ho, Wo), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     n_stats, stat_dtype = (Cout if stats else 0), reference.acc_dtype(x)
-    return y, x.new_empty(n_stats, dtype=stat_dtype), x.new_empty(n_stats, dtype=stat_dtype)
+    return (y, *(x.new_empty(n_stats, dtype=stat_dtype) for _ in range(4)))
 
 
-@torch.library.custom_op("resnext::conv_grads", mutates_args=())
-def conv_grads_op(dz: Tensor, a: Tensor, weight: Tensor, stride: int, padding: int, groups: int,
-                  need_input: bool, need_weight: bool) -> Tuple[Tensor, Tensor]:
+def conv_grads_impl(dz: Tensor, a: Tensor, weight: Tensor, packed: Optional[Tensor], stride: int,
+                    padding: int, groups: int, need_input: bool, need_weight: bool) -> Tuple[Tensor, Tensor]:
     """Data and weight gradients of the convolution (Triton dgrad / wgrad kernels).
 
     Returns (da [N, Cin, H, W] channels_last in dz's dtype, dw fp32); an output that is not
-    needed comes back empty.
+    needed comes back empty.  ``packed``: the forward's packed weight in dz's dtype, or None.
     """
-    da = conv_dgrad(dz, weight, a.shape[2:], stride, padding, groups) if need_input \
+    da = conv_dgrad(dz, weight, a.shape[2:], stride, padding, groups, packed=packed) if need_input \
         else dz.new_empty(0)
     dw = conv_wgrad(dz, a, weight.shape, stride, padding, groups) if need_weight \
         else dz.new_empty(0, dtype=torch.float32)
     return da, dw
 
 
+@torch.library.custom_op("resnext::conv_grads", mutates_args=())
+def conv_grads_op(dz: Tensor, a: Tensor, weight: Tensor, packed: Optional[Tensor], stride: int, padding: int,
+                  groups: int, need_input: bool, need_weight: bool) -> Tuple[Tensor, Tensor]:
+    return conv_grads_impl(dz, a, weight, packed, stride, padding, groups, need_input, need_weight)
+
+
 @conv_grads_op.register_fake
-def _(dz, a, weight, stride, padding, groups, need_input, need_weight):
+def _(dz, a, weight, packed, stride, padding, groups, need_input, need_weight):
     da = torch.empty(a.shape, device=a.device, dtype=dz.dtype, memory_format=torch.channels_last) if need_input \
         else dz.new_empty(0)
     dw_dtype = reference.acc_dtype(dz)
@@ -301,60 +339,106 @@ def _(dz, a, weight, stride, padding, groups, need_input, need_weight):
     return da, dw
 
 
-def _setup_context(ctx, inputs, output):
-    (x, weight, stride, padding, groups, in_scale, in_shift, in_relu,
-     out_scale, out_shift, residual, out_relu, stats) = inputs
-    y, mean, _ = output
-    # Only x, the weight, the per-channel vectors and y are kept: the prologue (BN + ReLU
-    # of the previous layer) is recomputed from x in the backward pass.
-    ctx.save_for_backward(x, weight, in_scale, in_shift, out_scale, out_shift, y, mean)
-    ctx.conf = (stride, padding, groups, in_relu, residual is not None, out_relu, stats)
-
-
 def _channel_sum(t: Tensor) -> Tensor:
     return t.sum(dim=(0, 2, 3))
 
 
-def _backward(ctx, dy, dmean, dvar):
-    x, weight, in_scale, in_shift, out_scale, out_shift, y, mean = ctx.saved_tensors
-    stride, padding, groups, in_relu, has_res, out_relu, stats = ctx.conf
+# Argument positions of ConvBNActFn.apply (ctx.needs_input_grad)
+(_X, _W, _PACK, _STRIDE, _PAD, _GROUPS, _IN_SCALE, _IN_SHIFT, _IN_RELU, _OUT_SCALE, _OUT_SHIFT, _RES, _OUT_RELU,
+ _STATS, _GAMMA, _BETA, _RMEAN, _RVAR, _NBT, _MOMENTUM, _EPS) = range(21)
+
+
+class ConvBNActFn(torch.autograd.Function):
+    """Autograd of the fused convolution: an ``autograd.Function`` around the operator (the
+    operator itself only while ``torch.compile`` traces; see ``_runtime.eager_or_op``).
+    The operator mutates the running statistics, and PyTorch gives mutating custom operators
+    no autograd formula of their own: the Function carries it."""
+
+    @staticmethod
+    def forward(ctx, x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu,
+                out_scale, out_shift, residual, out_relu, stats, bn_weight, bn_bias,
+                running_mean, running_var, num_batches_tracked, momentum, eps):
+        y, mean, var, scale, shift = eager_or_op(conv_bn_act_op, conv_bn_act_forward)(
+            x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu,
+            out_scale, out_shift, residual, out_relu, stats,
+            bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps)
+        # Only x, the weight (and its packed copy), the per-channel vectors and y are kept:
+        # the prologue (BN + ReLU of the previous layer) is recomputed from x in the backward.
+        ctx.save_for_backward(x, weight, packed, in_scale, in_shift, out_scale, out_shift, y, mean, var,
+                              bn_weight)
+        ctx.conf = (stride, padding, groups, in_relu, residual is not None, out_relu, stats, eps)
+        ctx.set_materialize_grads(False)  # outputs nobody used get None, not zero tensors
+        if not stats:
+            ctx.mark_non_differentiable(mean, var, scale, shift)
+        return y, mean, var, scale, shift
+
+    @staticmethod
+    def backward(ctx, dy, dmean, dvar, dscale, dshift):
+        return _backward(ctx, dy, dmean, dvar, dscale, dshift)
+
+
+def _stats_grads_reference(mean, var, count, gamma, eps, dmean, dvar, dscale, dshift, acc):
+    """PyTorch formulas of the finalize's backward: the gradients reaching the batch mean
+    and variance (directly and through scale/shift), and those of gamma and beta."""
+    dgamma = dbeta = None
+    mean, var = mean.to(acc), var.to(acc)
+    dmean = dmean.to(acc) if dmean is not None else torch.zeros_like(mean)
+    dvar = dvar.to(acc) if dvar is not None else torch.zeros_like(var)
+    if dscale is not None or dshift is not None:
+        dscale = dscale.to(acc) if dscale is not None else torch.zeros_like(mean)
+        dshift = dshift.to(acc) if dshift is not None else torch.zeros_like(mean)
+        r = torch.rsqrt(var + eps)
+        g = gamma.to(acc) if gamma is not None else torch.ones_like(mean)
+        d_gr = dscale - dshift * mean
+        dmean = dmean - dshift * g * r
+        dvar = dvar - 0.5 * d_gr * g * r ** 3
+        dgamma, dbeta = d_gr * r, dshift
+    return dmean, dvar, dgamma, dbeta
+
+
+def _backward(ctx, dy, dmean, dvar, dscale, dshift):
+    x, weight, packed, in_scale, in_shift, out_scale, out_shift, y, mean, var, bn_weight = ctx.saved_tensors
+    stride, padding, groups, in_relu, has_res, out_relu, stats, eps = ctx.conf
     need = ctx.needs_input_grad
     pc = reference._per_channel
     acc = reference.acc_dtype(x)  # elementwise work in fp32 (float64 for gradcheck)
     # Triton path: each elementwise step below is one pass of bn_backward_kernel.  The
     # PyTorch formulas stay for float64 (gradcheck) and plain CPU tensors: they are the reference.
     fused = use_triton(x) and x.dtype != torch.float64
-    need_z = out_scale is not None and need[8]  # frozen BN with a trainable gamma
+    need_z = out_scale is not None and need[_OUT_SCALE]  # frozen BN with a trainable gamma
+    stats_terms = stats and any(t is not None for t in (dmean, dvar, dscale, dshift))
+    compute_dtype = x.dtype
 
     if not fused:
         a = reference.input_prologue(x, in_scale, in_shift, in_relu)
-    elif in_scale is not None and (need[1] or need_z):
-        a = bn_act_op(x, in_scale, in_shift, None, None, None, in_relu)  # one Triton pass
+    elif in_scale is not None and (need[_W] or need_z):
+        a = run_bn_act(x, in_scale, in_shift, None, None, None, in_relu)  # one Triton pass
     else:
         a = x  # the weight gradient and z do not need a; conv_grads only reads its shape
 
-    d_res = d_out_scale = d_out_shift = None
+    d_res = d_out_scale = d_out_shift = d_gamma = d_beta = None
     if fused:
-        if dy is not None and not out_relu and out_scale is None and not stats and not (has_res and need[10]):
+        if dy is not None and not out_relu and out_scale is None and not stats_terms and not (has_res and need[_RES]):
             dz = dy  # nothing to do between y and z
         else:
             # Recompute z rather than keep it; then one pass: ReLU mask from y, scale,
-            # statistics terms, d_res, and the sums for gamma and beta.
+            # statistics terms (with the finalize's backward), d_res, the sums for gamma and beta.
             z = torch.nn.functional.conv2d(a, weight.to(a.dtype), stride=stride, padding=padding,
                                            groups=groups) if need_z else None
             ep = bn_backward(
                 dy, relu_out=y if out_relu else None, scale=out_scale,
-                stats=(y, mean, dmean, dvar) if stats else None,  # y is the raw z with stats
-                dz_dtype=a.dtype, dres_dtype=y.dtype if has_res and need[10] else None,
-                sum_g=out_scale is not None and need[9], sum_gv=z)
+                stats=StatsGrad(y, mean, var, dmean, dvar, dscale, dshift, bn_weight, eps) if stats_terms else None,
+                dz_dtype=a.dtype, dres_dtype=y.dtype if has_res and need[_RES] else None,
+                sum_g=out_scale is not None and need[_OUT_SHIFT], sum_gv=z)
             dz, d_res = ep.dz, ep.dres
-            d_out_scale = ep.sum_gv.to(out_scale.dtype) if need_z else None
-            d_out_shift = ep.sum_g.to(out_shift.dtype) if out_scale is not None and need[9] else None
+            d_gamma, d_beta = ep.dgamma, ep.dbeta
+            d_out_scale = ep.sum_gv if need_z else None
+            d_out_shift = ep.sum_g if out_scale is not None and need[_OUT_SHIFT] else None
     else:
         du = dy.to(acc) if dy is not None else torch.zeros_like(y, dtype=acc)
         if out_relu:
             du = du * (y > 0)
-        d_res = du.to(y.dtype) if has_res and need[10] else None
+        d_res = du.to(y.dtype) if has_res and need[_RES] else None
         dz = du
         if out_scale is not None:
             dz = du * pc(out_scale.to(acc))
@@ -362,18 +446,20 @@ def _backward(ctx, dy, dmean, dvar):
                 z = torch.nn.functional.conv2d(a, weight.to(a.dtype), stride=stride, padding=padding,
                                                groups=groups)
                 d_out_scale = _channel_sum(du * z.to(acc)).to(out_scale.dtype)
-            if need[9]:
+            if need[_OUT_SHIFT]:
                 d_out_shift = _channel_sum(du).to(out_shift.dtype)
-        if stats:
+        if stats_terms:
             # y is the raw convolution output z here (no epilogue is allowed with stats).
             count = y.numel() // y.shape[1]
-            if dmean is not None:
-                dz = dz + pc(dmean.to(acc)) / count
-            if dvar is not None:
-                dz = dz + pc(dvar.to(acc)) * (2.0 / count) * (y.to(acc) - pc(mean.to(acc)))
+            dm, dv, d_gamma, d_beta = _stats_grads_reference(mean, var, count, bn_weight, eps,
+                                                             dmean, dvar, dscale, dshift, acc)
+            dz = dz + pc(dm) / count + pc(dv) * (2.0 / count) * (y.to(acc) - pc(mean.to(acc)))
 
-    need_da = need[0] or need[5] or need[6]
-    da, dw = conv_grads_op(dz.to(a.dtype), a, weight, stride, padding, groups, need_da, need[1])
+    need_da = need[_X] or need[_IN_SCALE] or need[_IN_SHIFT]
+    if packed is not None and packed.dtype != compute_dtype:
+        packed = None
+    da, dw = eager_or_op(conv_grads_op, conv_grads_impl)(
+        dz.to(compute_dtype), a, weight, packed, stride, padding, groups, need_da, need[_W])
     da = da if need_da else None
     dx = d_in_scale = d_in_shift = None
     if in_scale is not None and da is not None and fused:
@@ -381,26 +467,26 @@ def _backward(ctx, dy, dmean, dvar):
         pr = bn_backward(
             da, relu_in=x if in_relu else None, relu_in_scale=in_scale if in_relu else None,
             relu_in_shift=in_shift if in_relu else None, scale=in_scale,
-            dz_dtype=x.dtype if need[0] else None, sum_g=need[6],
-            sum_gv=x if need[5] and not in_relu else None, sum_gv_is_relu_in=need[5] and in_relu)
+            dz_dtype=x.dtype if need[_X] else None, sum_g=need[_IN_SHIFT],
+            sum_gv=x if need[_IN_SCALE] and not in_relu else None, sum_gv_is_relu_in=need[_IN_SCALE] and in_relu)
         dx = pr.dz
-        d_in_scale = pr.sum_gv.to(in_scale.dtype) if need[5] else None
-        d_in_shift = pr.sum_g.to(in_shift.dtype) if need[6] else None
+        d_in_scale = pr.sum_gv if need[_IN_SCALE] else None
+        d_in_shift = pr.sum_g if need[_IN_SHIFT] else None
     elif in_scale is not None and da is not None:
         da = da.to(acc)
         if in_relu:
             da = da * (a > 0)
-        dx = (da * pc(in_scale.to(acc))).to(x.dtype) if need[0] else None
-        d_in_scale = _channel_sum(da * x.to(acc)).to(in_scale.dtype) if need[5] else None
-        d_in_shift = _channel_sum(da).to(in_shift.dtype) if need[6] else None
+        dx = (da * pc(in_scale.to(acc))).to(x.dtype) if need[_X] else None
+        d_in_scale = _channel_sum(da * x.to(acc)).to(in_scale.dtype) if need[_IN_SCALE] else None
+        d_in_shift = _channel_sum(da).to(in_shift.dtype) if need[_IN_SHIFT] else None
     elif da is not None:
-        dx = da.to(x.dtype)
-    dw = dw.to(weight.dtype) if need[1] else None
-    return (dx, dw, None, None, None, d_in_scale, d_in_shift, None,
-            d_out_scale, d_out_shift, d_res, None, None)
-
-
-conv_bn_act_op.register_autograd(_backward, setup_context=_setup_context)
+        dx = da if da.dtype == x.dtype else da.to(x.dtype)
+    dw = (dw if dw.dtype == weight.dtype else dw.to(weight.dtype)) if need[_W] else None
+    cast = lambda g, like: None if g is None or like is None else g if g.dtype == like.dtype else g.to(like.dtype)  # noqa: E731
+    return (dx, dw, None, None, None, None, cast(d_in_scale, in_scale), cast(d_in_shift, in_shift), None,
+            cast(d_out_scale, out_scale), cast(d_out_shift, out_shift), d_res, None, None,
+            cast(d_gamma, bn_weight) if need[_GAMMA] else None, cast(d_beta, bn_weight) if need[_BETA] else None,
+            None, None, None, None, None)
 
 
 # --------------------------------------------------------------------------------------
@@ -417,8 +503,10 @@ def _check_vector(name: str, v: Optional[Tensor], n: int, x: Tensor):
         raise TypeError(f"{name} must be a floating-point tensor, got {v.dtype}")
 
 
-def check_conv_inputs(x: Tensor, weight: Tensor, stride: int, padding: int, groups: int):
-    """Raise a ValueError/TypeError naming the problem instead of a kernel crash."""
+def check_conv_inputs(x: Tensor, weight: Tensor, stride: int, padding: int, groups: int,
+                      same_dtype: bool = True):
+    """Raise a ValueError/TypeError naming the problem instead of a kernel crash.
+    ``same_dtype=False``: the caller has settled the dtypes (autocast, see resnext.modules)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor input, got {type(x).__name__}")
     if x.dim() != 4:
@@ -427,7 +515,7 @@ def check_conv_inputs(x: Tensor, weight: Tensor, stride: int, padding: int, grou
         raise TypeError(f"expected a floating-point input (float32, float16 or bfloat16), got {x.dtype}")
     if weight.device != x.device:
         raise ValueError(f"input is on {x.device} but the weight is on {weight.device}")
-    if weight.dtype != x.dtype:
+    if same_dtype and weight.dtype != x.dtype:
         raise TypeError(f"input dtype {x.dtype} does not match the weight dtype {weight.dtype}")
     if weight.dim() != 4 or weight.shape[2] != weight.shape[3]:
         raise ValueError(f"expected a square [Cout, Cin/groups, k, k] weight, got {list(weight.shape)}")
@@ -475,8 +563,10 @@ def conv_bn_act(
             raise ValueError(f"residual must have shape {expected}, got {list(residual.shape)}")
         if residual.device != x.device:
             raise ValueError(f"residual is on {residual.device} but the input is on {x.device}")
-    return conv_bn_act_op(x, weight, stride, padding, groups, in_scale, in_shift, in_relu,
-                          out_scale, out_shift, residual, out_relu, stats)
+    y, mean, var, _, _ = ConvBNActFn.apply(x, weight, None, stride, padding, groups, in_scale, in_shift, in_relu,
+                                         out_scale, out_shift, residual, out_relu, stats,
+                                         None, None, None, None, None, 0.1, 1e-5)
+    return y, mean, var
 
 
 def conv3x3_bn_act(x, weight, stride=1, groups=1, **kw):

@@ -24,7 +24,7 @@ programs (a grid axis); each writes fp32 partials to its own slice of a
 ``[splits, Cout, Cin_g, k, k]`` buffer and ``torch.sum`` over the split axis finishes it:
 no float atomics, so the result is bit-identical run to run.
 """
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import triton
@@ -64,7 +64,7 @@ def _dgrad_weight_tile(w_ptr, offs_k, k_ok, tap_c, kh0, kw0, n_kw, n_ok, group_n
     kh = kh0 + (tap_c // n_kw) * stride
     kw = kw0 + (tap_c % n_kw) * stride
     group_k = offs_k // COUT_G
-    w_off = ((kh * KSIZE + kw) * Cout + offs_k[:, None]) * CIN_G + ci_local[None, :]
+    w_off = ((kh * KSIZE + kw) * CIN_G + ci_local[None, :]) * Cout + offs_k[:, None]
     w_ok = (group_k[:, None] == group_n[None, :]) & k_ok[:, None] & n_ok[None, :]
     return tl.load(w_ptr + w_off, mask=w_ok, other=0.0)
 
@@ -73,7 +73,7 @@ def _dgrad_weight_tile(w_ptr, offs_k, k_ok, tap_c, kh0, kw0, n_kw, n_ok, group_n
 def conv_dgrad_kernel(
     dx_ptr,  # [N, H, W, Cin] NHWC, activation dtype: every element is written
     dz_ptr,  # [N, Ho, Wo, Cout] NHWC
-    w_ptr,  # [KSIZE*KSIZE, Cout, Cin_g]: packed weight, Cin_g contiguous
+    w_ptr,  # [KSIZE*KSIZE, Cin_g, Cout]: the forward's packed weight, Cout (the K axis) contiguous
     N, H, W, Cin, Ho, Wo, Cout,
     CIN_G, COUT_G,  # channels per group, input and output
     stride, padding,
@@ -162,12 +162,6 @@ def conv_dgrad_kernel(
     tl.store(dx_ptr + dx_row[:, None] + offs_n[None, :], acc.to(dx_ptr.dtype.element_ty), mask=out_ok)
 
 
-def pack_weight_dgrad(weight: Tensor, dtype: torch.dtype) -> Tensor:
-    """[Cout, Cin_g, KH, KW] -> [KH*KW, Cout, Cin_g]: a weight-tile row is contiguous in Cin_g."""
-    cout, cin_g, kh, kw = weight.shape
-    return weight.to(dtype).permute(2, 3, 0, 1).reshape(kh * kw, cout, cin_g).contiguous()
-
-
 def dgrad_config(N: int, H: int, W: int, cin: int, cin_g: int, cout_g: int, stride: int,
                  dtype: torch.dtype) -> dict:
     """Block sizes of ``conv_dgrad_kernel``: the forward's with input and output channels swapped.
@@ -218,11 +212,12 @@ def _channels_last(t: Tensor) -> Tensor:
 
 
 def conv_dgrad(dz: Tensor, weight: Tensor, input_hw: Sequence[int], stride: int, padding: int,
-               groups: int) -> Tensor:
+               groups: int, packed: Optional[Tensor] = None) -> Tensor:
     """Gradient of ``conv2d(x, weight, stride, padding, groups=groups)`` with respect to x.
 
     dz: [N, Cout, Ho, Wo], any memory format; weight: [Cout, Cin/groups, k, k];
-    input_hw: (H, W) of x (a strided convolution cannot recover it from Ho, Wo).
+    input_hw: (H, W) of x (a strided convolution cannot recover it from Ho, Wo);
+    packed: the forward's packed weight (``conv_bn_act.pack_weight``) in dz's dtype, or None.
     Returns dx: [N, Cin, H, W] channels_last in dz's dtype (fp32 accumulation).
     """
     N, Cout, Ho, Wo = dz.shape
@@ -243,7 +238,10 @@ def conv_dgrad(dz: Tensor, weight: Tensor, input_hw: Sequence[int], stride: int,
     dz = _channels_last(dz)
     dx = _empty((N, Cin, H, W), device=dz.device, dtype=dz.dtype, memory_format=torch.channels_last)
     grid, sizes, meta = dgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dz.dtype)
-    conv_dgrad_kernel[grid](dx, dz, pack_weight_dgrad(weight, dz.dtype), **sizes, **meta)
+    if packed is None:
+        from .conv_bn_act import pack_weight
+        packed = pack_weight(weight, dz.dtype)
+    conv_dgrad_kernel[grid](dx, dz, packed, **sizes, **meta)
     return dx
 
 

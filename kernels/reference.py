@@ -93,3 +93,25 @@ def conv_bn_relu_module_reference(x, conv, bn, relu: bool = True, residual=None)
     if residual is not None:
         y = y + residual
     return torch.relu(y) if relu else y
+
+
+def bn_finalize_reference(mean, var, count: int, gamma=None, beta=None, running_mean=None, running_var=None,
+                          num_batches_tracked=None, momentum=0.1, eps: float = 1e-5):
+    """Reference of the finalize (``batchnorm.bn_finalize``): BN's scale and shift from the
+    batch statistics, and nn.BatchNorm2d's running-statistics update in place: unbiased
+    ``running_var``, ``momentum=None`` a cumulative average, an empty batch counted but
+    leaving the statistics alone."""
+    with torch.no_grad():
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        if running_mean is not None and count > 0:
+            factor = 1.0 / num_batches_tracked.to(running_mean.dtype) if momentum is None else momentum  # no sync
+            running_mean.lerp_(mean.to(running_mean.dtype), factor)
+            running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), factor)
+    scale = torch.rsqrt(var + eps)
+    if gamma is not None:
+        scale = gamma.to(scale.dtype) * scale
+    shift = -mean * scale
+    if beta is not None:
+        shift = shift + beta.to(scale.dtype)
+    return scale, shift

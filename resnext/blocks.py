@@ -14,9 +14,11 @@ Eval mode folds each BN into its convolution's epilogue; conv3 adds the identity
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .modules import FusedSequential, conv_bn_stage, finish, fusable, like_input
+
+from .modules import FusedSequential, conv_bn_stage, finish, fusable, like_input, runs_eager
 
 _EXTRAS = ("se", "drop_path", "drop_block", "aa")  # timm's optional pieces: fused only when absent
 _ACTS = ("relu", "act1", "act2", "act3")
@@ -65,7 +67,18 @@ class FusedBottleneck(nn.Module):
             return ds[0], ds[1]
         return None
 
+    def _eager_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The unconverted Bottleneck's computation on PyTorch's own ops (no Triton here)."""
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
+        out = self.bn3(self.conv3(out))
+        ds = self.downsample if hasattr(self, "downsample") else None
+        out += ds(x) if ds is not None else x
+        return F.relu(out, inplace=True)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if runs_eager(x, self.conv1.weight):
+            return self._eager_forward(x)
         out = conv_bn_stage(x, self.conv1, self.bn1, relu=True)
         out = conv_bn_stage(out, self.conv2, self.bn2, relu=True)
         ds = self.downsample if hasattr(self, "downsample") else None

@@ -15,8 +15,9 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import nn
 
-import kernels
-from kernels.batchnorm import batch_norm_scale_shift, folded_scale_shift, uses_batch_stats
+from kernels import use_triton
+from kernels.batchnorm import BNActFn, check_batch_stats, folded_scale_shift, running_stats, uses_batch_stats
+from kernels.conv_bn_act import ConvBNActFn, check_conv_inputs, out_size, packed_weight
 
 Tensor = torch.Tensor
 
@@ -31,7 +32,7 @@ class Pending(NamedTuple):
 
 def materialize(t: Union[Tensor, Pending]) -> Tensor:
     if isinstance(t, Pending):
-        return kernels.bn_act(t.z, t.scale, t.shift, relu=t.relu)
+        return BNActFn.apply(t.z, t.scale, t.shift, None, None, None, t.relu)
     return t
 
 
@@ -47,6 +48,16 @@ def fusable(conv: nn.Module, bn: nn.Module) -> bool:
         and conv.bias is None
         and bn.num_features == conv.out_channels
     )
+
+
+def runs_eager(x: Tensor, weight: Tensor) -> bool:
+    """Whether a fused module runs PyTorch's own ops (no Triton for x's device: a plain CPU
+    tensor without the interpreter), as fast as the unconverted modules there."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor input, got {type(x).__name__}")
+    if x.device != weight.device:
+        raise ValueError(f"input is on {x.device} but the weight is on {weight.device}")
+    return not use_triton(x)
 
 
 def _compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
@@ -66,31 +77,42 @@ def conv_bn_stage(inp: Union[Tensor, Pending], conv: nn.Conv2d, bn: nn.BatchNorm
     """``act(bn(conv(inp)) [+ residual])``; returns a ``Pending`` when BN uses batch statistics.
 
     ``inp`` may itself be pending: its scale/shift/ReLU is then applied in the prologue.
-    A pending result carries no residual: pass it to ``finish``.
+    A pending result carries no residual: pass it to ``finish``.  Inputs are checked here,
+    once; the autograd Function below is called directly (``kernels.conv_bn_act`` would
+    check them again).
     """
     x, in_scale, in_shift, in_relu = (inp.z, inp.scale, inp.shift, inp.relu) if isinstance(inp, Pending) \
         else (inp, None, None, False)
-    if x.dim() != 4:
-        raise ValueError(f"expected a 4-D input (N, C, H, W), got {x.dim()}-D of shape {list(x.shape)}")
-    if x.shape[1] != conv.in_channels:
-        raise ValueError(f"expected {conv.in_channels} input channels, got {x.shape[1]}")
-    if not x.is_floating_point():
-        raise TypeError(f"expected a floating-point input, got {x.dtype}")
-    dtype = _compute_dtype(x, conv.weight)
-    x, weight = x.to(dtype), conv.weight.to(dtype)
+    weight = conv.weight
     stride, padding, groups = conv.stride[0], conv.padding[0], conv.groups
+    check_conv_inputs(x, weight, stride, padding, groups, same_dtype=False)
+    dtype = _compute_dtype(x, weight)
+    if x.dtype != dtype:
+        x = x.to(dtype)
+    # The packed (and cast) weight, cached until the weight changes; the op's autograd
+    # returns the gradient in the weight's own dtype (the fp32 master weight under autocast).
+    packed = packed_weight(weight, dtype) if use_triton(x) and dtype != torch.float64 else None
+    if packed is None and weight.dtype != dtype:
+        weight = weight.to(dtype)  # the reference path computes in x's dtype
+    k = conv.kernel_size[0]
+    out_shape = [x.shape[0], conv.out_channels, out_size(x.shape[2], k, stride, padding),
+                 out_size(x.shape[3], k, stride, padding)]
+    if isinstance(residual, torch.Tensor) and list(residual.shape) != out_shape:
+        raise ValueError(f"residual must have shape {out_shape}, got {list(residual.shape)}")
     if uses_batch_stats(bn):
-        z, mean, var = kernels.conv_bn_act(x, weight, stride, padding, groups, in_scale=in_scale,
-                                           in_shift=in_shift, in_relu=in_relu, stats=True)
-        scale, shift = batch_norm_scale_shift(bn, mean, var, z.numel() // z.shape[1])
+        check_batch_stats(bn, out_shape[0] * out_shape[2] * out_shape[3])
+        running_mean, running_var, nbt = running_stats(bn)
+        z, _, _, scale, shift = ConvBNActFn.apply(
+            x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu, None, None, None, False, True,
+            bn.weight, bn.bias, running_mean, running_var, nbt, bn.momentum, bn.eps)
         out = Pending(z, scale, shift, relu)
         return out if residual is None else finish(out, residual)
     scale, shift = folded_scale_shift(bn)
     residual = materialize(residual) if residual is not None else None
-    y, _, _ = kernels.conv_bn_act(x, weight, stride, padding, groups, in_scale=in_scale, in_shift=in_shift,
-                                  in_relu=in_relu, out_scale=scale, out_shift=shift,
-                                  residual=residual, out_relu=relu)
-    return y
+    if residual is not None and residual.dtype != dtype:
+        residual = residual.to(dtype)
+    return ConvBNActFn.apply(x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu, scale, shift,
+                           residual, relu, False, None, None, None, None, None, None, bn.eps)[0]
 
 
 def finish(main: Union[Tensor, Pending], residual: Union[Tensor, Pending, None] = None,
@@ -101,11 +123,11 @@ def finish(main: Union[Tensor, Pending], residual: Union[Tensor, Pending, None] 
         return main
     relu = main.relu if relu is None else relu
     if isinstance(residual, Pending) and not residual.relu:
-        return kernels.bn_act(main.z, main.scale, main.shift, residual.z, residual.scale, residual.shift, relu=relu)
+        return BNActFn.apply(main.z, main.scale, main.shift, residual.z, residual.scale, residual.shift, relu)
     residual = materialize(residual) if residual is not None else None
-    if residual is not None:
+    if residual is not None and residual.dtype != main.z.dtype:
         residual = residual.to(main.z.dtype)
-    return kernels.bn_act(main.z, main.scale, main.shift, residual, relu=relu)
+    return BNActFn.apply(main.z, main.scale, main.shift, residual, None, None, relu)
 
 
 def _is_channels_last(t: Tensor) -> bool:
@@ -164,6 +186,10 @@ class ConvBNAct(nn.Module):
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         """x: [N, Cin, H, W]; residual (optional, added before the ReLU): [N, Cout, Ho, Wo]."""
+        if runs_eager(x, self.conv.weight):  # PyTorch's own ops, as the unconverted modules
+            y = self.bn(self.conv(x))
+            y = y + residual if residual is not None else y
+            return torch.relu(y) if self.relu else y
         out = conv_bn_stage(x, self.conv, self.bn, self.relu, residual)
         return like_input(finish(out), x, self.conv.weight)
 
@@ -202,6 +228,8 @@ class FusedSequential(nn.Sequential):
         return fused
 
     def forward(self, x):
+        if runs_eager(x, self[next(iter(self.runs))].weight):  # the plain Sequential
+            return super().forward(x)
         mods, i = list(self), 0
         while i < len(mods):
             if i in self.runs:

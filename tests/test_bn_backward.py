@@ -18,7 +18,7 @@ from conftest import DEVICE
 
 import kernels
 import kernels.bn_backward as bnb
-from kernels.bn_backward import bn_backward
+from kernels.bn_backward import StatsGrad, bn_backward
 from kernels.reference import bn_act_reference, conv_bn_act_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,18 +54,26 @@ def _reference(dy, *, relu_out=None, relu_in=None, relu_in_scale=None, relu_in_s
         a = torch.relu(d(relu_in) * pc(d(relu_in_scale)) + pc(d(relu_in_shift)))
         g = g * (a > 0)
     dz = g * pc(d(scale)) if scale is not None else g
+    dgamma = dbeta = None
     if stats is not None:
-        z, mean, dmean, dvar = stats
+        z, mean, var, dmean, dvar, dscale, dshift, gamma, eps = stats
         count = z.numel() // z.shape[1]
-        if dmean is not None:
-            dz = dz + pc(d(dmean)) / count
-        if dvar is not None:
-            dz = dz + pc(d(dvar)) * (2.0 / count) * (d(z) - pc(d(mean)))
+        dm = d(dmean) if dmean is not None else 0.0
+        dv = d(dvar) if dvar is not None else 0.0
+        if dscale is not None:  # scale = gamma * r, shift = beta - mean * scale, by autograd in float64
+            m64, v64, g64 = (d(t).requires_grad_() for t in (mean, var, gamma))
+            scale_ = g64 * torch.rsqrt(v64 + eps)
+            shift_ = -m64 * scale_
+            gm, gv, gg = torch.autograd.grad((scale_ * d(dscale)).sum() + (shift_ * d(dshift)).sum(), (m64, v64, g64))
+            dm, dv, dgamma, dbeta = dm + gm, dv + gv, gg, d(dshift)
+        dz = dz + pc(dm + torch.zeros(z.shape[1], dtype=torch.float64, device=DEVICE)) / count
+        dz = dz + pc(dv + torch.zeros(z.shape[1], dtype=torch.float64, device=DEVICE)) * (2.0 / count) * (
+            d(z) - pc(d(mean)))
     dres = g * pc(d(res_scale)) if res_scale is not None else g
     s = lambda t: t.sum(dim=(0, 2, 3))  # noqa: E731
     v = relu_in if sum_gv_is_relu_in else sum_gv
     return dict(dz=dz, dres=dres, sum_g=s(g), sum_gv=None if v is None else s(g * d(v)),
-                sum_gr=None if sum_gr is None else s(g * d(sum_gr)))
+                sum_gr=None if sum_gr is None else s(g * d(sum_gr)), dgamma=dgamma, dbeta=dbeta)
 
 
 # mode -> function(shape, dtype, channels_last) -> kwargs of bn_backward (and of _reference)
@@ -78,14 +86,23 @@ def _epilogue_relu_scale_res(shape, dt, cl):  # eval-mode conv: ReLU, folded BN,
 def _epilogue_stats(shape, dt, cl):  # train-mode conv: dmean, dvar flow back through the statistics
     C = shape[1]
     z = _act(shape, dt, cl) + 3.0  # a mean far from 0: (z - mean) must be taken before scaling
-    return dict(dy=_act(shape, dt, cl), stats=(z, z.double().mean(dim=(0, 2, 3)).float(), _r(C),
-                                               _r(C)), dz_dtype=dt)
+    return dict(dy=_act(shape, dt, cl), stats=StatsGrad(z, z.double().mean(dim=(0, 2, 3)).float(), _vec(C),
+                                                        _r(C), _r(C)), dz_dtype=dt)
 
 
 def _epilogue_stats_no_dy(shape, dt, cl):  # only var is used downstream; no dy, no dmean
     C = shape[1]
     z = _act(shape, dt, cl)
-    return dict(dy=None, stats=(z, _r(C), None, _r(C)), dz_dtype=dt)
+    return dict(dy=None, stats=StatsGrad(z, _r(C), _vec(C), None, _r(C)), dz_dtype=dt)
+
+
+def _epilogue_stats_affine(shape, dt, cl):  # train-mode BN: gradients reach its scale/shift (the finalize)
+    C = shape[1]
+    z = _act(shape, dt, cl) + 3.0
+    zd = z.double()
+    return dict(dy=_act(shape, dt, cl), stats=StatsGrad(
+        z, zd.mean(dim=(0, 2, 3)).float(), zd.var(dim=(0, 2, 3), unbiased=False).float(), None, None,
+        _r(C), _r(C), _vec(C), 1e-3), dz_dtype=dt)
 
 
 def _prologue_relu(shape, dt, cl):  # after dgrad: mask recomputed from x, in_scale, sums for gamma, beta
@@ -117,6 +134,7 @@ MODES = {
     "epilogue-relu-scale-res": _epilogue_relu_scale_res,
     "epilogue-stats": _epilogue_stats,
     "epilogue-stats-no-dy": _epilogue_stats_no_dy,
+    "epilogue-stats-affine": _epilogue_stats_affine,
     "prologue-relu": _prologue_relu,
     "prologue-no-relu": _prologue_no_relu,
     "bn_act-res": _bn_act_res,
@@ -148,6 +166,13 @@ def _check(out, ref, kw):
             continue
         assert ours.dtype == torch.float32 and ours.shape == r.shape
         # fp32 accumulation of exact products of the stored inputs
+        torch.testing.assert_close(ours.double(), r, rtol=1e-5, atol=1e-5 * max(1.0, r.abs().max().item()),
+                                   msg=name)
+    for name in ("dgamma", "dbeta"):  # the finalize's backward, on [C] vectors in fp32
+        ours, r = getattr(out, name), ref[name]
+        if r is None:
+            assert ours is None
+            continue
         torch.testing.assert_close(ours.double(), r, rtol=1e-5, atol=1e-5 * max(1.0, r.abs().max().item()),
                                    msg=name)
 
@@ -201,7 +226,7 @@ def test_deterministic(monkeypatch):
     kw = _bn_act_res_affine((2, 40, 9, 7), torch.float32, True)
     a, b = bn_backward(**kw), bn_backward(**kw)
     for x, y in zip(a, b):
-        assert torch.equal(x, y)
+        assert (x is None and y is None) or torch.equal(x, y)
 
 
 # --------------------------------------------------------------------------------------
@@ -209,8 +234,8 @@ def test_deterministic(monkeypatch):
 # --------------------------------------------------------------------------------------
 def _count_kernel_calls(monkeypatch):
     calls = []
-    real = bnb.bn_backward_op
-    monkeypatch.setattr(bnb, "bn_backward_op", lambda *a: calls.append(1) or real(*a))
+    real = bnb.bn_backward_impl
+    monkeypatch.setattr(bnb, "bn_backward_impl", lambda *a: calls.append(1) or real(*a))
     return calls
 
 
@@ -352,7 +377,8 @@ ACT = {"dz_ptr", "dres_ptr", "dy_ptr", "relu_src_ptr", "v_ptr", "r_ptr"}
 VARIANTS = {
     "bn_act": dict(HAS_DY=True, RELU_MODE=1, SCALE=True, STATS=False, WRITE_DZ=True, WRITE_DRES=True,
                    RES_SCALE=True, SUM_G=True, SUM_V=1, SUM_R=True),
-    "epilogue_stats": dict(HAS_DY=True, RELU_MODE=0, SCALE=False, STATS=True, WRITE_DZ=True, WRITE_DRES=False,
+    "epilogue_stats": dict(HAS_DY=True, RELU_MODE=0, SCALE=False, STATS=True, STAT_DMV=True, STAT_DAFF=True,
+                           STAT_GAMMA=True, WRITE_DZ=True, WRITE_DRES=False,
                            RES_SCALE=False, SUM_G=False, SUM_V=0, SUM_R=False),
     "epilogue_eval": dict(HAS_DY=True, RELU_MODE=1, SCALE=True, STATS=False, WRITE_DZ=True, WRITE_DRES=True,
                           RES_SCALE=False, SUM_G=True, SUM_V=1, SUM_R=False),
@@ -366,9 +392,10 @@ configs = {(c["BLOCK_M"], c["BLOCK_C"], c["num_warps"])
 for dtype in ("float32", "float16", "bfloat16"):
     for block_m, block_c, num_warps in sorted(configs):
         for mode, flags in VARIANTS.items():
-            const = dict(flags, BLOCK_M=block_m, BLOCK_C=block_c)
+            const = dict(dict(STAT_DMV=False, STAT_DAFF=False, STAT_GAMMA=False), **flags, BLOCK_M=block_m,
+                         BLOCK_C=block_c)
             sig = {n: "constexpr" if n in const else PTR[dtype] if n in ACT else "*fp32" if n.endswith("_ptr")
-                   else "fp32" if n == "count" else "i32" for n in bn_backward_kernel.arg_names}
+                   else "fp32" if n in ("count", "eps") else "i32" for n in bn_backward_kernel.arg_names}
             k = compile_for_hopper(bn_backward_kernel, sig, const, num_warps=num_warps)
             rows.append(dict(mode=mode, dtype=dtype, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
                              **resource_usage(k)))

@@ -33,7 +33,7 @@ def test_every_variant_compiles(compiled):
         for mode in ("eval", "train"):
             assert ("conv_bn_act_fwd_kernel", mode, dtype) in kinds
         assert ("bn_act_kernel", "bn_act", dtype) in kinds
-        assert ("merge_stats_kernel", "merge_stats", dtype) in kinds
+        assert ("bn_finalize_kernel", "bn_finalize", dtype) in kinds
 
 
 def test_convolutions_use_hopper_tensor_cores(compiled):

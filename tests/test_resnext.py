@@ -91,7 +91,10 @@ def test_training_run_matches_eager():
             loss.backward()
             opt.step()
             losses.append(loss.detach())
-        assert dist(losses[0], losses[2]) <= 2 * dist(losses[1], losses[2]) + 1e-5, (step, losses)
+        # floor: 2e-5 of the loss (~5e-5 here); by step 5 a few fp32 roundings of the BN
+        # finalize (in-kernel since the launch-economy change) move the loss by ~3e-5
+        assert dist(losses[0], losses[2]) <= 2 * dist(losses[1], losses[2]) + 2e-5 * losses[2].abs().item(), \
+            (step, losses)
         named = [dict(list(m.named_parameters()) + list(m.named_buffers())) for m in models]
         for name, t64 in named[2].items():
             ours, eager = dist(named[0][name], t64), dist(named[1][name], t64)
