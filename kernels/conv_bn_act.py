@@ -311,27 +311,33 @@ def _(x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu,
 
 
 def conv_grads_impl(dz: Tensor, a: Tensor, weight: Tensor, packed: Optional[Tensor], stride: int,
-                    padding: int, groups: int, need_input: bool, need_weight: bool) -> Tuple[Tensor, Tensor]:
+                    padding: int, groups: int, need_input: bool, need_weight: bool,
+                    in_scale: Optional[Tensor], in_shift: Optional[Tensor], in_relu: bool) -> Tuple[Tensor, Tensor]:
     """Data and weight gradients of the convolution (Triton dgrad / wgrad kernels).
 
     Returns (da [N, Cin, H, W] channels_last in dz's dtype, dw fp32); an output that is not
     needed comes back empty.  ``packed``: the forward's packed weight in dz's dtype, or None.
+    ``in_scale/in_shift/in_relu``: a is x, and the weight gradient applies the forward's
+    prologue to it on load.
     """
     da = conv_dgrad(dz, weight, a.shape[2:], stride, padding, groups, packed=packed) if need_input \
         else dz.new_empty(0)
-    dw = conv_wgrad(dz, a, weight.shape, stride, padding, groups) if need_weight \
+    dw = conv_wgrad(dz, a, weight.shape, stride, padding, groups, in_scale=in_scale, in_shift=in_shift,
+                    in_relu=in_relu) if need_weight \
         else dz.new_empty(0, dtype=torch.float32)
     return da, dw
 
 
 @torch.library.custom_op("resnext::conv_grads", mutates_args=())
 def conv_grads_op(dz: Tensor, a: Tensor, weight: Tensor, packed: Optional[Tensor], stride: int, padding: int,
-                  groups: int, need_input: bool, need_weight: bool) -> Tuple[Tensor, Tensor]:
-    return conv_grads_impl(dz, a, weight, packed, stride, padding, groups, need_input, need_weight)
+                  groups: int, need_input: bool, need_weight: bool, in_scale: Optional[Tensor],
+                  in_shift: Optional[Tensor], in_relu: bool) -> Tuple[Tensor, Tensor]:
+    return conv_grads_impl(dz, a, weight, packed, stride, padding, groups, need_input, need_weight,
+                           in_scale, in_shift, in_relu)
 
 
 @conv_grads_op.register_fake
-def _(dz, a, weight, packed, stride, padding, groups, need_input, need_weight):
+def _(dz, a, weight, packed, stride, padding, groups, need_input, need_weight, in_scale, in_shift, in_relu):
     da = torch.empty(a.shape, device=a.device, dtype=dz.dtype, memory_format=torch.channels_last) if need_input \
         else dz.new_empty(0)
     dw_dtype = reference.acc_dtype(dz)
@@ -411,10 +417,10 @@ def _backward(ctx, dy, dmean, dvar, dscale, dshift):
 
     if not fused:
         a = reference.input_prologue(x, in_scale, in_shift, in_relu)
-    elif in_scale is not None and (need[_W] or need_z):
+    elif in_scale is not None and need_z:
         a = run_bn_act(x, in_scale, in_shift, None, None, None, in_relu)  # one Triton pass
     else:
-        a = x  # the weight gradient and z do not need a; conv_grads only reads its shape
+        a = x  # the weight gradient applies the prologue to x on load
 
     d_res = d_out_scale = d_out_shift = d_gamma = d_beta = None
     if fused:
@@ -458,8 +464,10 @@ def _backward(ctx, dy, dmean, dvar, dscale, dshift):
     need_da = need[_X] or need[_IN_SCALE] or need[_IN_SHIFT]
     if packed is not None and packed.dtype != compute_dtype:
         packed = None
+    wgrad_prologue = fused and in_scale is not None and a is x
     da, dw = eager_or_op(conv_grads_op, conv_grads_impl)(
-        dz.to(compute_dtype), a, weight, packed, stride, padding, groups, need_da, need[_W])
+        dz.to(compute_dtype), a, weight, packed, stride, padding, groups, need_da, need[_W],
+        in_scale if wgrad_prologue else None, in_shift if wgrad_prologue else None, in_relu and wgrad_prologue)
     da = da if need_da else None
     dx = d_in_scale = d_in_shift = None
     if in_scale is not None and da is not None and fused:

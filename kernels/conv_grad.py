@@ -252,13 +252,15 @@ def conv_dgrad(dz: Tensor, weight: Tensor, input_hw: Sequence[int], stride: int,
 def conv_wgrad_kernel(
     part_ptr,  # [splits, Cout, Cin_g, KSIZE, KSIZE] fp32: this split's sum, every element written
     dz_ptr,  # [N, Ho, Wo, Cout] NHWC
-    a_ptr,  # [N, H, W, Cin] NHWC: the convolution's input
+    a_ptr,  # [N, H, W, Cin] NHWC: the convolution's input, or x with the prologue below
+    in_scale_ptr, in_shift_ptr,  # [Cin] fp32 (IN_AFFINE): a = act(x * in_scale + in_shift), as the forward
     N, H, W, Cin, Ho, Wo, Cout,
     CIN_G, COUT_G,  # channels per group, input and output
     stride, padding,
     rows_per_split,  # output pixels reduced by one program, a multiple of BLOCK_M
     n_ci_blocks,  # input-channel blocks per output-channel block (grid axis 0 = co block x ci block)
     KSIZE: tl.constexpr, ALLOW_TF32: tl.constexpr,
+    IN_AFFINE: tl.constexpr, IN_RELU: tl.constexpr,
     BLOCK_M: tl.constexpr,  # output pixels (the reduction)
     BLOCK_CO: tl.constexpr,  # output channels
     BLOCK_CI: tl.constexpr,  # input channels of the groups those output channels belong to
@@ -306,8 +308,18 @@ def conv_wgrad_kernel(
         g = tl.load(dz_ptr + offs_m.to(tl.int64)[:, None] * Cout + offs_co[None, :],
                     mask=m_ok[:, None] & co_ok[None, :], other=0.0)
         a_row = ((img * H + ih) * W + iw) * Cin
-        a = tl.load(a_ptr + a_row[:, None] + offs_ci[None, :],
-                    mask=pix_ok[:, None] & (offs_ci < Cin)[None, :], other=0.0)
+        a_ok = pix_ok[:, None] & (offs_ci < Cin)[None, :]
+        a = tl.load(a_ptr + a_row[:, None] + offs_ci[None, :], mask=a_ok, other=0.0)
+        if IN_AFFINE:  # the forward's prologue recomputed on load: the activation a is never stored
+            # (the [BLOCK_CI] vectors are re-read from L1 each step: kept live across the loop
+            # they cost an 8-byte stack frame on one sm_90 configuration)
+            in_s = tl.load(in_scale_ptr + offs_ci, mask=offs_ci < Cin, other=0.0)
+            in_b = tl.load(in_shift_ptr + offs_ci, mask=offs_ci < Cin, other=0.0)
+            af = a.to(tl.float32) * in_s[None, :] + in_b[None, :]
+            if IN_RELU:
+                af = tl.where(af < 0.0, 0.0, af)  # keeps NaN, like torch.relu
+            # zero padding applies to the normalised activation; rounded as the forward's a
+            a = tl.where(a_ok, af, 0.0).to(a_ptr.dtype.element_ty)
         if ALLOW_TF32:
             acc = tl.dot(tl.trans(g), a, acc)
         else:
@@ -354,7 +366,8 @@ def wgrad_config(M: int, cout: int, cin_g: int, cout_g: int, ksize: int) -> dict
                 rows_per_split=rows_per_split, num_warps=num_warps, num_stages=3)
 
 
-def wgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype):
+def wgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype, in_affine=False,
+                 in_relu=False):
     """(grid, size arguments, constexprs and launch options) of ``conv_wgrad_kernel``.
 
     The number of splits (partial sums) is ``grid[2]``.  Shared with the offline
@@ -366,18 +379,25 @@ def wgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dty
     n_ci_blocks, rows_per_split = meta.pop("n_ci_blocks"), meta.pop("rows_per_split")
     sizes = dict(N=N, H=H, W=W, Cin=Cin, Ho=Ho, Wo=Wo, Cout=Cout, CIN_G=cin_g, COUT_G=cout_g,
                  stride=stride, padding=padding, rows_per_split=rows_per_split, n_ci_blocks=n_ci_blocks)
+    if in_affine:  # the prologue's extra live values spilled 2 registers at 4 warps (sm_90 report)
+        meta["num_warps"] = max(meta["num_warps"], 8)
     splits = triton.cdiv(M, rows_per_split)  # none empty
     grid = (triton.cdiv(Cout, meta["BLOCK_CO"]) * n_ci_blocks, ksize * ksize, splits)
-    return grid, sizes, dict(KSIZE=ksize, ALLOW_TF32=allow_tf32(dtype), **meta)
+    return grid, sizes, dict(KSIZE=ksize, ALLOW_TF32=allow_tf32(dtype), IN_AFFINE=in_affine,
+                             IN_RELU=in_relu, **meta)
 
 
 def conv_wgrad(dz: Tensor, a: Tensor, weight_shape: Sequence[int], stride: int, padding: int,
-               groups: int, deterministic: bool = True) -> Tensor:
+               groups: int, deterministic: bool = True, in_scale: Optional[Tensor] = None,
+               in_shift: Optional[Tensor] = None, in_relu: bool = False) -> Tensor:
     """Gradient of ``conv2d(a, w, stride, padding, groups=groups)`` with respect to w.
 
     dz: [N, Cout, Ho, Wo] and a: [N, Cin, H, W] (the convolution's input), any memory
     format; a is cast to dz's dtype.  Returns dw with shape ``weight_shape``
     ([Cout, Cin/groups, k, k]) in fp32 (float64 for float64 inputs); the caller casts.
+
+    ``in_scale, in_shift, in_relu``: a is given as x, and the convolution's input is
+    ``act(x * in_scale + in_shift)`` (the forward's prologue, recomputed on load).
 
     ``deterministic``: the Triton path never uses atomics, so it is bit-identical run to
     run either way; the flag lets a caller state the requirement (and would forbid an
@@ -390,6 +410,8 @@ def conv_wgrad(dz: Tensor, a: Tensor, weight_shape: Sequence[int], stride: int, 
                          f"with groups {groups}")
     _check_shapes(dz, weight_shape, a.shape[2], a.shape[3], stride, padding, groups)
     if not use_triton(dz) or dz.dtype == torch.float64:  # plain CPU, or float64 for gradcheck
+        from .reference import input_prologue
+        a = input_prologue(a, in_scale, in_shift, in_relu)
         w_shape = dz.new_empty(1).expand(*weight_shape)  # only its shape is read
         dw = torch.ops.aten.convolution_backward(
             dz, a.to(dz.dtype), w_shape, None, [stride] * 2, [padding] * 2, [1, 1],
@@ -402,8 +424,11 @@ def conv_wgrad(dz: Tensor, a: Tensor, weight_shape: Sequence[int], stride: int, 
     _, _, Ho, Wo = dz.shape
     dz = _channels_last(dz)
     a = _channels_last(a.to(dz.dtype))
-    grid, sizes, meta = wgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dz.dtype)
+    affine = in_scale is not None
+    grid, sizes, meta = wgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dz.dtype,
+                                     affine, in_relu and affine)
     partials = _empty((grid[2], Cout, cin_g, ksize, ksize), device=dz.device, dtype=torch.float32)
-    conv_wgrad_kernel[grid](partials, dz, a, **sizes, **meta)
+    vec = lambda t: t.detach().float().contiguous() if affine else partials  # noqa: E731
+    conv_wgrad_kernel[grid](partials, dz, a, vec(in_scale), vec(in_shift), **sizes, **meta)
     # Fixed-order reduction over the split axis (no atomics): deterministic.
     return partials.view(partials.shape[1:]) if grid[2] == 1 else partials.sum(dim=0)

@@ -143,6 +143,22 @@ if torch.cuda.is_available():  # the interpreter's bf16 tl.dot is wrong (NOTES.m
     LOW_PRECISION.append(pytest.param(torch.bfloat16, id="bf16"))
 
 
+@pytest.mark.parametrize("relu", [True, False], ids=["bn-relu", "bn"])
+@pytest.mark.parametrize("case_id", ["4_per_group_s2_several_blocks", "dense_3x3_cout_ne_cin"])
+def test_wgrad_prologue_matches_float64(case_id, relu, ieee_fp32):
+    """The weight gradient recomputes the forward's BN (+ ReLU) prologue from x on load:
+    dw of conv(act(x*s + b)), with zero padding applied after the prologue."""
+    from kernels.reference import input_prologue
+    c = CASES[case_id]
+    x, w, dz = make_inputs(c, torch.float32)
+    s = torch.rand(c.Cin, device=DEVICE) + 0.5
+    b = torch.randn(c.Cin, device=DEVICE) + 0.3  # padding zeros differ from act(0*s + b)
+    dw = cg.conv_wgrad(dz, x, w.shape, c.stride, c.padding, c.groups, in_scale=s, in_shift=b, in_relu=relu)
+    a64 = input_prologue(x.double(), s.double(), b.double(), relu)
+    _, dw_ref = reference(c, a64, w, dz)
+    assert_close_fp32(dw, dw_ref, "dw")
+
+
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
 @pytest.mark.parametrize("case_id", FP16_CASES)
 def test_low_precision_within_torch_error(case_id, dtype):
@@ -262,8 +278,10 @@ def _resnext50_launches(dtype):
             args = (N, cin, hw, hw, cout, ho, ho, k, s, p, g, dtype)
             _, sizes, meta = cg.dgrad_launch(*args)
             yield cg.conv_dgrad_kernel, dict(dx_ptr=ty, dz_ptr=ty, w_ptr=ty), sizes, meta
-            _, sizes, meta = cg.wgrad_launch(*args)
-            yield cg.conv_wgrad_kernel, dict(part_ptr="*fp32", dz_ptr=ty, a_ptr=ty), sizes, meta
+            for prologue in (False, True):  # the training backward recomputes the BN + ReLU prologue
+                _, sizes, meta = cg.wgrad_launch(*args, in_affine=prologue, in_relu=prologue)
+                yield cg.conv_wgrad_kernel, dict(part_ptr="*fp32", dz_ptr=ty, a_ptr=ty, in_scale_ptr="*fp32",
+                                                 in_shift_ptr="*fp32"), sizes, meta
 
 
 def _compile_for_hopper(dtype_name):
