@@ -5,8 +5,14 @@ into a zero-argument callable doing one call on rotating random inputs; ``run_ca
 times it and returns the record that goes into the results file.
 
 Providers (``config.PROVIDERS``): ``ours`` (the Triton kernels / fused modules), ``eager``
-(PyTorch, channels_last, cuDNN), ``eager_nchw``, ``compile`` (``torch.compile`` default)
-and ``compile_max`` (``mode="max-autotune"``, inference only).
+(PyTorch, channels_last, cuDNN), ``eager_nchw``, ``compile`` (``torch.compile`` default),
+``compile_max`` (``mode="max-autotune"``, inference only), and at the block and model
+levels ``ours_graphed`` / ``eager_graphed`` (the same modules replayed as CUDA graphs by
+``resnext.cuda_graphs``; CUDA only).
+
+Level ``report`` (``benchmarks.report``): device operations, saved bytes and host time,
+fused against eager in one case.  ``pytest benchmarks --benchmark`` without CUDA runs only
+that level: the kernel, block and model timings need a CUDA GPU.
 """
 import copy
 import gc
@@ -18,11 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
-
 from . import counting, shapes
 from .ceilings import roofline_fraction
-from .config import INTERPRETER_MAX_OUTPUT, INTERPRETER_MAX_WEIGHTS, PROVIDERS, Profile, RunContext
+from .config import GRAPHED, INTERPRETER_MAX_OUTPUT, INTERPRETER_MAX_WEIGHTS, PROVIDERS, Profile, RunContext
 from .timing import Rotation, Timing, l2_cache_bytes, measure, rotation_count, synced_perf_counter
 
 KERNEL_MODES = ("eval", "train", "backward")  # folded-BN forward, batch-stats forward, backward alone
@@ -86,10 +90,11 @@ def model_dtype(ctx: RunContext) -> str:
 
 
 def kernel_cases(ctx: RunContext, providers=PROVIDERS) -> List[Case]:
+    """Graphed providers are block- and model-level only (one layer's launches are few)."""
     p = ctx.profile
     return [Case("kernel", s.label, mode, dt, b, prov, shape=s, image=p.kernel_image)
             for s in kernel_shapes(p) for mode in KERNEL_MODES for dt in p.dtypes
-            for b in p.kernel_batches for prov in providers]
+            for b in p.kernel_batches for prov in providers if prov not in GRAPHED]
 
 
 def block_cases(ctx: RunContext, providers=PROVIDERS) -> List[Case]:
@@ -115,7 +120,25 @@ def model_cases(ctx: RunContext, providers=PROVIDERS, models=None, tasks=MODEL_T
             for prov in provs(m)]
 
 
+def cpu_report_only(ctx: RunContext) -> bool:
+    """``pytest benchmarks --benchmark`` without CUDA: only the report level runs (times need a
+    CUDA GPU); the pytest plugin sets ``ctx.report_only``."""
+    return ctx.report_only
+
+
+def empty_level_reason(level: str, ctx: RunContext) -> str:
+    if cpu_report_only(ctx):
+        return (f"no CUDA GPU: the {level} level times Triton kernels, which needs a CUDA GPU; this run makes "
+                f"the CPU report (benchmarks/test_report.py)")
+    return f"no {level} case selected"
+
+
 def cases_for(level: str, ctx: RunContext, providers=PROVIDERS) -> List[Case]:
+    if level == "report":
+        from .report import report_cases
+        return report_cases(ctx, providers)
+    if cpu_report_only(ctx):
+        return []
     return {"kernel": kernel_cases, "block": block_cases, "model": model_cases}[level](ctx, providers)
 
 
@@ -138,6 +161,12 @@ def weight_count(case: Case) -> int:
 
 def skip_reason(case: Case, ctx: RunContext) -> Optional[str]:
     """Why ``case`` is not run in this context (None: it runs)."""
+    if case.provider in GRAPHED:
+        if not ctx.cuda:
+            return "CUDA graphs need a CUDA GPU (resnext.cuda_graphs)"
+        if case.level == "block" and case.mode == "train":
+            return ("graphed providers replay an inference forward (eval) or a whole training step (fwdbwd); "
+                    "a train-mode forward alone is not graphed")
     if case.provider == "compile_max":
         if case.mode not in ("eval", "inference"):
             return "max-autotune is benchmarked for inference only (its compile time)"
@@ -157,17 +186,10 @@ def skip_reason(case: Case, ctx: RunContext) -> Optional[str]:
 # Providers
 # ----------------------------------------------------------------------------------------
 def ours_conv_bn_act(x, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool, residual=None):
-    """One layer on the kernels: folded BN in the epilogue (eval), or conv + statistics,
-    then one ``bn_act`` pass (train; inside a block the next conv applies it on load)."""
-    s, p, g = conv.stride[0], conv.padding[0], conv.groups
-    if kernels.uses_batch_stats(bn):
-        z, mean, var = kernels.conv_bn_act(x, conv.weight, s, p, g, stats=True)
-        scale, shift = kernels.batch_norm_scale_shift(bn, mean, var, z.numel() // z.shape[1])
-        return kernels.bn_act(z, scale, shift, residual, relu=relu)
-    scale, shift = kernels.folded_scale_shift(bn)
-    y, _, _ = kernels.conv_bn_act(x, conv.weight, s, p, g, out_scale=scale, out_shift=shift,
-                                  residual=residual, out_relu=relu)
-    return y
+    """One layer on the kernels, as ``resnext.ConvBNAct`` runs it: folded BN in the epilogue
+    (eval), or conv + statistics, then one ``bn_act`` pass (train; inside a block the next
+    conv applies it on load)."""
+    return _resnext().ConvBNAct.from_modules(conv, bn, relu)(x, residual)
 
 
 def eager_conv_bn_act(x, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool, residual=None):
@@ -187,6 +209,12 @@ def compiled(fn, provider: str, ctx: RunContext):
     elif provider == "compile_max":
         kw["mode"] = "max-autotune"
     return torch.compile(fn, **kw)
+
+
+def _cuda_graphs():
+    """``resnext.cuda_graphs``, imported when a graphed case is built (collection never needs it)."""
+    from resnext import cuda_graphs
+    return cuda_graphs
 
 
 def memory_format(provider: str):
@@ -283,12 +311,10 @@ def make_block(arch: str, stage: int) -> nn.Module:
 
 
 def make_model(arch: str) -> nn.Module:
-    """The eager model (the fused one is ``resnext.convert`` of a copy: same weights)."""
-    rx = _resnext()
-    if arch == MINI:
-        # one block per stage, base width 8, 2 groups: 4 to 32 channels per group, as ResNeXt's stages
-        return rx.ResNet([1, 1, 1, 1], num_classes=10, groups=2, width_per_group=32, base_channels=8)
-    return getattr(rx, arch)(fused=False)
+    """The eager model (the fused one is ``resnext.convert`` of a copy: same weights); ``mini``
+    is a 4-block ResNeXt of base width 8 (``workloads.make_eager``)."""
+    from .workloads import make_eager
+    return make_eager(arch)
 
 
 def _set_bn_stats(module: nn.Module, seed: int = 0) -> None:
@@ -299,7 +325,7 @@ def _set_bn_stats(module: nn.Module, seed: int = 0) -> None:
 
 
 def _provider_module(module: nn.Module, case: Case, ctx: RunContext) -> nn.Module:
-    if case.provider == "ours":
+    if case.provider in ("ours", "ours_graphed"):
         return _resnext().convert(module)
     if case.provider.startswith("compile"):
         return compiled(module, case.provider, ctx)
@@ -320,16 +346,36 @@ def build_block(case: Case, ctx: RunContext) -> Bench:
     c0 = shapes.block_convs(case.arch, case.stage, 1, case.image)[0]
     fmt = memory_format(case.provider)
 
+    graphed = case.provider in GRAPHED
+
     def make_set():
         x = torch.randn(case.batch, c0.cin, c0.h, c0.w, device=dev, dtype=dt).to(memory_format=fmt)
-        if case.mode == "fwdbwd":
+        if case.mode == "fwdbwd" and not graphed:
             x.requires_grad_(True)
         dy = torch.randn_like(x) if case.mode == "fwdbwd" else None
         return dict(x=x, dy=dy)
 
     bytes_per_set = counting.block_min_bytes(case.arch, case.stage, 1, case.batch, case.dtype, "fwd", case.image)
     sets = _rotation_sets(make_set, bytes_per_set, ctx)
-    if case.mode == "eval":
+    notes = []
+    if graphed:
+        cg, first = _cuda_graphs(), sets.sets[0]
+        if case.mode == "eval":
+            replay = cg.graph_inference(run, first["x"])
+
+            def fn():
+                with torch.no_grad():
+                    return replay(sets.next()["x"])
+        else:  # fwdbwd: the whole step in one graph (graph_train_step takes an optimizer)
+            opt = torch.optim.SGD(params, lr=1e-3)
+            step = cg.graph_train_step(run, lambda y, dy: (y.float() * dy.float()).sum(), opt, first["x"], first["dy"])
+            notes.append("graphed fwdbwd: parameter gradients and an SGD step (graph_train_step), "
+                         "no input gradient")
+
+            def fn():
+                d = sets.next()
+                return step(d["x"], d["dy"])
+    elif case.mode == "eval":
         def fn():
             with torch.no_grad():
                 return run(sets.next()["x"])
@@ -345,7 +391,7 @@ def build_block(case: Case, ctx: RunContext) -> Bench:
             run(d["x"]).backward(d["dy"])
     return Bench(fn, counting.block_flops(case.arch, case.stage, 1, case.batch, case.mode, case.image),
                  counting.block_min_bytes(case.arch, case.stage, 1, case.batch, case.dtype, case.mode, case.image),
-                 len(sets))
+                 len(sets), notes)
 
 
 def _cached_model(arch: str, ctx: RunContext) -> nn.Module:
@@ -379,7 +425,25 @@ def build_model(case: Case, ctx: RunContext) -> Bench:
         return dict(x=x, y=y)
 
     sets = _rotation_sets(make_set, case.batch * 3 * case.image ** 2 * 4, ctx)
-    if not train:
+    if case.provider in GRAPHED:
+        cg, first = _cuda_graphs(), sets.sets[0]
+        if not train:
+            replay = cg.graph_inference(run, first["x"])
+
+            def fn():
+                with torch.no_grad():
+                    return replay(sets.next()["x"])
+        else:
+            opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4)
+            if lowp:
+                notes.append("bf16 autocast in the captured forward and loss (autocast_dtype), fp32 weights")
+            step = cg.graph_train_step(run, F.cross_entropy, opt, first["x"], first["y"],
+                                       autocast_dtype=torch.bfloat16 if lowp else None)
+
+            def fn():
+                d = sets.next()
+                return step(d["x"], d["y"])
+    elif not train:
         def fn():
             with torch.no_grad():
                 return run(sets.next()["x"])
@@ -413,6 +477,8 @@ def what_runs(case: Case, ctx: RunContext) -> str:
         return ctx.ours_runs
     if case.provider.startswith("compile"):
         return "dynamo" if ctx.compile_backend else "inductor"
+    if case.provider in GRAPHED:
+        return "cuda_graph"
     return "pytorch"
 
 
@@ -424,7 +490,7 @@ def counts_as_speed(case: Case, ctx: RunContext) -> bool:
     """
     if ctx.smoke:
         return False
-    return what_runs(case, ctx) in ("triton", "pytorch", "inductor")
+    return what_runs(case, ctx) in ("triton", "pytorch", "inductor", "cuda_graph")
 
 
 def _is_oom(err: BaseException) -> bool:
@@ -464,6 +530,9 @@ def drive_pytest_benchmark(benchmark, fn: Callable, case: Case, ctx: RunContext,
 
 def run_case(case: Case, ctx: RunContext, benchmark=None) -> dict:
     """Run ``case``; returns its record (status ok | skipped | oom | error)."""
+    if case.level == "report":
+        from .report import run_report_case
+        return run_report_case(case, ctx)
     record = case.describe()
     record.update(runs=what_runs(case, ctx), speed=counts_as_speed(case, ctx), device=ctx.device.type)
     reason = skip_reason(case, ctx)

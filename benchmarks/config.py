@@ -4,8 +4,10 @@ Profiles:
 
 * ``full``  (``--benchmark`` on a CUDA GPU): the issue's grid: 224x224, batches
   32-256, bf16 and fp32, every conv shape of ResNeXt-50/101 32x4d;
-* ``cpu``   (``--benchmark`` without CUDA): the PyTorch paths timed on the CPU at reduced
-  size (batch 2, 112x112, fp32); our kernels only checked;
+* ``cpu``   (``--benchmark`` without CUDA): ``pytest`` makes the CPU report only
+  (``benchmarks.report``: device operations, saved bytes, host time, the converted /
+  unconverted CPU time ratio); ``python -m benchmarks`` times PyTorch on the CPU at reduced
+  size (batch 2, 112x112, fp32);
 * ``smoke`` (no ``--benchmark``): every benchmark once at tiny size (CI), nothing timed
   meaningfully.
 """
@@ -18,14 +20,18 @@ import torch
 
 import kernels
 
-PROVIDERS = ("ours", "eager", "eager_nchw", "compile", "compile_max")
+PROVIDERS = ("ours", "eager", "eager_nchw", "compile", "compile_max", "ours_graphed", "eager_graphed")
 PROVIDER_LABELS = {
     "ours": "ours (Triton)",
     "eager": "PyTorch eager, channels_last (cuDNN)",
     "eager_nchw": "PyTorch eager, NCHW (cuDNN)",
     "compile": "torch.compile (default)",
     "compile_max": "torch.compile (max-autotune)",
+    "ours_graphed": "ours (Triton), replayed as a CUDA graph (block and model levels)",
+    "eager_graphed": "PyTorch eager, channels_last, replayed as a CUDA graph (block and model levels)",
 }
+GRAPHED = ("ours_graphed", "eager_graphed")  # resnext.cuda_graphs; CUDA only
+assert set(PROVIDER_LABELS) == set(PROVIDERS) and set(GRAPHED) <= set(PROVIDERS)
 BASELINE = "eager"  # speedups are over eager channels_last (the faster eager layout for these convs)
 
 
@@ -71,6 +77,7 @@ class RunContext:
     interpret: bool
     ceilings: Optional[dict] = None
     compile_backend: Optional[str] = None  # None: Inductor; "eager" in smoke runs (Dynamo only)
+    report_only: bool = False  # pytest --benchmark without CUDA: only the report level runs (cases.cpu_report_only)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -104,14 +111,25 @@ def header_lines(ctx: RunContext) -> list:
     """What the run's header says about the meaning of its numbers."""
     p = ctx.profile
     lines = [f"device: {describe_device(ctx.device)}; profile: {p.name}"
-             + (" (every case once at tiny size: a harness check, not a measurement)" if ctx.smoke else ""),
-             f"profile sizes: models {p.image}x{p.image} at batch {'/'.join(map(str, p.model_batches))}; kernels and blocks "
-             f"from {p.kernel_image}x{p.kernel_image} inputs at batch {'/'.join(map(str, p.kernel_batches))} "
-             f"(kernels), {'/'.join(map(str, p.block_batches))} (blocks); {', '.join(p.dtypes)}"]
+             + (" (every case once at tiny size: a harness check, not a measurement)" if ctx.smoke else "")]
+    if ctx.report_only:
+        lines.append("report sizes: models at 32x32 images, batch 2, fp32 (counts do not depend on the size)")
+    else:
+        lines.append(f"profile sizes: models {p.image}x{p.image} at batch {'/'.join(map(str, p.model_batches))}; kernels and blocks "
+                     f"from {p.kernel_image}x{p.kernel_image} inputs at batch {'/'.join(map(str, p.kernel_batches))} "
+                     f"(kernels), {'/'.join(map(str, p.block_batches))} (blocks); {', '.join(p.dtypes)}")
     if not ctx.cuda:
         lines.append("NO CUDA GPU: Triton timings need a CUDA GPU. CPU times below are PyTorch on the CPU, "
                      "not kernel speed.")
-        if ctx.ours_runs == "interpreter":
+        if ctx.report_only:
+            lines.append("pytest benchmarks --benchmark without CUDA makes the CPU report only: device operations "
+                         "per step, saved-for-backward bytes, host time with device work left out, and the "
+                         "converted/unconverted CPU time ratio, fused against eager; kernel, block and model "
+                         "timings are skipped.")
+            lines.append("ours: in the CPU time ratio, the fused modules' PyTorch reference path (the Triton path "
+                         "off, also under the interpreter); in counts and host times, the Triton path with every "
+                         "launch a no-op.")
+        elif ctx.ours_runs == "interpreter":
             lines.append("ours: runs through the Triton interpreter (TRITON_INTERPRET=1) on tiny cases to "
                          "check the harness end to end; its times are never reported as speed.")
         else:

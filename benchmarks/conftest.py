@@ -1,7 +1,8 @@
 """pytest glue for the benchmarks: ``pytest benchmarks [--benchmark]``.
 
-* ``--benchmark`` turns on the full-size runs (on a CUDA GPU: the issue's grid; on a CPU:
-  reduced sizes).  Without it every benchmark runs once at tiny size: a smoke test of the
+* ``--benchmark`` turns on the full-size runs (on a CUDA GPU: the issue's grid, plus the
+  launch-economy report; without CUDA: only the CPU report of ``benchmarks.report``, as
+  kernel times need a GPU).  Without it every benchmark runs once at tiny size: a smoke test of the
   harness, which CI runs.  pytest-benchmark's own options (``--benchmark-json``,
   ``--benchmark-save``, ``--benchmark-compare``, ``--benchmark-disable`` ...) keep working:
   every case also goes through its ``benchmark`` fixture.
@@ -12,7 +13,7 @@
 import pytest
 import torch
 
-from benchmarks import cases, headline, results
+from benchmarks import cases, headline, report, results
 from benchmarks import config as bconfig
 from benchmarks.ceilings import measure_ceilings
 
@@ -50,6 +51,7 @@ def pytest_configure(config):
     if hasattr(config, "_resnext_bench"):
         return
     ctx = bconfig.make_context(full=bool(_opt(config, "--benchmark", False)))
+    ctx.report_only = not ctx.cuda and not ctx.smoke  # --benchmark without CUDA: the CPU report
     if ctx.cuda:
         torch.backends.cudnn.benchmark = True  # eager gets its best cuDNN algorithms
     chosen = _opt(config, "--bench-providers")
@@ -73,7 +75,12 @@ def pytest_generate_tests(metafunc):
     if "case" not in metafunc.fixturenames:
         return
     state = metafunc.config._resnext_bench
-    level_cases = cases.cases_for(metafunc.module.LEVEL, state.ctx, state.providers)
+    level = metafunc.module.LEVEL
+    level_cases = cases.cases_for(level, state.ctx, state.providers)
+    if not level_cases:  # one visible skip with the reason, rather than pytest's "empty parameter set"
+        reason = cases.empty_level_reason(level, state.ctx)
+        metafunc.parametrize("case", [pytest.param(None, marks=pytest.mark.skip(reason=reason))], ids=[f"{level}/none"])
+        return
     metafunc.parametrize("case", level_cases, ids=[c.id for c in level_cases])
 
 
@@ -86,6 +93,23 @@ def bench_ctx(request):
     return ctx
 
 
+def _keep(state, record, benchmark=None):
+    """Add ``record`` to the run's results; skip or fail the test as its status says."""
+    err = record.pop("_exception", None)
+    state.collector.add(record)
+    if benchmark is not None:
+        benchmark.extra_info.update({k: record.get(k) for k in (
+            "median_ms", "runs", "speed", "flops", "min_bytes", "gbps", "tflops", "roofline_fraction",
+            "peak_mem_bytes", "rotation", "timing") if k in record})
+    if record["status"] == "skipped":
+        pytest.skip(record["reason"])
+    if record["status"] == "oom":
+        pytest.skip(f"out of memory (recorded in the results): {record['reason']}")
+    if err is not None:
+        raise err
+    return record
+
+
 @pytest.fixture
 def run_bench(request, benchmark, bench_ctx):
     """``run_bench(case)``: time ``case`` (also through pytest-benchmark) and record it."""
@@ -93,19 +117,20 @@ def run_bench(request, benchmark, bench_ctx):
 
     def run(case):
         torch.manual_seed(0)
-        record = cases.run_case(case, bench_ctx, benchmark)
-        err = record.pop("_exception", None)
-        state.collector.add(record)
-        benchmark.extra_info.update({k: record.get(k) for k in (
-            "median_ms", "runs", "speed", "flops", "min_bytes", "gbps", "tflops", "roofline_fraction",
-            "peak_mem_bytes", "rotation", "timing") if k in record})
-        if record["status"] == "skipped":
-            pytest.skip(record["reason"])
-        if record["status"] == "oom":
-            pytest.skip(f"out of memory (recorded in the results): {record['reason']}")
-        if err is not None:
-            raise err
-        return record
+        return _keep(state, cases.run_case(case, bench_ctx, benchmark), benchmark)
+
+    return run
+
+
+@pytest.fixture
+def run_report(request):
+    """``run_report(case)``: measure a report case (counts, bytes, host time: not through
+    pytest-benchmark, which times one callable) and record it."""
+    state = request.config._resnext_bench
+
+    def run(case):
+        torch.manual_seed(0)
+        return _keep(state, cases.run_case(case, state.ctx))
 
     return run
 
@@ -127,7 +152,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr = terminalreporter
     tr.section("ResNeXt benchmarks")
     rows = headline.headline_rows(state.collector.records)
-    tr.write_line(headline.format_headline(rows, bconfig.header_lines(state.ctx)))
+    if rows or not state.ctx.report_only:
+        tr.write_line(headline.format_headline(rows, bconfig.header_lines(state.ctx)))
+    else:
+        tr.write_line("\n".join(bconfig.header_lines(state.ctx)))
+        tr.write_line("Headline table (ResNeXt vs ResNet time per batch): needs a CUDA GPU.")
+    text = report.format_report(state.collector.records, state.ctx.cuda)
+    if text:
+        tr.write_line("")
+        tr.write_line(text)
     if state.paths:
         tr.write_line(f"results: {state.paths['json']}")
         tr.write_line(f"summary: {state.paths['md']}")

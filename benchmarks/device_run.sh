@@ -2,7 +2,7 @@
 # One GPU session's work for issue 6, in two calls of under 10 minutes each (the device
 # tool's limit per command; a warm machine keeps Triton's cache between them):
 #   bash benchmarks/device_run.sh 1 [OUT_DIR]    # GPU tests, headline, grouped 3x3 kernels (~7 min)
-#   bash benchmarks/device_run.sh 2 [OUT_DIR]    # blocks, NaN-path cost, profile (~4 min)
+#   bash benchmarks/device_run.sh 2 [OUT_DIR]    # blocks, launch economy, NaN-path cost, profile (~7 min)
 #   bash benchmarks/device_run.sh all [OUT_DIR]  # both, where no such limit applies
 # 1. correctness on the GPU, no interpreter, bf16 included (tests skip nothing GPU-only);
 # 2. the benchmarks that fit: headline table (batch 32), grouped 3x3 kernels, one block per stage;
@@ -38,6 +38,13 @@ fi
 if [[ "$PART" == 2 || "$PART" == all ]]; then
 timeout 120 python -m pytest benchmarks --benchmark -q -p no:cacheprovider --bench-results-dir "$OUT_DIR" \
   -k "block and bf16 and b128 and not compile" 2>&1 | tail -40 | tee "$OUT_DIR/blocks.log"
+
+# launch economy (issue 13): device ops, saved bytes and enqueue time, fused vs eager; graphed blocks
+timeout 100 python -m pytest benchmarks/test_report.py --benchmark -q -p no:cacheprovider --bench-results-dir "$OUT_DIR" \
+  -k "stage1 or resnext50" 2>&1 | tail -40 | tee "$OUT_DIR/report.log"
+timeout 60 python -m pytest benchmarks/test_blocks.py --benchmark -q -p no:cacheprovider --bench-results-dir "$OUT_DIR" \
+  -k "resnext50_32x4d and stage1 and bf16 and b128 and eval" --bench-providers ours,eager,ours_graphed,eager_graphed \
+  2>&1 | tail -20 | tee "$OUT_DIR/graphed.log"
 
 timeout 45 python -m benchmarks.nan_path_cost --batch 128 --out "$OUT_DIR" 2>&1 | tail -20 \
   | tee "$OUT_DIR/nan_path_cost.log"

@@ -6,10 +6,11 @@
 """
 from .blocks import FusedBottleneck, is_fusable_bottleneck
 from .convert import convert
+from .cuda_graphs import graph_inference, graph_train_step
 from .models import Bottleneck, ResNet, resnet50, resnet101, resnext50_32x4d, resnext101_32x4d
 from .modules import ConvBNAct, FusedSequential
 
 __all__ = [
-    "convert", "ConvBNAct", "FusedSequential", "FusedBottleneck", "is_fusable_bottleneck",
+    "convert", "graph_inference", "graph_train_step", "ConvBNAct", "FusedSequential", "FusedBottleneck", "is_fusable_bottleneck",
     "Bottleneck", "ResNet", "resnet50", "resnet101", "resnext50_32x4d", "resnext101_32x4d",
 ]

@@ -542,7 +542,7 @@ def test_pytest_benchmarks_plugin(tmp_path):
     bench_json = tmp_path / "pb.json"
     out_dir = tmp_path / "results"
     cmd = [sys.executable, "-m", "pytest", "benchmarks/test_models.py", "-q", "-p", "no:cacheprovider",
-           "-k", "mini and inference and (eager or ours) and not nchw", f"--benchmark-json={bench_json}",
+           "-k", "mini and inference and (eager or ours) and not nchw and not graphed", f"--benchmark-json={bench_json}",
            f"--bench-results-dir={out_dir}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -583,3 +583,80 @@ def test_nan_path_cost_refuses_without_gpu():
     proc = subprocess.run([sys.executable, "-m", "benchmarks.nan_path_cost"], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 2 and "CUDA" in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------
+# Launch economy: the CPU report grid, graphed providers (issue 13)
+# ----------------------------------------------------------------------------------------
+def test_provider_list_and_labels_agree():
+    assert set(config.PROVIDER_LABELS) == set(config.PROVIDERS)
+    assert {"ours_graphed", "eager_graphed"} == set(config.GRAPHED) <= set(config.PROVIDERS)
+
+
+def test_cpu_benchmark_grid_is_the_report_only():
+    """``pytest benchmarks --benchmark`` without CUDA: no kernel/block/model timing, the report
+    for both ResNet/ResNeXt pairs and one bottleneck, train and inference."""
+    ctx = config.RunContext(torch.device("cpu"), config.CPU, interpret=False, report_only=True)
+    for level in ("kernel", "block", "model"):
+        assert cases.cases_for(level, ctx) == []
+        assert "CUDA GPU" in cases.empty_level_reason(level, ctx)
+    grid = cases.cases_for("report", ctx)
+    assert {c.name for c in grid} >= {"resnet50", "resnext50_32x4d", "resnet101", "resnext101_32x4d"}
+    assert {c.mode for c in grid} == {"train", "inference"} and len({c.id for c in grid}) == len(grid)
+    text = "\n".join(config.header_lines(ctx))
+    assert "Triton timings need a CUDA GPU" in text and "CPU report" in text
+    # on a GPU the full grid stays, with the report next to it
+    gpu = config.RunContext(torch.device("cuda"), config.FULL, interpret=False)
+    assert cases.cases_for("block", gpu) and cases.cases_for("report", gpu)
+
+
+def test_graphed_providers_skip_without_cuda():
+    ctx = config.RunContext(torch.device("cpu"), config.SMOKE, interpret=False)
+    block = cases.Case("block", "resnext50_32x4d.stage1", "eval", "fp32", 2, "ours_graphed", arch="resnext50_32x4d",
+                       stage=1, image=32)
+    rec = cases.run_case(block, ctx)
+    assert rec["status"] == "skipped" and "CUDA" in rec["reason"] and rec["runs"] == "cuda_graph"
+    model = cases.Case("model", "mini", "train", "fp32", 2, "eager_graphed", arch="mini", image=32)
+    assert "CUDA" in cases.skip_reason(model, ctx)
+    gpu = config.RunContext(torch.device("cuda"), config.FULL, interpret=False)
+    assert "not graphed" in cases.skip_reason(dataclasses.replace(block, mode="train", dtype="bf16"), gpu)
+    assert cases.skip_reason(dataclasses.replace(block, mode="fwdbwd", dtype="bf16"), gpu) is None
+    assert not any(c.provider in config.GRAPHED for c in cases.kernel_cases(gpu))  # block and model levels only
+    assert {c.provider for c in cases.block_cases(gpu)} >= set(config.GRAPHED)
+    assert {c.provider for c in cases.model_cases(gpu)} >= set(config.GRAPHED)
+
+
+def test_graphed_providers_wiring(monkeypatch):
+    """The graphed builds call resnext.cuda_graphs as documented (a CPU stand-in for it here)."""
+    import types
+    calls = []
+
+    def graph_inference(model, example_input, **kw):
+        calls.append(("inference", type(model).__name__, tuple(example_input.shape)))
+        return lambda x: model(x)
+
+    def graph_train_step(model, loss_fn, optimizer, example_input, example_target, **kw):
+        calls.append(("train", type(model).__name__, tuple(example_input.shape)))
+
+        def step(x, target):
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x), target)
+            loss.backward()
+            optimizer.step()
+            return loss
+        return step
+
+    fake = types.SimpleNamespace(graph_inference=graph_inference, graph_train_step=graph_train_step)
+    monkeypatch.setattr(cases, "_cuda_graphs", lambda: fake)
+    ctx = config.RunContext(torch.device("cpu"), config.SMOKE, interpret=False)
+    todo = [cases.Case("block", "resnext50_32x4d.stage1", mode, "fp32", 2, prov, arch="resnext50_32x4d", stage=1,
+                       image=32) for mode in ("eval", "fwdbwd") for prov in config.GRAPHED]
+    todo += [cases.Case("model", "mini", task, "fp32", 2, prov, arch="mini", image=32)
+             for task in ("inference", "train") for prov in config.GRAPHED]
+    from benchmarks.device_ops import forced_triton_path
+    with forced_triton_path(False):  # the wiring, not the kernels: the fast PyTorch path
+        for case in todo:
+            cases.build(case, ctx).fn()
+    kinds = [(k, name) for k, name, _ in calls]
+    assert kinds.count(("inference", "FusedBottleneck")) == 1 and kinds.count(("train", "Bottleneck")) == 1
+    assert ("train", "ResNet") in kinds and ("inference", "ResNet") in kinds and len(calls) == len(todo)

@@ -4,7 +4,6 @@ in-place edits, .to()/.half()."""
 import importlib
 import copy
 
-import pytest
 import torch
 from conftest import DEVICE
 from helpers import assert_close_to_ref, randomize_bn

@@ -1,0 +1,74 @@
+"""The host-time benchmark and the launch-economy report run, at tiny size, and write
+well-formed results (no time is asserted: on a shared CPU they mean nothing)."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks import cases, config, host_time, report, results, workloads
+from benchmarks.device_ops import forced_triton_path, launches
+
+pytestmark = pytest.mark.no_poison  # counts and host times of the code as it is
+
+
+def test_noop_convolutions_compute_nothing_and_restore():
+    x = torch.randn(2, 8, 6, 6).to(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(16, 4, 3, 3, requires_grad=True)
+    ref = F.conv2d(x, w, stride=2, padding=1, groups=2)
+    with host_time.noop_convolutions():
+        y = F.conv2d(x, w, stride=2, padding=1, groups=2)
+        assert y.shape == ref.shape and y.is_contiguous(memory_format=torch.channels_last)
+        y.sum().backward()
+        assert x.grad.shape == x.shape and w.grad.shape == w.shape
+    torch.testing.assert_close(F.conv2d(x, w, stride=2, padding=1, groups=2), ref)  # PyTorch's kernel is back
+
+
+def test_forced_path_and_launch_patches_restore():
+    from kernels import _runtime
+    from triton.runtime.jit import JITFunction
+    before, run = _runtime.INTERPRET, JITFunction.run
+    with forced_triton_path(not before), launches("noop"):
+        assert _runtime.INTERPRET is (not before) and JITFunction.run is not run
+    assert _runtime.INTERPRET is before and JITFunction.run is run
+
+
+def test_host_time_cli_writes_valid_results(tmp_path, capsys):
+    rc = host_time.main(["--tiny", "--workloads", workloads.BOTTLENECK, "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "Host time per step" in out
+    if not torch.cuda.is_available():
+        assert "NO CUDA GPU" in out
+    (path,) = tmp_path.glob("*.json")
+    doc = json.loads(path.read_text())
+    assert results.validate(doc) == [] and path.name.endswith("_host-time.json")
+    recs = doc["records"]
+    assert [(r["level"], r["name"], r["mode"], r["status"]) for r in recs] == [
+        ("host", workloads.BOTTLENECK, "train", "ok"), ("host", workloads.BOTTLENECK, "inference", "ok")]
+    for r in recs:
+        assert set(r["host_ms"]) == {"eager", "ours"} and all(v > 0 for v in r["host_ms"].values())
+        assert r["median_ms"] is None and r["speed"] is False
+    assert "## Host time" in path.with_suffix(".md").read_text()
+
+
+def test_report_case_and_document(tmp_path):
+    """One report case of the smoke grid end to end: counts, saved bytes, host and CPU times."""
+    ctx = config.make_context(full=False, device="cpu")
+    ctx.ceilings = None
+    grid = cases.cases_for("report", ctx)
+    assert {(c.name, c.mode) for c in grid} == {(w, m) for w in report.SMOKE_WORKLOADS for m in report.MODES}
+    case = next(c for c in grid if c.name == workloads.BOTTLENECK and c.mode == "train")
+    rec = cases.run_case(case, ctx)
+    assert rec.pop("_exception", None) is None and rec["status"] == "ok", rec.get("reason")
+    ops = rec["device_ops"]
+    assert ops["eager"]["triton"] == 0 and ops["eager"]["by_name"]["aten::conv2d"] == 3
+    assert ops["ours"]["triton"] >= 3  # at least one launch per convolution
+    assert rec["saved_bytes"]["eager"] > 0 and rec["saved_bytes"]["ours"] > 0
+    assert rec["host_ms"]["eager"] > 0 and rec["cpu_ratio"] > 0
+    col = results.Collector(ctx, argv=["pytest"], out_dir=tmp_path)
+    col.add(rec)
+    doc = json.loads(col.finish()["json"].read_text())
+    assert results.validate(doc) == []
+    text = report.format_report(doc["records"], cuda=False)
+    assert "NO CUDA GPU" in text and workloads.BOTTLENECK in text and "-> " in text
