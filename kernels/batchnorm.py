@@ -20,8 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
+
 from . import reference
-from ._runtime import DerivedCache, eager_or_op, rows_config, use_triton
+from ._runtime import cdiv, DerivedCache, eager_or_op, next_power_of_2, rows_config, use_triton
 from .bn_backward import bn_backward
 
 Tensor = torch.Tensor
@@ -131,9 +132,9 @@ def bn_finalize(part_mean: Tensor, part_m2: Tensor, M: int, rows_per_block: int,
     out = [torch.empty(C, device=part_mean.device, dtype=torch.float32) for _ in range(4)]
     update = running_mean is not None
     cumulative = update and momentum is None
-    block_c = min(64, triton.next_power_of_2(max(C, 1)))
+    block_c = min(64, next_power_of_2(max(C, 1)))
     dummy = out[0]
-    bn_finalize_kernel[(triton.cdiv(C, block_c),)](
+    bn_finalize_kernel[(cdiv(C, block_c),)](
         *out, part_mean, part_m2,
         gamma if gamma is not None else dummy, beta if beta is not None else dummy,
         running_mean if update else dummy, running_var if update else dummy,
@@ -192,7 +193,8 @@ def _channels_last(t: Tensor) -> Tensor:
     return t.contiguous(memory_format=torch.channels_last)
 
 
-def bn_act_forward(z, scale, shift, residual, res_scale, res_shift, relu) -> Tensor:
+def bn_act_forward(z: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor],
+                   res_scale: Optional[Tensor], res_shift: Optional[Tensor], relu: bool) -> Tensor:
     if not use_triton(z) or z.dtype == torch.float64:
         y = reference.bn_act_reference(z, scale, shift, residual, res_scale, res_shift, relu)
         return _channels_last(y)
@@ -202,7 +204,7 @@ def bn_act_forward(z, scale, shift, residual, res_scale, res_shift, relu) -> Ten
     y = torch.empty_like(z, memory_format=torch.channels_last)
     f32 = lambda v: v.detach().float().contiguous() if v is not None else y  # noqa: E731
     cfg = rows_config(M, C)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(C, cfg["BLOCK_C"]))
+    grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(C, cfg["BLOCK_C"]))
     bn_act_kernel[grid](
         y, z, f32(scale), f32(shift),
         _channels_last(residual) if residual is not None else y, f32(res_scale), f32(res_shift),
@@ -210,10 +212,7 @@ def bn_act_forward(z, scale, shift, residual, res_scale, res_shift, relu) -> Ten
     return y
 
 
-@torch.library.custom_op("resnext::bn_act", mutates_args=())
-def bn_act_op(z: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor],
-              res_scale: Optional[Tensor], res_shift: Optional[Tensor], relu: bool) -> Tensor:
-    return bn_act_forward(z, scale, shift, residual, res_scale, res_shift, relu)
+bn_act_op = torch.library.custom_op("resnext::bn_act", bn_act_forward, mutates_args=())
 
 
 @bn_act_op.register_fake

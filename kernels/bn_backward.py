@@ -30,7 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import INTERPRET, _pow2_clamp, eager_or_op, rows_config
+
+from ._runtime import cdiv, eager_or_op, INTERPRET, _pow2_clamp, rows_config
 
 Tensor = torch.Tensor
 
@@ -187,10 +188,10 @@ def launch_config(M: int, C: int) -> dict:
         block_m, num_warps = rows_config(M, C)["BLOCK_M"], 4
     else:
         block_m, num_warps = _pow2_clamp(M, 16, max(16, 2048 // block_c)), 8
-    c_blocks = triton.cdiv(C, block_c)
-    runs = max(1, min(triton.cdiv(M, block_m), triton.cdiv(TARGET_PROGRAMS, c_blocks)))
-    rows_per_prog = max(1, triton.cdiv(triton.cdiv(M, runs), block_m)) * block_m
-    runs = triton.cdiv(max(M, 1), rows_per_prog)  # every program gets at least one row
+    c_blocks = cdiv(C, block_c)
+    runs = max(1, min(cdiv(M, block_m), cdiv(TARGET_PROGRAMS, c_blocks)))
+    rows_per_prog = max(1, cdiv(cdiv(M, runs), block_m)) * block_m
+    runs = cdiv(max(M, 1), rows_per_prog)  # every program gets at least one row
     return dict(BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps, rows_per_prog=rows_per_prog,
                 grid=(runs, c_blocks))
 
@@ -279,17 +280,8 @@ def bn_backward_impl(
     return dz, dres, sums, dparam
 
 
-@torch.library.custom_op("resnext::bn_backward", mutates_args=())
-def bn_backward_op(
-    dy: Optional[Tensor], relu_src: Optional[Tensor], relu_scale: Optional[Tensor],
-    relu_shift: Optional[Tensor], scale: Optional[Tensor], z: Optional[Tensor], mean: Optional[Tensor],
-    var: Optional[Tensor], dmean: Optional[Tensor], dvar: Optional[Tensor], dscale: Optional[Tensor],
-    dshift: Optional[Tensor], gamma: Optional[Tensor], eps: float, res_scale: Optional[Tensor],
-    v: Optional[Tensor], v_is_relu_src: bool, r: Optional[Tensor], sum_g: bool,
-    dz_dtype: Optional[torch.dtype], dres_dtype: Optional[torch.dtype],
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return bn_backward_impl(dy, relu_src, relu_scale, relu_shift, scale, z, mean, var, dmean, dvar, dscale,
-                            dshift, gamma, eps, res_scale, v, v_is_relu_src, r, sum_g, dz_dtype, dres_dtype)
+# The operator is the plain implementation registered with torch.library (for torch.compile).
+bn_backward_op = torch.library.custom_op("resnext::bn_backward", bn_backward_impl, mutates_args=())
 
 
 @bn_backward_op.register_fake

@@ -33,8 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
+
 from . import reference
-from ._runtime import DerivedCache, allow_tf32, conv_config, eager_or_op, use_triton
+from ._runtime import allow_tf32, cdiv, conv_config, DerivedCache, eager_or_op, use_triton
 from ._triton_helpers import has_nonfinite, mma
 from .batchnorm import bn_finalize, run_bn_act
 from .bn_backward import StatsGrad, bn_backward
@@ -218,9 +219,12 @@ def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def conv_bn_act_forward(
-    x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu,
-    out_scale, out_shift, residual, out_relu, stats,
-    bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+    x: Tensor, weight: Tensor, packed: Optional[Tensor], stride: int, padding: int, groups: int,
+    in_scale: Optional[Tensor], in_shift: Optional[Tensor], in_relu: bool,
+    out_scale: Optional[Tensor], out_shift: Optional[Tensor], residual: Optional[Tensor],
+    out_relu: bool, stats: bool, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+    running_mean: Optional[Tensor], running_var: Optional[Tensor], num_batches_tracked: Optional[Tensor],
+    momentum: Optional[float], eps: float,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Launch the Triton kernels (or run the reference on a plain CPU tensor).
 
@@ -249,7 +253,7 @@ def conv_bn_act_forward(
     x = _channels_last(x)
     y = torch.empty((N, Cout, Ho, Wo), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     cfg = conv_config(M, Cout, cin_g, Cout // groups, x.dtype)
-    n_row_blocks = triton.cdiv(M, cfg["BLOCK_M"])
+    n_row_blocks = cdiv(M, cfg["BLOCK_M"])
     if stats:
         part_mean = torch.empty((n_row_blocks, Cout), device=x.device, dtype=torch.float32)
         part_m2 = torch.empty_like(part_mean)
@@ -259,7 +263,7 @@ def conv_bn_act_forward(
     in_scale, in_shift, out_scale, out_shift = map(_f32, (in_scale, in_shift, out_scale, out_shift))
     if packed is None:
         packed = pack_weight(weight, x.dtype)
-    grid = (n_row_blocks, triton.cdiv(Cout, cfg["BLOCK_N"]))
+    grid = (n_row_blocks, cdiv(Cout, cfg["BLOCK_N"]))
     conv_bn_act_fwd_kernel[grid](
         y, part_mean, part_m2, x, packed,
         in_scale if in_scale is not None else y, in_shift if in_shift is not None else y,
@@ -282,20 +286,11 @@ def conv_bn_act_forward(
 # --------------------------------------------------------------------------------------
 # Custom operators (torch.compile sees opaque nodes) and the autograd formula.
 # --------------------------------------------------------------------------------------
-@torch.library.custom_op("resnext::conv_bn_act", mutates_args=("running_mean", "running_var",
-                                                                "num_batches_tracked"))
-def conv_bn_act_op(
-    x: Tensor, weight: Tensor, packed: Optional[Tensor], stride: int, padding: int, groups: int,
-    in_scale: Optional[Tensor], in_shift: Optional[Tensor], in_relu: bool,
-    out_scale: Optional[Tensor], out_shift: Optional[Tensor], residual: Optional[Tensor],
-    out_relu: bool, stats: bool, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
-    running_mean: Optional[Tensor], running_var: Optional[Tensor], num_batches_tracked: Optional[Tensor],
-    momentum: Optional[float], eps: float,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return conv_bn_act_forward(
-        x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu,
-        out_scale, out_shift, residual, out_relu, stats,
-        bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps)
+# The operators are the plain implementations registered with torch.library: what
+# torch.compile sees (see _runtime.eager_or_op).  This one writes the running statistics.
+conv_bn_act_op = torch.library.custom_op(
+    "resnext::conv_bn_act", conv_bn_act_forward,
+    mutates_args=("running_mean", "running_var", "num_batches_tracked"))
 
 
 @conv_bn_act_op.register_fake
@@ -328,12 +323,7 @@ def conv_grads_impl(dz: Tensor, a: Tensor, weight: Tensor, packed: Optional[Tens
     return da, dw
 
 
-@torch.library.custom_op("resnext::conv_grads", mutates_args=())
-def conv_grads_op(dz: Tensor, a: Tensor, weight: Tensor, packed: Optional[Tensor], stride: int, padding: int,
-                  groups: int, need_input: bool, need_weight: bool, in_scale: Optional[Tensor],
-                  in_shift: Optional[Tensor], in_relu: bool) -> Tuple[Tensor, Tensor]:
-    return conv_grads_impl(dz, a, weight, packed, stride, padding, groups, need_input, need_weight,
-                           in_scale, in_shift, in_relu)
+conv_grads_op = torch.library.custom_op("resnext::conv_grads", conv_grads_impl, mutates_args=())
 
 
 @conv_grads_op.register_fake
@@ -490,7 +480,9 @@ def _backward(ctx, dy, dmean, dvar, dscale, dshift):
     elif da is not None:
         dx = da if da.dtype == x.dtype else da.to(x.dtype)
     dw = (dw if dw.dtype == weight.dtype else dw.to(weight.dtype)) if need[_W] else None
-    cast = lambda g, like: None if g is None or like is None else g if g.dtype == like.dtype else g.to(like.dtype)  # noqa: E731
+    def cast(g, like):
+        return None if g is None or like is None else g if g.dtype == like.dtype else g.to(like.dtype)
+
     return (dx, dw, None, None, None, None, cast(d_in_scale, in_scale), cast(d_in_shift, in_shift), None,
             cast(d_out_scale, out_scale), cast(d_out_shift, out_shift), d_res, None, None,
             cast(d_gamma, bn_weight) if need[_GAMMA] else None, cast(d_beta, bn_weight) if need[_BETA] else None,

@@ -30,8 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
+
 from . import _runtime
-from ._runtime import _pow2_clamp, allow_tf32, conv_config, use_triton
+from ._runtime import allow_tf32, cdiv, conv_config, _pow2_clamp, use_triton
 from ._triton_helpers import has_nonfinite, mma
 
 Tensor = torch.Tensor
@@ -169,7 +170,7 @@ def dgrad_config(N: int, H: int, W: int, cin: int, cin_g: int, cout_g: int, stri
     Rows are the input pixels of one parity class; columns input channels (``cin_g`` per
     group); the reduction runs over output channels (``cout_g`` per group).
     """
-    rows_per_class = N * triton.cdiv(H, stride) * triton.cdiv(W, stride)
+    rows_per_class = N * cdiv(H, stride) * cdiv(W, stride)
     return conv_config(rows_per_class, cin, cout_g, cin_g, dtype)
 
 
@@ -183,8 +184,8 @@ def dgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dty
     meta = dgrad_config(N, H, W, Cin, cin_g, cout_g, stride, dtype)
     sizes = dict(N=N, H=H, W=W, Cin=Cin, Ho=Ho, Wo=Wo, Cout=Cout, CIN_G=cin_g, COUT_G=cout_g,
                  stride=stride, padding=padding)
-    rows_per_class = N * triton.cdiv(H, stride) * triton.cdiv(W, stride)
-    grid = (triton.cdiv(rows_per_class, meta["BLOCK_M"]), triton.cdiv(Cin, meta["BLOCK_N"]), stride * stride)
+    rows_per_class = N * cdiv(H, stride) * cdiv(W, stride)
+    grid = (cdiv(rows_per_class, meta["BLOCK_M"]), cdiv(Cin, meta["BLOCK_N"]), stride * stride)
     return grid, sizes, dict(KSIZE=ksize, ALLOW_TF32=allow_tf32(dtype), **meta)
 
 
@@ -352,15 +353,15 @@ def wgrad_config(M: int, cout: int, cin_g: int, cout_g: int, ksize: int) -> dict
     ci_width = max(
         ((min(c0 + block_co, cout) - 1) // cout_g + 1) * cin_g - (c0 // cout_g * cin_g) // 16 * 16
         for c0 in range(0, cout, block_co))
-    n_ci_blocks = triton.cdiv(ci_width, block_ci)
+    n_ci_blocks = cdiv(ci_width, block_ci)
     if _runtime.INTERPRET:  # the interpreter pays per loop step: big steps, 2 splits
         block_m, splits = _pow2_clamp(M, 16, 64), 2
     else:
         block_m = 64
-        other_programs = triton.cdiv(cout, block_co) * n_ci_blocks * ksize * ksize
-        splits = triton.cdiv(_WGRAD_TARGET_PROGRAMS, other_programs)
-    m_blocks = triton.cdiv(M, block_m)
-    rows_per_split = triton.cdiv(m_blocks, max(1, min(m_blocks, splits))) * block_m
+        other_programs = cdiv(cout, block_co) * n_ci_blocks * ksize * ksize
+        splits = cdiv(_WGRAD_TARGET_PROGRAMS, other_programs)
+    m_blocks = cdiv(M, block_m)
+    rows_per_split = cdiv(m_blocks, max(1, min(m_blocks, splits))) * block_m
     num_warps = 4 if block_co * block_ci <= 32 * 64 else 8
     return dict(BLOCK_M=block_m, BLOCK_CO=block_co, BLOCK_CI=block_ci, n_ci_blocks=n_ci_blocks,
                 rows_per_split=rows_per_split, num_warps=num_warps, num_stages=3)
@@ -381,8 +382,8 @@ def wgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dty
                  stride=stride, padding=padding, rows_per_split=rows_per_split, n_ci_blocks=n_ci_blocks)
     if in_affine:  # the prologue's extra live values spilled 2 registers at 4 warps (sm_90 report)
         meta["num_warps"] = max(meta["num_warps"], 8)
-    splits = triton.cdiv(M, rows_per_split)  # none empty
-    grid = (triton.cdiv(Cout, meta["BLOCK_CO"]) * n_ci_blocks, ksize * ksize, splits)
+    splits = cdiv(M, rows_per_split)  # none empty
+    grid = (cdiv(Cout, meta["BLOCK_CO"]) * n_ci_blocks, ksize * ksize, splits)
     return grid, sizes, dict(KSIZE=ksize, ALLOW_TF32=allow_tf32(dtype), IN_AFFINE=in_affine,
                              IN_RELU=in_relu, **meta)
 
