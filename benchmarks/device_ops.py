@@ -111,7 +111,10 @@ def launches(mode: str = "count") -> Iterator[None]:
     """Patch the Triton launch classes (class-level, restored on exit).
 
     ``count``: each launch runs inside ``record_function("triton::<kernel>")``;
-    ``noop``: the same, but the kernel does not run (the launch returns None).
+    ``noop``: the same, but the kernel does not run (the launch returns None); outside a
+    profiler nothing is recorded, so host timings carry no profiler cost.  Triton's own
+    launcher work (binding arguments, ~tens of us a launch on a GPU) is left out too: it
+    cannot run without a GPU.
     """
     if mode not in ("count", "noop"):
         raise ValueError(f"mode must be 'count' or 'noop', got {mode!r}")
@@ -126,6 +129,8 @@ def launches(mode: str = "count") -> Iterator[None]:
         def run(self, *args, _orig=orig_fn, **kwargs):
             if kwargs.get("warmup", False):  # compiles only: no launch
                 return _orig(self, *args, **kwargs)
+            if mode == "noop" and not torch.autograd.profiler._is_profiler_enabled:
+                return None  # timing the host, not counting: no record_function cost either
             with torch.profiler.record_function(TRITON_PREFIX + kernel_name(self)):
                 if mode == "noop":
                     return None
