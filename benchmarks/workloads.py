@@ -156,21 +156,9 @@ def _tensors(value):
 def derived_cache_storages() -> set:
     """Storage pointers of every tensor held by a ``kernels._runtime.DerivedCache`` (packed
     weights, folded BN): weight memory, which lives with the model, not with one step."""
-    import sys
-    try:
-        from kernels._runtime import DerivedCache
-    except ImportError:  # an older kernels package without caches
-        return set()
-    ptrs = set()
-    for name, mod in list(sys.modules.items()):
-        if not (name == "kernels" or name.startswith("kernels.")) or mod is None:
-            continue
-        for obj in list(vars(mod).values()):
-            if isinstance(obj, DerivedCache):
-                for entry in list(getattr(obj, "_entries", {}).values()):
-                    for t in _tensors(entry[-1] if isinstance(entry, tuple) else entry):
-                        ptrs.add(t.untyped_storage().data_ptr())
-    return ptrs
+    from kernels._runtime import DerivedCache
+    return {t.untyped_storage().data_ptr() for cache in DerivedCache.instances
+            for value in cache.values() for t in _tensors(value)}
 
 
 def saved_bytes(model: nn.Module, x: torch.Tensor, loss: Callable = None, exclude_caches: bool = True) -> int:

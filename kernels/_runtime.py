@@ -101,8 +101,15 @@ class DerivedCache:
     ``torch.compile`` nothing is cached: the derivation is traced into the graph.
     """
 
+    instances = []  # every cache made (two: packed weights, eval folds)
+
     def __init__(self):
         self._entries = {}
+        DerivedCache.instances.append(self)
+
+    def values(self):
+        """The cached values (tensors, or tuples of them)."""
+        return [entry[2] for entry in self._entries.values()]
 
     @staticmethod
     def _key(sources):

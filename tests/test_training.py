@@ -1,5 +1,4 @@
 """Training-specific guarantees: saved activations and determinism of the backward pass."""
-import importlib
 import copy
 
 import torch
@@ -7,9 +6,7 @@ from helpers import randomize_bn
 from torch import nn
 
 import resnext
-
-kconv = importlib.import_module("kernels.conv_bn_act")  # the package's name is the function
-kbn = importlib.import_module("kernels.batchnorm")
+from benchmarks.workloads import saved_bytes
 from resnext.blocks import FusedBottleneck
 
 
@@ -18,31 +15,11 @@ def _block(stride=2):
     return randomize_bn(resnext.Bottleneck(32, 16, stride, ds, groups=4, base_width=16)).train()
 
 
-def _saved_bytes(model, x):
-    """Bytes of distinct storages autograd keeps for backward (inputs and parameters excluded)."""
-    storages = {}
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in params and st.data_ptr() != x.untyped_storage().data_ptr():
-            storages[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x).sum().backward()
-    # The fused path keeps one packed copy of each weight (its cache, shared by the forward
-    # and the data gradient): weight memory, not activations.
-    for entry in kconv._PACKED._entries.values():
-        storages.pop(entry[2].untyped_storage().data_ptr(), None)
-    return sum(storages.values())
-
-
 def test_saved_activations_no_more_than_eager():
     eager = _block()
     fused = FusedBottleneck(copy.deepcopy(eager))
     x = torch.randn(2, 32, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
-    ours, theirs = _saved_bytes(fused, x), _saved_bytes(eager, x)
+    ours, theirs = saved_bytes(fused, x), saved_bytes(eager, x)  # activations (cached weight copies left out)
     print(f"saved for backward: fused {ours} B, eager {theirs} B")
     assert ours <= theirs, (ours, theirs)
 
