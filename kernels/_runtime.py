@@ -97,7 +97,9 @@ class DerivedCache:
     An entry is keyed on each source's storage pointer, version counter, dtype, device and
     shape, so in-place updates (optimizer steps, ``load_state_dict``, ``torch.nn.init``) and
     ``.to()`` / ``.half()`` invalidate it; writes through ``.data`` bypass version counters
-    and are not seen.  Entries are held per owner object (weakly) and vanish with it.  Under
+    and are not seen.  An entry holds its sources' storages, so their addresses cannot be
+    reused while it lives (a weight replaced by ``.to()`` stays allocated until its slot is
+    recomputed).  Entries are held per owner object (weakly) and vanish with it.  Under
     ``torch.compile`` nothing is cached: the derivation is traced into the graph.
     """
 
@@ -130,7 +132,10 @@ class DerivedCache:
         value = make()
         if entry is None or entry[0]() is not owner:
             weakref.finalize(owner, self._entries.pop, slot, None)
-        self._entries[slot] = (weakref.ref(owner), key, value)
+        # The entry keeps its sources' storages alive (detached views): a freed storage's
+        # address could be reused by a new tensor at version 0, and the key would then match.
+        pinned = tuple(t.detach() for t in sources if t is not None)
+        self._entries[slot] = (weakref.ref(owner), key, value, pinned)
         return value
 
     def clear(self):

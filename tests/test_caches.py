@@ -146,3 +146,17 @@ def test_entries_go_with_their_tensors():
     del fused
     gc.collect()
     assert len(kconv._PACKED._entries) + len(kbn._FOLDED._entries) <= before - 4
+
+
+def test_a_replaced_weight_is_packed_again_even_at_a_reused_address(monkeypatch):
+    """.half() then .float() gives each weight new storage at version 0; had the old storage
+    been freed, the allocator could hand its address back and the stale pack would match.
+    The cache holds its sources' storages, so a round trip always packs again."""
+    eager, fused = _pair()
+    x = _x()
+    _same(fused, eager, x)
+    calls = _counting(monkeypatch)
+    fused.half(), eager.half()
+    fused.float(), eager.float()
+    _same(fused, eager, x)
+    assert calls["pack"] == 4, calls
