@@ -102,6 +102,8 @@ def conv_launches(shapes: Iterable[Tuple[int, int, int, int, int, int, int, int]
         cfg = conv_config(N * Ho * Wo, Cout, Cin // groups, Cout // groups, getattr(torch, dtype))
         ints = dict(N=N, H=H, W=W, Cin=Cin, Ho=Ho, Wo=Wo, Cout=Cout, CIN_G=Cin // groups, COUT_G=Cout // groups,
                     stride=stride, padding=ks // 2)
+        ints.update(zip(("w_stride_tap", "w_stride_ci", "w_stride_co"),
+                        weight_operand_strides(Cout, Cin // groups, ks, dtype)))
         for mode in modes:
             train = mode == "train"
             flags = dict(KSIZE=ks, IN_AFFINE=train, IN_RELU=train, OUT_AFFINE=not train,
@@ -119,6 +121,14 @@ def conv_launches(shapes: Iterable[Tuple[int, int, int, int, int, int, int, int]
             launches.append(dict(kernel=conv_bn_act_fwd_kernel, signature=sig, constexprs=const, attrs=attrs,
                                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], mode=mode))
     return launches
+
+
+def weight_operand_strides(cout: int, cin_g: int, ksize: int, dtype: str) -> Tuple[int, int, int]:
+    """(tap, ci, co) strides of the weight the conv kernels read for a channels_last model:
+    fp32 reads the weight as stored ([Cout, k, k, Cin_g] memory), a cast reads the pack."""
+    if dtype == "float32":
+        return cin_g, 1, ksize * ksize * cin_g
+    return cin_g * cout, cout, 1
 
 
 def model_conv_shapes(batch: int = 64, image: int = 224):

@@ -71,12 +71,12 @@ def _input_tile(x_ptr, in_scale_ptr, in_shift_ptr, img, oh, ow, m_ok, offs_k, k_
 
 
 @triton.jit
-def _weight_tile(w_ptr, offs_k, k_ok, tap, offs_n, n_ok, group_n, CIN_G, Cout):
+def _weight_tile(w_ptr, offs_k, k_ok, tap, offs_n, n_ok, group_n, CIN_G, w_stride_tap, w_stride_ci, w_stride_co):
     """[BLOCK_K, BLOCK_N] block-diagonal weight tile: w[ci, co] is zero unless ci and co share a group."""
     group_k = offs_k // CIN_G
     ci_local = offs_k - group_k * CIN_G
-    w_off = (tap * CIN_G + ci_local[:, None]) * Cout + offs_n[None, :]
-    # Rows are contiguous in Cout: load whole rows (vectorised), then zero the other groups.
+    w_off = tap * w_stride_tap + ci_local[:, None] * w_stride_ci + offs_n[None, :] * w_stride_co
+    # Load whole rows or columns (vectorised along the stride-1 axis), then zero the other groups.
     w = tl.load(w_ptr + w_off, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
     return tl.where(group_k[:, None] == group_n[None, :], w, 0.0)
 
@@ -87,7 +87,7 @@ def conv_bn_act_fwd_kernel(
     part_mean_ptr,  # [cdiv(M, BLOCK_M), Cout] fp32: per row-block channel mean of z (STATS)
     part_m2_ptr,  # [cdiv(M, BLOCK_M), Cout] fp32: per row-block sum of squared deviations (STATS)
     x_ptr,  # [N, H, W, Cin] NHWC
-    w_ptr,  # [KSIZE*KSIZE, Cin_g, Cout]: packed weight, Cout contiguous
+    w_ptr,  # the weight read at (tap, ci, co) through the strides below: packed or as stored
     in_scale_ptr,  # [Cin] fp32 (IN_AFFINE)
     in_shift_ptr,  # [Cin] fp32 (IN_AFFINE)
     out_scale_ptr,  # [Cout] fp32 (OUT_AFFINE)
@@ -102,6 +102,9 @@ def conv_bn_act_fwd_kernel(
     STATS: tl.constexpr, ALLOW_TF32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     MULTI_GROUP: tl.constexpr,  # a block of BLOCK_N output channels may span several groups
+    # element strides of w along (tap, ci, co): the packed layout (Cin_g*Cout, Cout, 1) or
+    # the weight's own [Cout, Cin_g, k, k] storage (see ``weight_strides``)
+    w_stride_tap, w_stride_ci, w_stride_co,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -138,7 +141,8 @@ def conv_bn_act_fwd_kernel(
         k_ok = (offs_k >= ci_start) & (offs_k < ci_end)
         a = _input_tile(x_ptr, in_scale_ptr, in_shift_ptr, img, oh, ow, m_ok, offs_k, k_ok, tap,
                         H, W, Cin, stride, padding, KSIZE, IN_AFFINE, IN_RELU)
-        wt = _weight_tile(w_ptr, offs_k, k_ok, tap, offs_n, n_ok, group_n, CIN_G, Cout)
+        wt = _weight_tile(w_ptr, offs_k, k_ok, tap, offs_n, n_ok, group_n, CIN_G,
+                          w_stride_tap, w_stride_ci, w_stride_co)
         acc = mma(a, wt, acc, ALLOW_TF32)
 
     if OUT_AFFINE:  # loaded before the NaN/Inf check below, whose latency they then hide
@@ -162,7 +166,8 @@ def conv_bn_act_fwd_kernel(
                 k_ok = offs_k < (g + 1) * CIN_G
                 a = _input_tile(x_ptr, in_scale_ptr, in_shift_ptr, img, oh, ow, m_ok, offs_k, k_ok, tap,
                                 H, W, Cin, stride, padding, KSIZE, IN_AFFINE, IN_RELU)
-                wt = _weight_tile(w_ptr, offs_k, k_ok, tap, offs_n, n_ok, group_n, CIN_G, Cout)
+                wt = _weight_tile(w_ptr, offs_k, k_ok, tap, offs_n, n_ok, group_n, CIN_G,
+                                  w_stride_tap, w_stride_ci, w_stride_co)
                 acc = tl.where((group_n == g)[None, :], mma(a, wt, acc, ALLOW_TF32), acc)
 
     y = acc
@@ -200,10 +205,38 @@ def pack_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
     return packed
 
 
-def packed_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
+def readable_in_place(weight: Tensor, dtype: torch.dtype) -> bool:
+    """Whether the kernels can read ``weight`` [Cout, Cin_g, k, k] as stored: no cast needed
+    and its two spatial axes flatten into one tap axis (contiguous or channels_last do)."""
+    return weight.dtype == dtype and (weight.shape[3] == 1 or weight.stride(2) == weight.shape[3] * weight.stride(3))
+
+
+def packed_weight(weight: Tensor, dtype: torch.dtype) -> Optional[Tensor]:
     """``pack_weight``, cached until the weight changes (an optimizer step, ``load_state_dict``,
-    ``.to()``): in eval no launch at all, in training one per weight per step."""
+    ``.to()``); None when no pack is needed (``readable_in_place``: the kernels then read the
+    weight itself, no copy at all; e.g. fp32 training), else in eval no launch, in training
+    one per weight per step."""
+    if readable_in_place(weight, dtype):
+        return None
     return _PACKED.get(weight, (weight,), dtype, lambda: pack_weight(weight, dtype))
+
+
+def weight_operand(weight: Tensor, packed: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    """What the forward and data-gradient kernels read: the pack if given, else the weight
+    itself when ``readable_in_place``, else a fresh pack."""
+    if packed is not None:
+        return packed
+    if readable_in_place(weight, dtype):
+        return weight.detach()
+    return pack_weight(weight, dtype)
+
+
+def weight_strides(w: Tensor) -> Tuple[int, int, int]:
+    """Element strides of a weight operand along (tap, ci, co): a pack [k*k, Cin_g, Cout], or
+    a weight [Cout, Cin_g, k, k] whose (kh, kw) axes flatten (``readable_in_place``)."""
+    if w.dim() == 3:
+        return w.stride(0), w.stride(1), w.stride(2)
+    return w.stride(3), w.stride(1), w.stride(0)
 
 
 def out_size(size: int, ksize: int, stride: int, padding: int) -> int:
@@ -261,11 +294,10 @@ def conv_bn_act_forward(
         part_mean = part_m2 = y  # never read: STATS is off
     res = _channels_last(residual) if residual is not None else y
     in_scale, in_shift, out_scale, out_shift = map(_f32, (in_scale, in_shift, out_scale, out_shift))
-    if packed is None:
-        packed = pack_weight(weight, x.dtype)
+    w = weight_operand(weight, packed, x.dtype)
     grid = (n_row_blocks, cdiv(Cout, cfg["BLOCK_N"]))
     conv_bn_act_fwd_kernel[grid](
-        y, part_mean, part_m2, x, packed,
+        y, part_mean, part_m2, x, w,
         in_scale if in_scale is not None else y, in_shift if in_shift is not None else y,
         out_scale if out_scale is not None else y, out_shift if out_shift is not None else y,
         res,
@@ -275,6 +307,7 @@ def conv_bn_act_forward(
         OUT_AFFINE=out_scale is not None, HAS_RESIDUAL=residual is not None, OUT_RELU=out_relu,
         STATS=stats, ALLOW_TF32=allow_tf32(x.dtype),
         **cfg,
+        **dict(zip(("w_stride_tap", "w_stride_ci", "w_stride_co"), weight_strides(w))),
     )
     if stats:
         return (y, *bn_finalize(part_mean, part_m2, M, cfg["BLOCK_M"], bn_weight, bn_bias, running_mean,

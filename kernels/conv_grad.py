@@ -60,12 +60,12 @@ def _dz_tile(dz_ptr, img, ih, iw, m_ok, offs_k, k_ok, tap_c, kh0, kw0, n_kw, Ho,
 
 @triton.jit
 def _dgrad_weight_tile(w_ptr, offs_k, k_ok, tap_c, kh0, kw0, n_kw, n_ok, group_n, ci_local,
-                       COUT_G, CIN_G, Cout, stride, KSIZE: tl.constexpr):
+                       COUT_G, stride, w_stride_tap, w_stride_ci, w_stride_co, KSIZE: tl.constexpr):
     """[BLOCK_K, BLOCK_N] block-diagonal tile: w[co, ci] is zero unless co and ci share a group."""
     kh = kh0 + (tap_c // n_kw) * stride
     kw = kw0 + (tap_c % n_kw) * stride
     group_k = offs_k // COUT_G
-    w_off = ((kh * KSIZE + kw) * CIN_G + ci_local[None, :]) * Cout + offs_k[:, None]
+    w_off = (kh * KSIZE + kw) * w_stride_tap + ci_local[None, :] * w_stride_ci + offs_k[:, None] * w_stride_co
     w_ok = (group_k[:, None] == group_n[None, :]) & k_ok[:, None] & n_ok[None, :]
     return tl.load(w_ptr + w_off, mask=w_ok, other=0.0)
 
@@ -74,10 +74,11 @@ def _dgrad_weight_tile(w_ptr, offs_k, k_ok, tap_c, kh0, kw0, n_kw, n_ok, group_n
 def conv_dgrad_kernel(
     dx_ptr,  # [N, H, W, Cin] NHWC, activation dtype: every element is written
     dz_ptr,  # [N, Ho, Wo, Cout] NHWC
-    w_ptr,  # [KSIZE*KSIZE, Cin_g, Cout]: the forward's packed weight, Cout (the K axis) contiguous
+    w_ptr,  # the forward's weight operand, read at (tap, ci, co) through the strides below
     N, H, W, Cin, Ho, Wo, Cout,
     CIN_G, COUT_G,  # channels per group, input and output
     stride, padding,
+    w_stride_tap, w_stride_ci, w_stride_co,  # conv_bn_act.weight_strides: packed or as stored
     KSIZE: tl.constexpr, ALLOW_TF32: tl.constexpr,
     BLOCK_M: tl.constexpr,  # input pixels of one parity class
     BLOCK_N: tl.constexpr,  # input channels
@@ -134,7 +135,7 @@ def conv_dgrad_kernel(
         g = _dz_tile(dz_ptr, img, ih, iw, m_ok, offs_k, k_ok, tap_c, kh0, kw0, n_kw, Ho, Wo, Cout,
                      stride, padding)
         wt = _dgrad_weight_tile(w_ptr, offs_k, k_ok, tap_c, kh0, kw0, n_kw, n_ok, group_n, ci_local,
-                                COUT_G, CIN_G, Cout, stride, KSIZE)
+                                COUT_G, stride, w_stride_tap, w_stride_ci, w_stride_co, KSIZE)
         acc = mma(g, wt, acc, ALLOW_TF32)
 
     if MULTI_GROUP:
@@ -154,7 +155,7 @@ def conv_dgrad_kernel(
                 g = _dz_tile(dz_ptr, img, ih, iw, m_ok, offs_k, k_ok, tap_c, kh0, kw0, n_kw, Ho, Wo, Cout,
                              stride, padding)
                 wt = _dgrad_weight_tile(w_ptr, offs_k, k_ok, tap_c, kh0, kw0, n_kw, n_ok, group_n, ci_local,
-                                        COUT_G, CIN_G, Cout, stride, KSIZE)
+                                        COUT_G, stride, w_stride_tap, w_stride_ci, w_stride_co, KSIZE)
                 acc = tl.where((group_n == grp)[None, :], mma(g, wt, acc, ALLOW_TF32), acc)
 
     # Pixels no tap reaches (e.g. odd rows of a strided 1x1) get their zeros here too.
@@ -174,16 +175,18 @@ def dgrad_config(N: int, H: int, W: int, cin: int, cin_g: int, cout_g: int, stri
     return conv_config(rows_per_class, cin, cout_g, cin_g, dtype)
 
 
-def dgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype):
+def dgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype, w_strides=None):
     """(grid, size arguments, constexprs and launch options) of ``conv_dgrad_kernel``.
 
     The launcher and the offline-compilation test both use it: the test compiles exactly
-    what runs.
+    what runs.  ``w_strides``: the weight operand's (tap, ci, co) strides
+    (``conv_bn_act.weight_strides``); None: the packed layout.
     """
     cin_g, cout_g = Cin // groups, Cout // groups
     meta = dgrad_config(N, H, W, Cin, cin_g, cout_g, stride, dtype)
+    s_tap, s_ci, s_co = w_strides if w_strides is not None else (cin_g * Cout, Cout, 1)
     sizes = dict(N=N, H=H, W=W, Cin=Cin, Ho=Ho, Wo=Wo, Cout=Cout, CIN_G=cin_g, COUT_G=cout_g,
-                 stride=stride, padding=padding)
+                 stride=stride, padding=padding, w_stride_tap=s_tap, w_stride_ci=s_ci, w_stride_co=s_co)
     rows_per_class = N * cdiv(H, stride) * cdiv(W, stride)
     grid = (cdiv(rows_per_class, meta["BLOCK_M"]), cdiv(Cin, meta["BLOCK_N"]), stride * stride)
     return grid, sizes, dict(KSIZE=ksize, ALLOW_TF32=allow_tf32(dtype), **meta)
@@ -218,7 +221,8 @@ def conv_dgrad(dz: Tensor, weight: Tensor, input_hw: Sequence[int], stride: int,
 
     dz: [N, Cout, Ho, Wo], any memory format; weight: [Cout, Cin/groups, k, k];
     input_hw: (H, W) of x (a strided convolution cannot recover it from Ho, Wo);
-    packed: the forward's packed weight (``conv_bn_act.pack_weight``) in dz's dtype, or None.
+    packed: the forward's packed weight (``conv_bn_act.pack_weight``) in dz's dtype, or None
+    (then the weight itself when ``conv_bn_act.readable_in_place``, else a fresh pack).
     Returns dx: [N, Cin, H, W] channels_last in dz's dtype (fp32 accumulation).
     """
     N, Cout, Ho, Wo = dz.shape
@@ -238,11 +242,11 @@ def conv_dgrad(dz: Tensor, weight: Tensor, input_hw: Sequence[int], stride: int,
 
     dz = _channels_last(dz)
     dx = _empty((N, Cin, H, W), device=dz.device, dtype=dz.dtype, memory_format=torch.channels_last)
-    grid, sizes, meta = dgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dz.dtype)
-    if packed is None:
-        from .conv_bn_act import pack_weight
-        packed = pack_weight(weight, dz.dtype)
-    conv_dgrad_kernel[grid](dx, dz, packed, **sizes, **meta)
+    from .conv_bn_act import weight_operand, weight_strides
+    w = weight_operand(weight, packed, dz.dtype)
+    grid, sizes, meta = dgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dz.dtype,
+                                     weight_strides(w))
+    conv_dgrad_kernel[grid](dx, dz, w, **sizes, **meta)
     return dx
 
 

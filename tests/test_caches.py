@@ -1,9 +1,11 @@
 """What is cached between calls (packed weights, eval-mode BN folded into scale/shift) and
 that every change to the source tensors reaches the result: optimizer steps, load_state_dict,
 in-place edits, .to()/.half()."""
-import importlib
+import contextlib
 import copy
+import importlib
 
+import pytest
 import torch
 from conftest import DEVICE
 from helpers import assert_close_to_ref, randomize_bn
@@ -25,9 +27,22 @@ def _x(dtype=torch.float32):
     return torch.randn(2, 16, 6, 6, device=DEVICE, dtype=dtype).contiguous(memory_format=torch.channels_last)
 
 
-def _same(fused, eager, x, dtype=torch.float32):
+def _same(fused, eager, x, dtype=torch.float32, cast=False):
+    """``cast``: under fp16 autocast (fp32 weights cast for the kernels: the packs)."""
     with torch.no_grad():
-        assert_close_to_ref(fused(x), eager(x), dtype)
+        if not cast:
+            assert_close_to_ref(fused(x), eager(x), dtype)
+            return
+        with _autocast(True):
+            ours, lowp = fused(x), eager(x)
+        ref = copy.deepcopy(eager).double()(x.double())
+        assert_close_to_ref(ours, ref, torch.float16, torch_lowp=lowp)
+
+
+def _autocast(on):
+    """fp16 autocast: the weights (fp32) need a cast, so the kernels read a cached pack; in
+    plain fp32 they read the weights as stored and nothing is packed."""
+    return torch.autocast(DEVICE, dtype=torch.float16) if on else contextlib.nullcontext()
 
 
 def _counting(monkeypatch):
@@ -49,44 +64,48 @@ def _counting(monkeypatch):
     return calls
 
 
-def test_eval_caches_hit_and_follow_every_change(monkeypatch):
+@pytest.mark.parametrize("cast", [False, True], ids=["fp32", "autocast_fp16"])
+def test_eval_caches_hit_and_follow_every_change(monkeypatch, cast):
     eager, fused = _pair()
     x = _x()
     kconv._PACKED.clear(), kbn._FOLDED.clear()
     calls = _counting(monkeypatch)
-    _same(fused, eager, x)
-    assert calls == {"pack": 4, "fold": 4}, calls  # 4 convolutions, 4 BatchNorms
-    _same(fused, eager, x)
-    assert calls == {"pack": 4, "fold": 4}, f"a second call recomputed: {calls}"
+    packs = 4 if cast else 0  # fp32: the kernels read the weights as stored
+    _same(fused, eager, x, cast=cast)
+    assert calls == {"pack": packs, "fold": 4}, calls  # 4 convolutions, 4 BatchNorms
+    _same(fused, eager, x, cast=cast)
+    assert calls == {"pack": packs, "fold": 4}, f"a second call recomputed: {calls}"
 
     # an optimizer step on the weights (and BN affine parameters)
     for m in (eager, fused):
         opt = torch.optim.SGD(m.parameters(), lr=0.5)
-        m(x).square().sum().backward()
+        with _autocast(cast):
+            m(x).square().sum().backward()
         opt.step()
-    _same(fused, eager, x)
+    _same(fused, eager, x, cast=cast)
     # packs: once more after the step; folds: 4 uncached in the grad-mode forward (gamma and
     # beta need their gradient), then 4 after the step
-    assert calls["pack"] == 8 and calls["fold"] == 12, calls
+    assert calls["pack"] == 2 * packs and calls["fold"] == 12, calls
 
     # in-place edits of the running statistics (an EMA model, a calibration pass)
     with torch.no_grad():
         for m in (eager, fused):
             m.bn2.running_var.mul_(3.0)
             m.bn1.running_mean.add_(0.5)
-    _same(fused, eager, x)
+    _same(fused, eager, x, cast=cast)
 
     # load_state_dict from a third model
     other = randomize_bn(_pair()[0])
     eager.load_state_dict(other.state_dict()), fused.load_state_dict(other.state_dict())
-    _same(fused, eager, x)
+    _same(fused, eager, x, cast=cast)
 
     # a training step of BN (running statistics move), then eval again
     eager.train(), fused.train()
     for m in (eager, fused):
-        m(x)
+        with _autocast(cast):
+            m(x)
     eager.eval(), fused.eval()
-    _same(fused, eager, x)
+    _same(fused, eager, x, cast=cast)
 
 
 def test_cache_follows_dtype_and_device_changes():
@@ -106,21 +125,29 @@ def test_cache_follows_dtype_and_device_changes():
     _same(fused, eager, x.double(), torch.float64)
 
 
-def test_training_packs_each_weight_once_per_step(monkeypatch):
-    """Training: one pack (cast + layout, one copy) per weight per step, shared by the
-    forward and the data gradient; none when the weight did not change."""
+@pytest.mark.parametrize("cast", [False, True], ids=["fp32", "autocast_fp16"])
+def test_training_packs_each_weight_once_per_step(monkeypatch, cast):
+    """Training under autocast: one pack (cast + layout, one copy) per weight per step,
+    shared by the forward and the data gradient; none when the weight did not change.
+    fp32: none at all (the weights are read as stored)."""
     eager, fused = _pair()
     fused.train()
     x = _x().requires_grad_()
     calls = _counting(monkeypatch)
     opt = torch.optim.SGD(fused.parameters(), lr=0.1)
-    fused(x).sum().backward()
-    assert calls["pack"] == 4, calls
+    packs = 4 if cast else 0
+
+    def step():
+        with _autocast(cast):
+            y = fused(x)
+        y.float().sum().backward()
+    step()
+    assert calls["pack"] == packs, calls
     opt.step()
-    fused(x).sum().backward()
-    assert calls["pack"] == 8, calls
-    fused(x).sum().backward()  # no step in between: the weights did not change
-    assert calls["pack"] == 8, calls
+    step()
+    assert calls["pack"] == 2 * packs, calls
+    step()  # no step in between: the weights did not change
+    assert calls["pack"] == 2 * packs, calls
     assert calls["fold"] == 0, "train mode folds nothing on the host"
 
 
@@ -154,9 +181,9 @@ def test_a_replaced_weight_is_packed_again_even_at_a_reused_address(monkeypatch)
     The cache holds its sources' storages, so a round trip always packs again."""
     eager, fused = _pair()
     x = _x()
-    _same(fused, eager, x)
+    _same(fused, eager, x, cast=True)  # autocast: packs are made and cached
     calls = _counting(monkeypatch)
     fused.half(), eager.half()
     fused.float(), eager.float()
-    _same(fused, eager, x)
+    _same(fused, eager, x, cast=True)
     assert calls["pack"] == 4, calls

@@ -276,7 +276,9 @@ def _resnext50_launches(dtype):
         for cin, cout, hw, k, s, p, g in convs:
             ho = (hw + 2 * p - k) // s + 1
             args = (N, cin, hw, hw, cout, ho, ho, k, s, p, g, dtype)
-            _, sizes, meta = cg.dgrad_launch(*args)
+            from kernels._compile import weight_operand_strides
+            _, sizes, meta = cg.dgrad_launch(*args, w_strides=weight_operand_strides(
+                cout, cin // g, k, str(dtype).replace("torch.", "")))
             yield cg.conv_dgrad_kernel, dict(dx_ptr=ty, dz_ptr=ty, w_ptr=ty), sizes, meta
             for prologue in (False, True):  # the training backward recomputes the BN + ReLU prologue
                 _, sizes, meta = cg.wgrad_launch(*args, in_affine=prologue, in_relu=prologue)
@@ -362,3 +364,20 @@ def test_compiles_for_hopper(dtype_name, hopper_compiles):
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--compile"]:
     print(json.dumps(_compile_for_hopper(sys.argv[2])))
+
+
+def test_weight_layouts_give_the_same_bits(ieee_fp32):
+    """fp32 kernels read the weight as stored (no pack): contiguous, channels_last and a
+    layout whose (kh, kw) axes do not flatten (then packed) give the same forward and dx."""
+    from kernels.conv_bn_act import conv_bn_act, packed_weight, readable_in_place
+    c = CASES["4_per_group_s2_several_blocks"]
+    x, w, dz = make_inputs(c, torch.float32, seed=4)
+    swapped = w.transpose(2, 3).contiguous().transpose(2, 3)  # kw outer, kh inner: no tap axis
+    layouts = [w.contiguous(), w.contiguous(memory_format=torch.channels_last), swapped]
+    assert [readable_in_place(t, torch.float32) for t in layouts] == [True, True, False]
+    assert packed_weight(layouts[1], torch.float32) is None and packed_weight(swapped, torch.float32) is not None
+    outs = [(conv_bn_act(x, t, c.stride, c.padding, c.groups)[0],
+             cg.conv_dgrad(dz, t, (c.H, c.W), c.stride, c.padding, c.groups)) for t in layouts]
+    for y, dx in outs[1:]:
+        assert torch.equal(y, outs[0][0]) and torch.equal(dx, outs[0][1])
+    assert_close_fp32(outs[0][1], reference(c, x, w, dz)[0], "dx")
