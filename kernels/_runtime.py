@@ -140,3 +140,23 @@ class DerivedCache:
 
     def clear(self):
         self._entries.clear()
+
+
+_ARRIVAL_COUNTERS = {}
+
+
+def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """At least ``n`` int32 zeros for ``_triton_helpers.last_arrival`` (one per reduction
+    group of a launch).  Kept per device and stream and reused: every launch leaves them
+    zero, and launches on one stream run one after another, so no launch pays a fill
+    (one at first use).  While a CUDA graph is being captured a new buffer is not kept
+    (its fill is part of the graph, and does not run until the graph replays)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    buf = _ARRIVAL_COUNTERS.get(key)
+    if buf is not None and buf.numel() >= n:
+        return buf
+    buf = torch.zeros(max(n, 4096), device=device, dtype=torch.int32)
+    if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        _ARRIVAL_COUNTERS[key] = buf
+    return buf

@@ -17,3 +17,25 @@ def has_nonfinite(acc):
     """Whether a 2-D tile holds a NaN or an Inf (one block-wide reduction)."""
     bad = (acc != acc) | (tl.abs(acc) == float("inf"))
     return tl.max(tl.max(bad.to(tl.int32), axis=1), axis=0) > 0
+
+
+@triton.jit
+def last_arrival(counter_ptr, arrivals):
+    """Whether this program is the last of ``arrivals`` programs to reach this call on
+    ``counter_ptr`` (an int32 from ``_runtime.arrival_counters``, zero before the launch and
+    left zero after it: the last arrival resets it, so launches and CUDA-graph replays
+    stay idempotent).
+
+    A deterministic in-kernel reduction: every program stores its partial, calls this, and
+    the last one sums all partials in a fixed order (loads with ``cache_modifier=".cg"``,
+    from L2).  The barrier orders every thread's stores before the one thread's atomic,
+    whose release (``acq_rel``, GPU scope) publishes them; its acquire makes the others'
+    visible to the last program.  The counter only elects the reducer: which program
+    arrives last changes no bit of the result.
+    """
+    tl.debug_barrier()
+    prior = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    last = prior == arrivals - 1
+    if last:
+        tl.atomic_xchg(counter_ptr, 0)
+    return last

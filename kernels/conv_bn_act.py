@@ -343,15 +343,15 @@ def conv_grads_impl(dz: Tensor, a: Tensor, weight: Tensor, packed: Optional[Tens
                     in_scale: Optional[Tensor], in_shift: Optional[Tensor], in_relu: bool) -> Tuple[Tensor, Tensor]:
     """Data and weight gradients of the convolution (Triton dgrad / wgrad kernels).
 
-    Returns (da [N, Cin, H, W] channels_last in dz's dtype, dw fp32); an output that is not
-    needed comes back empty.  ``packed``: the forward's packed weight in dz's dtype, or None.
+    Returns (da [N, Cin, H, W] channels_last in dz's dtype, dw fp32 in the weight's memory
+    layout); an output that is not needed comes back empty.  ``packed``: the forward's packed weight in dz's dtype, or None.
     ``in_scale/in_shift/in_relu``: a is x, and the weight gradient applies the forward's
     prologue to it on load.
     """
     da = conv_dgrad(dz, weight, a.shape[2:], stride, padding, groups, packed=packed) if need_input \
         else dz.new_empty(0)
     dw = conv_wgrad(dz, a, weight.shape, stride, padding, groups, in_scale=in_scale, in_shift=in_shift,
-                    in_relu=in_relu) if need_weight \
+                    in_relu=in_relu, layout_like=weight) if need_weight \
         else dz.new_empty(0, dtype=torch.float32)
     return da, dw
 
@@ -364,7 +364,7 @@ def _(dz, a, weight, packed, stride, padding, groups, need_input, need_weight, i
     da = torch.empty(a.shape, device=a.device, dtype=dz.dtype, memory_format=torch.channels_last) if need_input \
         else dz.new_empty(0)
     dw_dtype = reference.acc_dtype(dz)
-    dw = weight.new_empty(weight.shape, dtype=dw_dtype) if need_weight else dz.new_empty(0, dtype=torch.float32)
+    dw = torch.empty_like(weight, dtype=dw_dtype) if need_weight else dz.new_empty(0, dtype=torch.float32)
     return da, dw
 
 

@@ -21,8 +21,10 @@ zero across groups, so ``tl.dot`` always has K, N >= 16.
 Weight gradient (``conv_wgrad``): ``dw[co, ci, kh, kw] = sum_m dz[m, co] * a[m + tap, ci]``
 is a GEMM whose reduction runs over the N*Ho*Wo pixels.  That reduction is split over
 programs (a grid axis); each writes fp32 partials to its own slice of a
-``[splits, Cout, Cin_g, k, k]`` buffer and ``torch.sum`` over the split axis finishes it:
-no float atomics, so the result is bit-identical run to run.
+``[splits, Cout, Cin_g, k, k]`` buffer, and the last split of each tile to finish (an
+integer counter elects it, ``_triton_helpers.last_arrival``) sums them in split order and
+writes dw in the weight's memory layout: one launch, no float atomics, so the result is
+bit-identical run to run.
 """
 from typing import Optional, Sequence
 
@@ -32,8 +34,8 @@ import triton.language as tl
 
 
 from . import _runtime
-from ._runtime import allow_tf32, cdiv, conv_config, _pow2_clamp, use_triton
-from ._triton_helpers import has_nonfinite, mma
+from ._runtime import allow_tf32, arrival_counters, cdiv, conv_config, _pow2_clamp, use_triton
+from ._triton_helpers import has_nonfinite, last_arrival, mma
 
 Tensor = torch.Tensor
 
@@ -269,6 +271,9 @@ def conv_wgrad_kernel(
     BLOCK_M: tl.constexpr,  # output pixels (the reduction)
     BLOCK_CO: tl.constexpr,  # output channels
     BLOCK_CI: tl.constexpr,  # input channels of the groups those output channels belong to
+    dw_ptr,  # [Cout, Cin_g, KSIZE, KSIZE] fp32 out, at the strides below (the weight's layout)
+    counter_ptr,  # int32 [grid[0] * KSIZE * KSIZE], zero (_runtime.arrival_counters): splits arrived
+    dw_stride_co, dw_stride_ci, dw_stride_kh, dw_stride_kw,
 ):
     pid_c = tl.program_id(0)
     tap = tl.program_id(1)  # kh * KSIZE + kw
@@ -335,9 +340,23 @@ def conv_wgrad_kernel(
     group_ci = offs_ci // CIN_G
     ci_local = offs_ci - group_ci * CIN_G
     keep = (group_co[:, None] == group_ci[None, :]) & co_ok[:, None] & ci_ok[None, :]
-    part_row = (split.to(tl.int64) * Cout + offs_co[:, None]) * CIN_G + ci_local[None, :]
-    part_off = part_row * (KSIZE * KSIZE) + tap
-    tl.store(part_ptr + part_off, acc, mask=keep)
+    dw_off = offs_co[:, None] * dw_stride_co + ci_local[None, :] * dw_stride_ci + kh * dw_stride_kh + kw * dw_stride_kw
+    splits = tl.num_programs(2)
+    if splits == 1:
+        tl.store(dw_ptr + dw_off, acc, mask=keep)
+    else:
+        # Each split stores its partial; the last of this tile's splits to finish sums them
+        # all in split order (deterministic: the same bits whichever arrives last).
+        split_size = Cout * CIN_G * (KSIZE * KSIZE)
+        part_off = (offs_co[:, None] * CIN_G + ci_local[None, :]) * (KSIZE * KSIZE) + tap
+        tl.store(part_ptr + split.to(tl.int64) * split_size + part_off, acc, mask=keep)
+        if last_arrival(counter_ptr + pid_c * (KSIZE * KSIZE) + tap, splits):
+            total = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=tl.float32)
+            ptrs = part_ptr + part_off  # pointer steps: 64-bit, whatever splits * split_size is
+            for _ in range(0, splits):
+                total += tl.load(ptrs, mask=keep, other=0.0, cache_modifier=".cg")
+                ptrs += split_size
+            tl.store(dw_ptr + dw_off, total, mask=keep)
 
 
 _WGRAD_TARGET_PROGRAMS = 1024  # ~8 per SM of an H100: enough to hide load latency
@@ -372,11 +391,12 @@ def wgrad_config(M: int, cout: int, cin_g: int, cout_g: int, ksize: int) -> dict
 
 
 def wgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype, in_affine=False,
-                 in_relu=False):
+                 in_relu=False, dw_strides=None):
     """(grid, size arguments, constexprs and launch options) of ``conv_wgrad_kernel``.
 
     The number of splits (partial sums) is ``grid[2]``.  Shared with the offline
-    compilation test, like ``dgrad_launch``.
+    compilation test, like ``dgrad_launch``.  ``dw_strides``: dw's four strides (the
+    weight's layout); None: contiguous.
     """
     cin_g, cout_g = Cin // groups, Cout // groups
     M = N * Ho * Wo
@@ -384,6 +404,8 @@ def wgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dty
     n_ci_blocks, rows_per_split = meta.pop("n_ci_blocks"), meta.pop("rows_per_split")
     sizes = dict(N=N, H=H, W=W, Cin=Cin, Ho=Ho, Wo=Wo, Cout=Cout, CIN_G=cin_g, COUT_G=cout_g,
                  stride=stride, padding=padding, rows_per_split=rows_per_split, n_ci_blocks=n_ci_blocks)
+    dw_strides = dw_strides if dw_strides is not None else (cin_g * ksize * ksize, ksize * ksize, ksize, 1)
+    sizes.update(zip(("dw_stride_co", "dw_stride_ci", "dw_stride_kh", "dw_stride_kw"), dw_strides))
     if in_affine:  # the prologue's extra live values spilled 2 registers at 4 warps (sm_90 report)
         meta["num_warps"] = max(meta["num_warps"], 8)
     splits = cdiv(M, rows_per_split)  # none empty
@@ -394,7 +416,8 @@ def wgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dty
 
 def conv_wgrad(dz: Tensor, a: Tensor, weight_shape: Sequence[int], stride: int, padding: int,
                groups: int, deterministic: bool = True, in_scale: Optional[Tensor] = None,
-               in_shift: Optional[Tensor] = None, in_relu: bool = False) -> Tensor:
+               in_shift: Optional[Tensor] = None, in_relu: bool = False,
+               layout_like: Optional[Tensor] = None) -> Tensor:
     """Gradient of ``conv2d(a, w, stride, padding, groups=groups)`` with respect to w.
 
     dz: [N, Cout, Ho, Wo] and a: [N, Cin, H, W] (the convolution's input), any memory
@@ -404,9 +427,13 @@ def conv_wgrad(dz: Tensor, a: Tensor, weight_shape: Sequence[int], stride: int, 
     ``in_scale, in_shift, in_relu``: a is given as x, and the convolution's input is
     ``act(x * in_scale + in_shift)`` (the forward's prologue, recomputed on load).
 
-    ``deterministic``: the Triton path never uses atomics, so it is bit-identical run to
-    run either way; the flag lets a caller state the requirement (and would forbid an
-    atomic fast path, were one added).
+    ``layout_like``: a tensor of ``weight_shape`` (the weight) whose memory layout dw takes
+    on the Triton path, so that AccumulateGrad keeps it without a copy.
+
+    ``deterministic``: the Triton path never adds floats atomically (an integer counter
+    only elects which program sums the splits, in a fixed order), so it is bit-identical
+    run to run either way; the flag lets a caller state the requirement (and would forbid
+    an atomic fast path, were one added).
     """
     del deterministic  # always honoured, see above
     Cout, cin_g, ksize, _ = weight_shape
@@ -430,10 +457,16 @@ def conv_wgrad(dz: Tensor, a: Tensor, weight_shape: Sequence[int], stride: int, 
     dz = _channels_last(dz)
     a = _channels_last(a.to(dz.dtype))
     affine = in_scale is not None
+    like = layout_like if layout_like is not None and tuple(layout_like.shape) == tuple(weight_shape) else None
+    dw = torch.empty_like(like, dtype=torch.float32) if like is not None else \
+        _empty(tuple(weight_shape), device=dz.device, dtype=torch.float32)
     grid, sizes, meta = wgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dz.dtype,
-                                     affine, in_relu and affine)
-    partials = _empty((grid[2], Cout, cin_g, ksize, ksize), device=dz.device, dtype=torch.float32)
-    vec = lambda t: t.detach().float().contiguous() if affine else partials  # noqa: E731
-    conv_wgrad_kernel[grid](partials, dz, a, vec(in_scale), vec(in_shift), **sizes, **meta)
-    # Fixed-order reduction over the split axis (no atomics): deterministic.
-    return partials.view(partials.shape[1:]) if grid[2] == 1 else partials.sum(dim=0)
+                                     affine, in_relu and affine, dw.stride())
+    # split partials, summed in the kernel by the last split of each tile (none with one split)
+    partials = _empty((grid[2], Cout, cin_g, ksize, ksize) if grid[2] > 1 else (0,), device=dz.device,
+                      dtype=torch.float32)
+    vec = lambda t: t.detach().float().contiguous() if affine else dw  # noqa: E731
+    counters = arrival_counters(dz.device, grid[0] * grid[1]) if grid[2] > 1 else dw
+    conv_wgrad_kernel[grid](partials if grid[2] > 1 else dw, dz, a, vec(in_scale), vec(in_shift), **sizes, **meta,
+                            dw_ptr=dw, counter_ptr=counters)
+    return dw

@@ -281,9 +281,11 @@ def _resnext50_launches(dtype):
                 cout, cin // g, k, str(dtype).replace("torch.", "")))
             yield cg.conv_dgrad_kernel, dict(dx_ptr=ty, dz_ptr=ty, w_ptr=ty), sizes, meta
             for prologue in (False, True):  # the training backward recomputes the BN + ReLU prologue
-                _, sizes, meta = cg.wgrad_launch(*args, in_affine=prologue, in_relu=prologue)
+                # dw in a channels_last model's weight layout
+                _, sizes, meta = cg.wgrad_launch(*args, in_affine=prologue, in_relu=prologue,
+                                                 dw_strides=(k * k * (cin // g), 1, k * (cin // g), cin // g))
                 yield cg.conv_wgrad_kernel, dict(part_ptr="*fp32", dz_ptr=ty, a_ptr=ty, in_scale_ptr="*fp32",
-                                                 in_shift_ptr="*fp32"), sizes, meta
+                                                 in_shift_ptr="*fp32", dw_ptr="*fp32", counter_ptr="*i32"), sizes, meta
 
 
 def _compile_for_hopper(dtype_name):
@@ -381,3 +383,19 @@ def test_weight_layouts_give_the_same_bits(ieee_fp32):
     for y, dx in outs[1:]:
         assert torch.equal(y, outs[0][0]) and torch.equal(dx, outs[0][1])
     assert_close_fp32(outs[0][1], reference(c, x, w, dz)[0], "dx")
+
+
+@pytest.mark.parametrize("case_id", ["dense_3x3_cout_ne_cin", "4_per_group_s2_several_blocks"])
+def test_wgrad_in_kernel_reduction_and_weight_layout(case_id, max_splits, ieee_fp32):
+    """The splits are summed inside the launch (the counters left zero for the next one),
+    and dw comes back in the weight's memory layout with the same bits."""
+    from kernels import _runtime
+    c = Case(**{**CASES[case_id].__dict__, "N": 6})
+    x, w, dz = make_inputs(c, torch.float32, seed=5)
+    w_cl = w.contiguous(memory_format=torch.channels_last)
+    plain = cg.conv_wgrad(dz, x, w.shape, c.stride, c.padding, c.groups)
+    cl = cg.conv_wgrad(dz, x, w.shape, c.stride, c.padding, c.groups, layout_like=w_cl)
+    assert cl.stride() == w_cl.stride() and plain.is_contiguous()
+    assert torch.equal(plain, cl)
+    assert_close_fp32(plain, reference(c, x, w, dz)[1], "dw")
+    assert all(int(buf.abs().sum()) == 0 for buf in _runtime._ARRIVAL_COUNTERS.values())
