@@ -15,8 +15,9 @@ steps, which in plain PyTorch are one full pass over the activation each::
 ``bn_backward_kernel`` does them all in a single read of its inputs and a single write of
 its outputs.  The per-channel sums are reduced in fp32: each program owns a fixed run of
 rows, accumulates in registers and writes one partial row to a ``[sums, programs, C]``
-buffer that ``torch.sum`` finishes in a fixed order (only when a sum is asked for).  No atomics: bit-identical results
-run to run.  The program count depends only on (M, C), not on the device, so two GPUs
+buffer; the last run of each channel block to finish (elected by an integer counter,
+``_triton_helpers.last_arrival``) sums those rows in a fixed order, in the same launch.
+No float atomics: bit-identical results run to run.  The program count depends only on (M, C), not on the device, so two GPUs
 give the same bits too.
 
 ``bn_backward`` is the entry point; it goes through the ``resnext::bn_backward`` custom op
@@ -31,7 +32,8 @@ import triton
 import triton.language as tl
 
 
-from ._runtime import cdiv, eager_or_op, INTERPRET, _pow2_clamp, rows_config
+from ._runtime import arrival_counters, cdiv, eager_or_op, INTERPRET, _pow2_clamp, rows_config
+from ._triton_helpers import last_arrival
 
 Tensor = torch.Tensor
 
@@ -76,6 +78,10 @@ def bn_backward_kernel(
     SUM_V: tl.constexpr,  # 0 none, 1 v from v_ptr, 2 v = x already loaded for the mask (RELU_MODE 2)
     SUM_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    sums_ptr,  # [3, C] fp32 out (any SUM_*): sum(g), sum(g*v), sum(g*r) over all rows (zeros if not asked)
+    counter_ptr,  # int32 [channel blocks], zero (_runtime.arrival_counters): row runs arrived
+    dy_stride_m, dy_stride_c,  # dy's element strides as an [M, C] matrix (0, 0: a broadcast scalar)
+    BLOCK_T: tl.constexpr = 32,  # partial rows summed at a time by the last run
 ):
     pid_t = tl.program_id(0)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -128,7 +134,8 @@ def bn_backward_kernel(
         ok = (offs_m < row_end)[:, None] & c_ok[None, :]
         off = offs_m.to(tl.int64)[:, None] * C + offs_c[None, :]  # int64: M*C may exceed 2**31
         if HAS_DY:
-            g = tl.load(dy_ptr + off, mask=ok, other=0.0).to(tl.float32)
+            dy_off = offs_m.to(tl.int64)[:, None] * dy_stride_m + offs_c[None, :] * dy_stride_c
+            g = tl.load(dy_ptr + dy_off, mask=ok, other=0.0).to(tl.float32)
         else:
             g = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
         # ReLU backward as torch's threshold_backward: 0 where the ReLU output is <= 0, else
@@ -167,12 +174,38 @@ def bn_backward_kernel(
                 dres = g * res_s[None, :]
             tl.store(dres_ptr + off, dres.to(dres_ptr.dtype.element_ty), mask=ok)
 
-    # Every slot is written (zeros for sums not asked for), so the buffer needs no zero fill.
-    part_off = pid_t.to(tl.int64) * C + offs_c
+    # Every slot is written (zeros for sums not asked for), so no buffer needs a zero fill.
     if SUM_G or SUM_V != 0 or SUM_R:
-        tl.store(part_ptr + part_off, tl.sum(acc_g, axis=0), mask=c_ok)
-        tl.store(part_ptr + T * C + part_off, tl.sum(acc_gv, axis=0), mask=c_ok)
-        tl.store(part_ptr + 2 * T * C + part_off, tl.sum(acc_gr, axis=0), mask=c_ok)
+        if T == 1:
+            tl.store(sums_ptr + offs_c, tl.sum(acc_g, axis=0), mask=c_ok)
+            tl.store(sums_ptr + C + offs_c, tl.sum(acc_gv, axis=0), mask=c_ok)
+            tl.store(sums_ptr + 2 * C + offs_c, tl.sum(acc_gr, axis=0), mask=c_ok)
+        else:
+            part_off = pid_t.to(tl.int64) * C + offs_c
+            tl.store(part_ptr + part_off, tl.sum(acc_g, axis=0), mask=c_ok)
+            tl.store(part_ptr + T * C + part_off, tl.sum(acc_gv, axis=0), mask=c_ok)
+            tl.store(part_ptr + 2 * T * C + part_off, tl.sum(acc_gr, axis=0), mask=c_ok)
+            # The last run of this channel block to finish sums every run's partials, in
+            # run order: one launch, the same bits whichever run arrives last.
+            if last_arrival(counter_ptr + tl.program_id(1), T):
+                tot_g = tl.zeros((BLOCK_C,), dtype=tl.float32)
+                tot_gv = tl.zeros((BLOCK_C,), dtype=tl.float32)
+                tot_gr = tl.zeros((BLOCK_C,), dtype=tl.float32)
+                for t0 in range(0, T, BLOCK_T):
+                    offs_t = t0 + tl.arange(0, BLOCK_T)
+                    ok_t = (offs_t < T)[:, None] & c_ok[None, :]
+                    off_t = offs_t.to(tl.int64)[:, None] * C + offs_c[None, :]
+                    if SUM_G:
+                        tot_g += tl.sum(tl.load(part_ptr + off_t, mask=ok_t, other=0.0, cache_modifier=".cg"), axis=0)
+                    if SUM_V != 0:
+                        tot_gv += tl.sum(tl.load(part_ptr + T * C + off_t, mask=ok_t, other=0.0,
+                                                 cache_modifier=".cg"), axis=0)
+                    if SUM_R:
+                        tot_gr += tl.sum(tl.load(part_ptr + 2 * T * C + off_t, mask=ok_t, other=0.0,
+                                                 cache_modifier=".cg"), axis=0)
+                tl.store(sums_ptr + offs_c, tot_g, mask=c_ok)
+                tl.store(sums_ptr + C + offs_c, tot_gv, mask=c_ok)
+                tl.store(sums_ptr + 2 * C + offs_c, tot_gr, mask=c_ok)
 
 
 def launch_config(M: int, C: int) -> dict:
@@ -199,6 +232,17 @@ def launch_config(M: int, C: int) -> dict:
 def _rows(t: Optional[Tensor]) -> Optional[Tensor]:
     """[N, C, H, W] -> channels_last (no copy when it already is): its memory is the [M, C] matrix."""
     return None if t is None else t.contiguous(memory_format=torch.channels_last)
+
+
+def _matrix_strides(t: Tensor) -> Optional[Tuple[int, int]]:
+    """(row, channel) element strides of [N, C, H, W] ``t`` read as an [M, C] matrix without a
+    copy (channels_last, or a broadcast such as the gradient of ``.sum()``), else None."""
+    N, C, H, W = t.shape
+    s_n, s_c, s_h, s_w = t.stride()
+    s_m = s_w
+    if (H == 1 or s_h == W * s_m) and (N == 1 or s_n == H * W * s_m):
+        return s_m, s_c
+    return None
 
 
 def _vec(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -248,16 +292,23 @@ def bn_backward_impl(
     if v_is_relu_src and (relu_scale is None or relu_src is None):
         raise ValueError("v_is_relu_src needs the affine ReLU mask (relu_src, relu_scale, relu_shift)")
     any_sum = sum_g or sum_v != 0 or r is not None
-    part = torch.empty((3, runs, C), device=device, dtype=torch.float32)  # every slot is written
+    # row-run partials (summed in the launch by the last run of each channel block)
+    part = torch.empty((3, runs, C) if any_sum and runs > 1 else (0,), device=device, dtype=torch.float32)
+    sums = torch.empty((3, C), device=device, dtype=torch.float32)  # every slot is written when asked
     dparam = torch.empty((2, C) if stat_daff else (0,), device=device, dtype=torch.float32)
-    dy, relu_src, z, v, r = map(_rows, (dy, relu_src, z, v, r))
+    dy_strides = _matrix_strides(dy) if dy is not None else (0, 0)
+    if dy_strides is None:
+        dy = _rows(dy)
+        dy_strides = (C, 1)
+    relu_src, z, v, r = map(_rows, (relu_src, z, v, r))
     v = z if stats else v  # the kernel reads z through v_ptr
     relu_mode = RELU_NONE if relu_src is None else RELU_AFFINE if relu_scale is not None else RELU_OUTPUT
-    dummy = part  # any pointer for operands a constexpr switches off
+    dummy = sums  # any pointer for operands a constexpr switches off
     pick = lambda t: dummy if t is None else t  # noqa: E731
     if M > 0:
         bn_backward_kernel[cfg["grid"]](
-            dz if dz_dtype is not None else dummy, dres if dres_dtype is not None else dummy, part,
+            dz if dz_dtype is not None else dummy, dres if dres_dtype is not None else dummy,
+            part if part.numel() else dummy,
             pick(dy), pick(relu_src), pick(_vec(relu_scale)), pick(_vec(relu_shift)), pick(v), pick(r),
             pick(_vec(scale)), pick(_vec(res_scale)),
             pick(_vec(mean) if stats else None), pick(_vec(var) if stat_daff else None),
@@ -270,13 +321,13 @@ def bn_backward_impl(
             WRITE_DZ=dz_dtype is not None, WRITE_DRES=dres_dtype is not None, RES_SCALE=res_scale is not None,
             SUM_G=sum_g, SUM_V=sum_v, SUM_R=r is not None,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
+            sums_ptr=sums, counter_ptr=arrival_counters(device, cfg["grid"][1]) if any_sum and runs > 1 else sums,
+            dy_stride_m=dy_strides[0], dy_stride_c=dy_strides[1],
         )
     elif any_sum:
-        part.zero_()
+        sums.zero_()
     if stat_daff and M == 0:
         dparam.zero_()
-    # fixed-order reduction over the row runs, only when a sum was asked for
-    sums = part.sum(dim=1) if any_sum else torch.empty((3, C), device=device, dtype=torch.float32)
     return dz, dres, sums, dparam
 
 
