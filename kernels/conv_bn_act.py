@@ -39,7 +39,7 @@ from ._runtime import allow_tf32, cdiv, conv_config, DerivedCache, eager_or_op, 
 from ._triton_helpers import has_nonfinite, mma
 from .batchnorm import bn_finalize, run_bn_act
 from .bn_backward import StatsGrad, bn_backward
-from .conv_grad import conv_dgrad, conv_wgrad
+from .conv_grad import conv_dgrad, conv_grads, conv_wgrad
 
 Tensor = torch.Tensor
 
@@ -348,6 +348,9 @@ def conv_grads_impl(dz: Tensor, a: Tensor, weight: Tensor, packed: Optional[Tens
     ``in_scale/in_shift/in_relu``: a is x, and the weight gradient applies the forward's
     prologue to it on load.
     """
+    if need_input and need_weight:  # one launch for both
+        return conv_grads(dz, a, weight, stride, padding, groups, packed=packed, in_scale=in_scale,
+                          in_shift=in_shift, in_relu=in_relu)
     da = conv_dgrad(dz, weight, a.shape[2:], stride, padding, groups, packed=packed) if need_input \
         else dz.new_empty(0)
     dw = conv_wgrad(dz, a, weight.shape, stride, padding, groups, in_scale=in_scale, in_shift=in_shift,

@@ -72,8 +72,10 @@ def _dgrad_weight_tile(w_ptr, offs_k, k_ok, tap_c, kh0, kw0, n_kw, n_ok, group_n
     return tl.load(w_ptr + w_off, mask=w_ok, other=0.0)
 
 
-@triton.jit(do_not_specialize=["N"])  # batch-dependent sizes: see _runtime
-def conv_dgrad_kernel(
+@triton.jit
+def _dgrad_program(
+    pid_m, pid_n,  # this program's row block and input-channel block
+    parity,  # which (ih % stride, iw % stride) class this program covers
     dx_ptr,  # [N, H, W, Cin] NHWC, activation dtype: every element is written
     dz_ptr,  # [N, Ho, Wo, Cout] NHWC
     w_ptr,  # the forward's weight operand, read at (tap, ci, co) through the strides below
@@ -87,9 +89,6 @@ def conv_dgrad_kernel(
     BLOCK_K: tl.constexpr,  # output channels (the reduction)
     MULTI_GROUP: tl.constexpr,  # a block of BLOCK_N input channels may span several groups
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    parity = tl.program_id(2)  # which (ih % stride, iw % stride) class this program covers
     ph = parity // stride
     pw = parity % stride
     # Pixels of the class: ih = ihc*stride + ph for ihc < Hc.
@@ -164,6 +163,26 @@ def conv_dgrad_kernel(
     dx_row = ((img * H + ih) * W + iw) * Cin
     out_ok = m_ok[:, None] & n_ok[None, :]
     tl.store(dx_ptr + dx_row[:, None] + offs_n[None, :], acc.to(dx_ptr.dtype.element_ty), mask=out_ok)
+
+
+@triton.jit(do_not_specialize=["N"])  # batch-dependent sizes: see _runtime
+def conv_dgrad_kernel(
+    dx_ptr,  # [N, H, W, Cin] NHWC, activation dtype: every element is written
+    dz_ptr,  # [N, Ho, Wo, Cout] NHWC
+    w_ptr,  # the forward's weight operand, read at (tap, ci, co) through the strides below
+    N, H, W, Cin, Ho, Wo, Cout,
+    CIN_G, COUT_G,  # channels per group, input and output
+    stride, padding,
+    w_stride_tap, w_stride_ci, w_stride_co,  # conv_bn_act.weight_strides: packed or as stored
+    KSIZE: tl.constexpr, ALLOW_TF32: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # input pixels of one parity class
+    BLOCK_N: tl.constexpr,  # input channels
+    BLOCK_K: tl.constexpr,  # output channels (the reduction)
+    MULTI_GROUP: tl.constexpr,  # a block of BLOCK_N input channels may span several groups
+):
+    _dgrad_program(tl.program_id(0), tl.program_id(1), tl.program_id(2),
+                   dx_ptr, dz_ptr, w_ptr, N, H, W, Cin, Ho, Wo, Cout, CIN_G, COUT_G, stride, padding,
+                   w_stride_tap, w_stride_ci, w_stride_co, KSIZE, ALLOW_TF32, BLOCK_M, BLOCK_N, BLOCK_K, MULTI_GROUP)
 
 
 def dgrad_config(N: int, H: int, W: int, cin: int, cin_g: int, cout_g: int, stride: int,
@@ -255,8 +274,11 @@ def conv_dgrad(dz: Tensor, weight: Tensor, input_hw: Sequence[int], stride: int,
 # --------------------------------------------------------------------------------------
 # Weight gradient
 # --------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["N", "rows_per_split"])  # batch-dependent sizes: see _runtime
-def conv_wgrad_kernel(
+@triton.jit
+def _wgrad_program(
+    pid_c,  # output-channel block x input-channel block
+    tap,  # kh * KSIZE + kw
+    split, splits,  # which of the splits of the pixel reduction, and how many
     part_ptr,  # [splits, Cout, Cin_g, KSIZE, KSIZE] fp32: this split's sum, every element written
     dz_ptr,  # [N, Ho, Wo, Cout] NHWC
     a_ptr,  # [N, H, W, Cin] NHWC: the convolution's input, or x with the prologue below
@@ -275,9 +297,6 @@ def conv_wgrad_kernel(
     counter_ptr,  # int32 [grid[0] * KSIZE * KSIZE], zero (_runtime.arrival_counters): splits arrived
     dw_stride_co, dw_stride_ci, dw_stride_kh, dw_stride_kw,
 ):
-    pid_c = tl.program_id(0)
-    tap = tl.program_id(1)  # kh * KSIZE + kw
-    split = tl.program_id(2)
     pid_co = pid_c // n_ci_blocks
     pid_ci = pid_c % n_ci_blocks
     kh = tap // KSIZE
@@ -341,7 +360,6 @@ def conv_wgrad_kernel(
     ci_local = offs_ci - group_ci * CIN_G
     keep = (group_co[:, None] == group_ci[None, :]) & co_ok[:, None] & ci_ok[None, :]
     dw_off = offs_co[:, None] * dw_stride_co + ci_local[None, :] * dw_stride_ci + kh * dw_stride_kh + kw * dw_stride_kw
-    splits = tl.num_programs(2)
     if splits == 1:
         tl.store(dw_ptr + dw_off, acc, mask=keep)
     else:
@@ -357,6 +375,33 @@ def conv_wgrad_kernel(
                 total += tl.load(ptrs, mask=keep, other=0.0, cache_modifier=".cg")
                 ptrs += split_size
             tl.store(dw_ptr + dw_off, total, mask=keep)
+
+
+@triton.jit(do_not_specialize=["N", "rows_per_split"])  # batch-dependent sizes: see _runtime
+def conv_wgrad_kernel(
+    part_ptr,  # [splits, Cout, Cin_g, KSIZE, KSIZE] fp32: this split's sum, every element written
+    dz_ptr,  # [N, Ho, Wo, Cout] NHWC
+    a_ptr,  # [N, H, W, Cin] NHWC: the convolution's input, or x with the prologue below
+    in_scale_ptr, in_shift_ptr,  # [Cin] fp32 (IN_AFFINE): a = act(x * in_scale + in_shift), as the forward
+    N, H, W, Cin, Ho, Wo, Cout,
+    CIN_G, COUT_G,  # channels per group, input and output
+    stride, padding,
+    rows_per_split,  # output pixels reduced by one program, a multiple of BLOCK_M
+    n_ci_blocks,  # input-channel blocks per output-channel block (grid axis 0 = co block x ci block)
+    KSIZE: tl.constexpr, ALLOW_TF32: tl.constexpr,
+    IN_AFFINE: tl.constexpr, IN_RELU: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # output pixels (the reduction)
+    BLOCK_CO: tl.constexpr,  # output channels
+    BLOCK_CI: tl.constexpr,  # input channels of the groups those output channels belong to
+    dw_ptr,  # [Cout, Cin_g, KSIZE, KSIZE] fp32 out, at the strides below (the weight's layout)
+    counter_ptr,  # int32 [grid[0] * KSIZE * KSIZE], zero (_runtime.arrival_counters): splits arrived
+    dw_stride_co, dw_stride_ci, dw_stride_kh, dw_stride_kw,
+):
+    _wgrad_program(tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(2),
+                   part_ptr, dz_ptr, a_ptr, in_scale_ptr, in_shift_ptr, N, H, W, Cin, Ho, Wo, Cout, CIN_G, COUT_G,
+                   stride, padding, rows_per_split, n_ci_blocks, KSIZE, ALLOW_TF32, IN_AFFINE, IN_RELU,
+                   BLOCK_M, BLOCK_CO, BLOCK_CI, dw_ptr, counter_ptr, dw_stride_co, dw_stride_ci, dw_stride_kh,
+                   dw_stride_kw)
 
 
 _WGRAD_TARGET_PROGRAMS = 1024  # ~8 per SM of an H100: enough to hide load latency
@@ -470,3 +515,112 @@ def conv_wgrad(dz: Tensor, a: Tensor, weight_shape: Sequence[int], stride: int, 
     conv_wgrad_kernel[grid](partials if grid[2] > 1 else dw, dz, a, vec(in_scale), vec(in_shift), **sizes, **meta,
                             dw_ptr=dw, counter_ptr=counters)
     return dw
+
+
+# --------------------------------------------------------------------------------------
+# Both gradients in one launch
+# --------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["N", "rows_per_split", "dgrad_m_blocks", "dgrad_programs", "wgrad_splits"])
+def conv_grads_kernel(
+    dx_ptr,  # [N, H, W, Cin] NHWC out, activation dtype (as conv_dgrad_kernel)
+    part_ptr,  # [splits, Cout, Cin_g, KSIZE, KSIZE] fp32 scratch (as conv_wgrad_kernel; splits > 1)
+    dw_ptr,  # [Cout, Cin_g, KSIZE, KSIZE] fp32 out, at the dw strides (the weight's layout)
+    counter_ptr,  # int32, zero (_runtime.arrival_counters; splits > 1)
+    dz_ptr,  # [N, Ho, Wo, Cout] NHWC
+    w_ptr,  # the forward's weight operand, at the w strides
+    a_ptr,  # [N, H, W, Cin] NHWC: the convolution's input, or x with the prologue (IN_AFFINE)
+    in_scale_ptr, in_shift_ptr,  # [Cin] fp32 (IN_AFFINE)
+    N, H, W, Cin, Ho, Wo, Cout,
+    CIN_G, COUT_G,
+    stride, padding,
+    w_stride_tap, w_stride_ci, w_stride_co,
+    rows_per_split, n_ci_blocks,
+    dw_stride_co, dw_stride_ci, dw_stride_kh, dw_stride_kw,
+    dgrad_m_blocks, dgrad_n_blocks,  # the data-gradient grid (x parity classes): its first programs
+    dgrad_programs,
+    wgrad_c_blocks, wgrad_splits,  # the weight-gradient grid (x taps): the programs after those
+    KSIZE: tl.constexpr, ALLOW_TF32: tl.constexpr,
+    IN_AFFINE: tl.constexpr, IN_RELU: tl.constexpr,
+    D_BLOCK_M: tl.constexpr, D_BLOCK_N: tl.constexpr, D_BLOCK_K: tl.constexpr, MULTI_GROUP: tl.constexpr,
+    W_BLOCK_M: tl.constexpr, W_BLOCK_CO: tl.constexpr, W_BLOCK_CI: tl.constexpr,
+):
+    """``conv_dgrad_kernel`` and ``conv_wgrad_kernel`` in one launch: a 1-D grid whose first
+    ``dgrad_programs`` programs are the data gradient's grid and the rest the weight
+    gradient's.  Both only read dz (and w / a): nothing orders one after the other."""
+    pid = tl.program_id(0)
+    if pid < dgrad_programs:
+        pid_m = pid % dgrad_m_blocks
+        rest = pid // dgrad_m_blocks
+        _dgrad_program(pid_m, rest % dgrad_n_blocks, rest // dgrad_n_blocks,
+                       dx_ptr, dz_ptr, w_ptr, N, H, W, Cin, Ho, Wo, Cout, CIN_G, COUT_G, stride, padding,
+                       w_stride_tap, w_stride_ci, w_stride_co, KSIZE, ALLOW_TF32, D_BLOCK_M, D_BLOCK_N, D_BLOCK_K,
+                       MULTI_GROUP)
+    else:
+        q = pid - dgrad_programs
+        rest = q // wgrad_c_blocks
+        _wgrad_program(q % wgrad_c_blocks, rest % (KSIZE * KSIZE), rest // (KSIZE * KSIZE), wgrad_splits,
+                       part_ptr, dz_ptr, a_ptr, in_scale_ptr, in_shift_ptr, N, H, W, Cin, Ho, Wo, Cout, CIN_G, COUT_G,
+                       stride, padding, rows_per_split, n_ci_blocks, KSIZE, ALLOW_TF32, IN_AFFINE, IN_RELU,
+                       W_BLOCK_M, W_BLOCK_CO, W_BLOCK_CI, dw_ptr, counter_ptr, dw_stride_co, dw_stride_ci,
+                       dw_stride_kh, dw_stride_kw)
+
+
+def grads_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype, in_affine=False,
+                 in_relu=False, w_strides=None, dw_strides=None):
+    """(grid, size arguments, constexprs and launch options, wgrad grid) of
+    ``conv_grads_kernel``: ``dgrad_launch`` and ``wgrad_launch`` side by side (the block
+    sizes of each, the larger warp count).  Shared with the offline compilation test."""
+    d_grid, d_sizes, d_meta = dgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype,
+                                           w_strides)
+    w_grid, w_sizes, w_meta = wgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype,
+                                           in_affine, in_relu, dw_strides)
+    dgrad_programs = d_grid[0] * d_grid[1] * d_grid[2]
+    sizes = dict(d_sizes, **w_sizes, dgrad_m_blocks=d_grid[0], dgrad_n_blocks=d_grid[1],
+                 dgrad_programs=dgrad_programs, wgrad_c_blocks=w_grid[0], wgrad_splits=w_grid[2])
+    meta = dict(KSIZE=ksize, ALLOW_TF32=d_meta["ALLOW_TF32"], IN_AFFINE=w_meta["IN_AFFINE"],
+                IN_RELU=w_meta["IN_RELU"], D_BLOCK_M=d_meta["BLOCK_M"], D_BLOCK_N=d_meta["BLOCK_N"],
+                D_BLOCK_K=d_meta["BLOCK_K"], MULTI_GROUP=d_meta["MULTI_GROUP"], W_BLOCK_M=w_meta["BLOCK_M"],
+                W_BLOCK_CO=w_meta["BLOCK_CO"], W_BLOCK_CI=w_meta["BLOCK_CI"],
+                num_warps=max(d_meta["num_warps"], w_meta["num_warps"]),
+                num_stages=max(d_meta["num_stages"], w_meta["num_stages"]))
+    grid = (dgrad_programs + w_grid[0] * w_grid[1] * w_grid[2],)
+    return grid, sizes, meta, w_grid
+
+
+def conv_grads(dz: Tensor, a: Tensor, weight: Tensor, stride: int, padding: int, groups: int,
+               packed: Optional[Tensor] = None, in_scale: Optional[Tensor] = None,
+               in_shift: Optional[Tensor] = None, in_relu: bool = False):
+    """(``conv_dgrad(...)``, ``conv_wgrad(..., layout_like=weight)``) in one launch.
+
+    Arguments as those two: a is the convolution's input (x with ``in_scale/in_shift/in_relu``:
+    the prologue is recomputed on load for the weight gradient).  Returns (dx channels_last
+    in dz's dtype, dw fp32 in the weight's layout); the same bits as the two separate calls.
+    """
+    N, Cout, Ho, Wo = dz.shape
+    _, cin_g, ksize, _ = weight.shape
+    if a.dim() != 4 or a.shape[0] != N or a.shape[1] != cin_g * groups:
+        raise ValueError(f"input {list(a.shape)} does not match weight {list(weight.shape)} with groups {groups}")
+    H, W = a.shape[2], a.shape[3]
+    if not use_triton(dz) or dz.dtype == torch.float64 or dz.numel() == 0:  # the separate paths handle these
+        return (conv_dgrad(dz, weight, (H, W), stride, padding, groups, packed=packed),
+                conv_wgrad(dz, a, weight.shape, stride, padding, groups, in_scale=in_scale, in_shift=in_shift,
+                           in_relu=in_relu, layout_like=weight))
+    _check_shapes(dz, weight.shape, H, W, stride, padding, groups)
+    from .conv_bn_act import weight_operand, weight_strides
+    Cin = cin_g * groups
+    dz = _channels_last(dz)
+    a = _channels_last(a.to(dz.dtype))
+    w = weight_operand(weight, packed, dz.dtype)
+    dx = _empty((N, Cin, H, W), device=dz.device, dtype=dz.dtype, memory_format=torch.channels_last)
+    dw = torch.empty_like(weight, dtype=torch.float32)
+    affine = in_scale is not None
+    grid, sizes, meta, w_grid = grads_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dz.dtype,
+                                             affine, in_relu and affine, weight_strides(w), dw.stride())
+    splits = w_grid[2]
+    partials = _empty((splits, Cout, cin_g, ksize, ksize) if splits > 1 else (0,), device=dz.device,
+                      dtype=torch.float32)
+    vec = lambda t: t.detach().float().contiguous() if affine else dw  # noqa: E731
+    counters = arrival_counters(dz.device, w_grid[0] * w_grid[1]) if splits > 1 else dw
+    conv_grads_kernel[grid](dx, partials if splits > 1 else dw, dw, counters, dz, w, a, vec(in_scale), vec(in_shift),
+                            **sizes, **meta)
+    return dx, dw

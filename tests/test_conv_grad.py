@@ -277,15 +277,20 @@ def _resnext50_launches(dtype):
             ho = (hw + 2 * p - k) // s + 1
             args = (N, cin, hw, hw, cout, ho, ho, k, s, p, g, dtype)
             from kernels._compile import weight_operand_strides
-            _, sizes, meta = cg.dgrad_launch(*args, w_strides=weight_operand_strides(
-                cout, cin // g, k, str(dtype).replace("torch.", "")))
+            w_strides = weight_operand_strides(cout, cin // g, k, str(dtype).replace("torch.", ""))
+            dw_strides = (k * k * (cin // g), 1, k * (cin // g), cin // g)  # a channels_last model's weight
+            _, sizes, meta = cg.dgrad_launch(*args, w_strides=w_strides)
             yield cg.conv_dgrad_kernel, dict(dx_ptr=ty, dz_ptr=ty, w_ptr=ty), sizes, meta
             for prologue in (False, True):  # the training backward recomputes the BN + ReLU prologue
-                # dw in a channels_last model's weight layout
-                _, sizes, meta = cg.wgrad_launch(*args, in_affine=prologue, in_relu=prologue,
-                                                 dw_strides=(k * k * (cin // g), 1, k * (cin // g), cin // g))
+                _, sizes, meta = cg.wgrad_launch(*args, in_affine=prologue, in_relu=prologue, dw_strides=dw_strides)
                 yield cg.conv_wgrad_kernel, dict(part_ptr="*fp32", dz_ptr=ty, a_ptr=ty, in_scale_ptr="*fp32",
                                                  in_shift_ptr="*fp32", dw_ptr="*fp32", counter_ptr="*i32"), sizes, meta
+                # both in one launch (what the training backward runs)
+                _, sizes, meta, _ = cg.grads_launch(*args, in_affine=prologue, in_relu=prologue,
+                                                    w_strides=w_strides, dw_strides=dw_strides)
+                yield cg.conv_grads_kernel, dict(dx_ptr=ty, part_ptr="*fp32", dw_ptr="*fp32", counter_ptr="*i32",
+                                                 dz_ptr=ty, w_ptr=ty, a_ptr=ty, in_scale_ptr="*fp32",
+                                                 in_shift_ptr="*fp32"), sizes, meta
 
 
 def _compile_for_hopper(dtype_name):
@@ -355,7 +360,7 @@ def test_compiles_for_hopper(dtype_name, hopper_compiles):
     assert returncode == 0, stderr[-4000:]
     report = json.loads(stdout.strip().splitlines()[-1])
     kernels = {line["kernel"] for line in report}
-    assert kernels == {"conv_dgrad_kernel", "conv_wgrad_kernel"}
+    assert kernels == {"conv_dgrad_kernel", "conv_wgrad_kernel", "conv_grads_kernel"}
     for line in report:
         exact_fp32 = dtype_name == "float32" and not line["meta"]["ALLOW_TF32"]  # FMA by design
         assert line["mma"] or exact_fp32, f"tl.dot did not become an MMA: {line}"
@@ -399,3 +404,28 @@ def test_wgrad_in_kernel_reduction_and_weight_layout(case_id, max_splits, ieee_f
     assert torch.equal(plain, cl)
     assert_close_fp32(plain, reference(c, x, w, dz)[1], "dw")
     assert all(int(buf.abs().sum()) == 0 for buf in _runtime._ARRIVAL_COUNTERS.values())
+
+
+@pytest.mark.parametrize("case_id", ["dense_3x3_cout_ne_cin", "4_per_group_s2_several_blocks",
+                                     "two_groups_s2_16_to_24"])
+@pytest.mark.parametrize("prologue", [False, True], ids=["plain", "prologue"])
+def test_both_gradients_in_one_launch_match_the_separate_kernels(case_id, prologue, max_splits, ieee_fp32):
+    """conv_grads: dgrad's programs then wgrad's in one grid; the same bits as the two
+    launches, the weight gradient in the weight's layout, one launch."""
+    from benchmarks.device_ops import count_device_ops
+    c = Case(**{**CASES[case_id].__dict__, "N": 3})
+    x, w, dz = make_inputs(c, torch.float32, seed=6)
+    w = w.contiguous(memory_format=torch.channels_last)
+    aff = dict(in_scale=torch.rand(c.Cin) + 0.5, in_shift=torch.randn(c.Cin) * 0.1, in_relu=True) if prologue else {}
+    dx, dw = cg.conv_grads(dz, x, w, c.stride, c.padding, c.groups, **aff)
+    assert torch.equal(dx, cg.conv_dgrad(dz, w, (c.H, c.W), c.stride, c.padding, c.groups))
+    assert torch.equal(dw, cg.conv_wgrad(dz, x, w.shape, c.stride, c.padding, c.groups, layout_like=w, **aff))
+    assert dw.stride() == w.stride() and dx.is_contiguous(memory_format=torch.channels_last)
+    ref_dx, ref_dw = reference(c, x, w, dz)
+    assert_close_fp32(dx, ref_dx, "dx")
+    if not prologue:
+        assert_close_fp32(dw, ref_dw, "dw")
+    xl, dzl = (t.contiguous(memory_format=torch.channels_last) for t in (x, dz))  # NCHW inputs are copied
+    ops = count_device_ops(lambda: cg.conv_grads(dzl, xl, w, c.stride, c.padding, c.groups, **aff))
+    # (fill_: the test suite's NaN poisoning of every torch.empty)
+    assert ops.triton == 1 and set(ops.by_name) - {"aten::fill_"} == {"triton::conv_grads_kernel"}, ops
