@@ -394,7 +394,6 @@ def test_weight_layouts_give_the_same_bits(ieee_fp32):
 def test_wgrad_in_kernel_reduction_and_weight_layout(case_id, max_splits, ieee_fp32):
     """The splits are summed inside the launch (the counters left zero for the next one),
     and dw comes back in the weight's memory layout with the same bits."""
-    from kernels import _runtime
     c = Case(**{**CASES[case_id].__dict__, "N": 6})
     x, w, dz = make_inputs(c, torch.float32, seed=5)
     w_cl = w.contiguous(memory_format=torch.channels_last)
