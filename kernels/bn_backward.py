@@ -25,6 +25,7 @@ so that ``torch.compile`` traces the surrounding backward formulas with fake ten
 It only runs the Triton kernel: callers keep the plain PyTorch formulas for float64 and
 plain CPU tensors (see ``conv_bn_act._backward`` and ``batchnorm._bn_act_backward``).
 """
+import functools
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -32,6 +33,7 @@ import triton
 import triton.language as tl
 
 
+from . import _runtime
 from ._runtime import arrival_counters, cdiv, eager_or_op, INTERPRET, _pow2_clamp, rows_config
 from ._triton_helpers import last_arrival
 
@@ -209,6 +211,12 @@ def bn_backward_kernel(
 
 
 def launch_config(M: int, C: int) -> dict:
+    """``_launch_config`` memoised (host time: every BN backward pass); a copy each call."""
+    return dict(_launch_config(M, C, TARGET_PROGRAMS, _runtime.INTERPRET))
+
+
+@functools.lru_cache(maxsize=4096)
+def _launch_config(M: int, C: int, TARGET_PROGRAMS: int, interpret: bool) -> dict:
     """Blocks, warps, row run per program and grid for an [M, C] launch (a function of M, C only).
 
     GPU: 2048-element tiles (32 rows x 64 channels at C >= 64) on 8 warps, 8 elements per
@@ -216,6 +224,7 @@ def launch_config(M: int, C: int) -> dict:
     report: 64 x 64 on 4 warps spilled at 255 registers; 64 x 64 on 8 warps needed ~155,
     one block per SM).  The interpreter takes ``rows_config``'s small tiles.
     """
+    del interpret  # rows_config reads it: a part of the key
     block_c = _pow2_clamp(C, 16, 64)
     if INTERPRET:
         block_m, num_warps = rows_config(M, C)["BLOCK_M"], 4

@@ -344,11 +344,12 @@ def conv_grads_impl(dz: Tensor, a: Tensor, weight: Tensor, packed: Optional[Tens
     """Data and weight gradients of the convolution (Triton dgrad / wgrad kernels).
 
     Returns (da [N, Cin, H, W] channels_last in dz's dtype, dw fp32 in the weight's memory
-    layout); an output that is not needed comes back empty.  ``packed``: the forward's packed weight in dz's dtype, or None.
+    layout); an output that is not needed comes back empty; both needed: one launch.
+    ``packed``: the forward's packed weight in dz's dtype, or None.
     ``in_scale/in_shift/in_relu``: a is x, and the weight gradient applies the forward's
     prologue to it on load.
     """
-    if need_input and need_weight:  # one launch for both
+    if need_input and need_weight:
         return conv_grads(dz, a, weight, stride, padding, groups, packed=packed, in_scale=in_scale,
                           in_shift=in_shift, in_relu=in_relu)
     da = conv_dgrad(dz, weight, a.shape[2:], stride, padding, groups, packed=packed) if need_input \

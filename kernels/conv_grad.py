@@ -26,6 +26,7 @@ integer counter elects it, ``_triton_helpers.last_arrival``) sums them in split 
 writes dw in the weight's memory layout: one launch, no float atomics, so the result is
 bit-identical run to run.
 """
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -192,7 +193,12 @@ def dgrad_config(N: int, H: int, W: int, cin: int, cin_g: int, cout_g: int, stri
     Rows are the input pixels of one parity class; columns input channels (``cin_g`` per
     group); the reduction runs over output channels (``cout_g`` per group).
     """
-    rows_per_class = N * cdiv(H, stride) * cdiv(W, stride)
+    return dict(_dgrad_config(N * cdiv(H, stride) * cdiv(W, stride), cin, cout_g, cin_g, dtype, _runtime.INTERPRET))
+
+
+@functools.lru_cache(maxsize=4096)
+def _dgrad_config(rows_per_class, cin, cout_g, cin_g, dtype, interpret) -> dict:
+    del interpret  # conv_config reads it: a part of the key
     return conv_config(rows_per_class, cin, cout_g, cin_g, dtype)
 
 
@@ -411,8 +417,14 @@ def wgrad_config(M: int, cout: int, cin_g: int, cout_g: int, ksize: int) -> dict
     """Block sizes and M-split of ``conv_wgrad_kernel``; M = N*Ho*Wo output pixels.
 
     Depends on the shape only (not on the device), so a given convolution always sums
-    its partials in the same order: same bits on any GPU.
+    its partials in the same order: same bits on any GPU.  Memoised (host time, every
+    backward of every convolution): a copy each call.
     """
+    return dict(_wgrad_config(M, cout, cin_g, cout_g, ksize, _runtime.INTERPRET))
+
+
+@functools.lru_cache(maxsize=4096)
+def _wgrad_config(M: int, cout: int, cin_g: int, cout_g: int, ksize: int, interpret: bool) -> dict:
     block_co = _pow2_clamp(cout, 16, 64 if cout_g >= 64 else 32)
     groups_per_block = -(-block_co // cout_g)
     block_ci = _pow2_clamp(groups_per_block * cin_g, 16, 64)
@@ -422,7 +434,7 @@ def wgrad_config(M: int, cout: int, cin_g: int, cout_g: int, ksize: int) -> dict
         ((min(c0 + block_co, cout) - 1) // cout_g + 1) * cin_g - (c0 // cout_g * cin_g) // 16 * 16
         for c0 in range(0, cout, block_co))
     n_ci_blocks = cdiv(ci_width, block_ci)
-    if _runtime.INTERPRET:  # the interpreter pays per loop step: big steps, 2 splits
+    if interpret:  # the interpreter pays per loop step: big steps, 2 splits
         block_m, splits = _pow2_clamp(M, 16, 64), 2
     else:
         block_m = 64
@@ -493,7 +505,10 @@ def conv_wgrad(dz: Tensor, a: Tensor, weight_shape: Sequence[int], stride: int, 
         dw = torch.ops.aten.convolution_backward(
             dz, a.to(dz.dtype), w_shape, None, [stride] * 2, [padding] * 2, [1, 1],
             False, [0, 0], groups, [False, True, False])[1]
-        return dw if dw.dtype == torch.float64 else dw.float()
+        dw = dw if dw.dtype == torch.float64 else dw.float()
+        if layout_like is not None and dw.stride() != layout_like.stride():  # as the Triton path (and the fake)
+            dw = torch.empty_like(layout_like, dtype=dw.dtype).copy_(dw)
+        return dw
     if dz.numel() == 0:  # empty batch: nothing to sum
         return torch.zeros(tuple(weight_shape), device=dz.device, dtype=torch.float32)
 
@@ -565,11 +580,28 @@ def conv_grads_kernel(
                        dw_stride_kh, dw_stride_kw)
 
 
+_GRADS_LAUNCHES = {}
+
+
 def grads_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype, in_affine=False,
                  in_relu=False, w_strides=None, dw_strides=None):
     """(grid, size arguments, constexprs and launch options, wgrad grid) of
     ``conv_grads_kernel``: ``dgrad_launch`` and ``wgrad_launch`` side by side (the block
-    sizes of each, the larger warp count).  Shared with the offline compilation test."""
+    sizes of each, the larger warp count).  Shared with the offline compilation test.
+    Memoised (every training backward of every convolution builds it): do not edit the
+    dicts it returns."""
+    key = (N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype, in_affine, in_relu, w_strides,
+           dw_strides, _runtime.INTERPRET, torch.backends.cudnn.allow_tf32, wgrad_config, dgrad_config)
+    launch = _GRADS_LAUNCHES.get(key)
+    if launch is None:
+        if len(_GRADS_LAUNCHES) > 4096:
+            _GRADS_LAUNCHES.clear()
+        launch = _GRADS_LAUNCHES[key] = _grads_launch(*key[:16])
+    return launch
+
+
+def _grads_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype, in_affine, in_relu,
+                  w_strides, dw_strides):
     d_grid, d_sizes, d_meta = dgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype,
                                            w_strides)
     w_grid, w_sizes, w_meta = wgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype,
