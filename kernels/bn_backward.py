@@ -330,7 +330,8 @@ def bn_backward_impl(
             WRITE_DZ=dz_dtype is not None, WRITE_DRES=dres_dtype is not None, RES_SCALE=res_scale is not None,
             SUM_G=sum_g, SUM_V=sum_v, SUM_R=r is not None,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
-            sums_ptr=sums, counter_ptr=arrival_counters(device, cfg["grid"][1]) if any_sum and runs > 1 else sums,
+            # (counters passed even when unused: one pointer type, so one binary for every batch size)
+            sums_ptr=sums, counter_ptr=arrival_counters(device, cfg["grid"][1]),
             dy_stride_m=dy_strides[0], dy_stride_c=dy_strides[1],
         )
     elif any_sum:
