@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from . import reference
+from ._runtime import eager_or_op
 
 Tensor = torch.Tensor
 
@@ -63,17 +64,32 @@ def gather_rank_stats(local: Tensor, group_name: str) -> Tensor:
     return out
 
 
+def sum_stats_grads_impl(dmean: Tensor, dvar: Tensor, count: int, group_name: str) -> Tuple[Tensor, Tensor]:
+    """See ``sum_stats_grads``."""
+    C = dmean.shape[0]
+    buf = torch.cat([dmean, dvar, dmean.new_full((1,), count)])
+    dist.all_reduce(buf, group=_group(group_name))
+    factor = count / buf[2 * C:]
+    return buf[:C] * factor, buf[C:2 * C] * factor
+
+
+# An operator under torch.compile (an opaque node: the collective runs when the graph does), as
+# the forward's all-gather, which sits inside resnext::conv_bn_act.
+sum_stats_grads_op = torch.library.custom_op("resnext::sum_stats_grads", sum_stats_grads_impl, mutates_args=())
+
+
+@sum_stats_grads_op.register_fake
+def _(dmean, dvar, count, group_name):
+    return torch.empty_like(dmean), torch.empty_like(dvar)
+
+
 def sum_stats_grads(dmean: Tensor, dvar: Tensor, count: int, group_name: str) -> Tuple[Tensor, Tensor]:
     """This rank's gradients w.r.t. the group's batch mean and variance [C] -> the group's
     sums, times count / (the group's count): one all-reduce of [2C + 1].
 
     The scaling lets the consumers (``bn_backward``, the reference formula) keep dividing by
     this rank's count: ``dmean' / count == sum of dmean / group count``."""
-    C = dmean.shape[0]
-    buf = torch.cat([dmean, dvar, dmean.new_full((1,), count)])
-    dist.all_reduce(buf, group=_group(group_name))
-    scaled = buf[:2 * C].view(2, C) * (count / buf[2 * C:])
-    return scaled[0], scaled[1]
+    return eager_or_op(sum_stats_grads_op, sum_stats_grads_impl)(dmean, dvar, count, group_name)
 
 
 def merge_rank_stats_reference(mean: Tensor, var: Tensor, count: int, group_name: str
@@ -91,6 +107,14 @@ def merge_rank_stats_reference(mean: Tensor, var: Tensor, count: int, group_name
     g_mean = (counts * means).sum(0) / safe
     g_m2 = m2s.sum(0) + (counts * (means - g_mean) ** 2).sum(0)  # exact: no E[x^2] - E[x]^2
     return g_mean.to(acc), (g_m2 / total).to(acc), total[0]
+
+
+@torch.compiler.disable  # its collectives are plain torch.distributed calls: a graph break under compile
+def cross_rank_batch_norm(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                          group_name):
+    """``CrossRankBNFn.apply``."""
+    return CrossRankBNFn.apply(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                               group_name)
 
 
 class CrossRankBNFn(torch.autograd.Function):

@@ -52,5 +52,5 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         if x.shape[1] == 0:
             raise ValueError("SyncBatchNorm number of input channels should be non-zero")
         running_mean, running_var, nbt = running_stats(self)
-        return sync_bn.CrossRankBNFn.apply(x, self.weight, self.bias, running_mean, running_var, nbt,
-                                           self.momentum, self.eps, name)
+        return sync_bn.cross_rank_batch_norm(x, self.weight, self.bias, running_mean, running_var, nbt,
+                                             self.momentum, self.eps, name)

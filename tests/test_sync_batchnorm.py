@@ -21,6 +21,7 @@ if not torch.cuda.is_available():  # as tests/conftest.py; repeated for spawned 
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import copy  # noqa: E402
+import json  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -127,7 +128,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, case: dict):
             counter.take()
             out = run(x)
             fwd = counter.take()
-            loss = (out * w).sum() / (world if case.get("ddp") else 1)
+            loss = (out * w).sum()  # DDP averages the gradients: the whole batch's loss / world size
             loss.backward()
             bwd = counter.take()
             grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -254,6 +255,27 @@ def test_torch_compile(tmp_path, fullgraph, fresh_dynamo):
     ref_steps, ref_state = reference_run(range(2), batches, fused_stem=fullgraph)
     for rank, rec in enumerate(records):
         compare(rec, ref_steps, ref_state, rank)
+        assert rec["steps"][0]["fwd"] == ["all_gather"] * N_BN, rec["steps"][0]["fwd"]
+        assert rec["steps"][0]["bwd"] == ["all_reduce"] * N_BN, rec["steps"][0]["bwd"]
+
+
+def test_example_runs_under_torchrun(tmp_path):
+    """``torchrun --nproc_per_node=2 -m resnext.examples.train_ddp --tiny``: a 2-process gloo
+    job on tiny data; every BN a SyncBatchNorm2d, the replicas equal after the steps."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", "-m", "resnext.examples.train_ddp", "--tiny", "--image-size=8",
+           "--steps=2", f"--out={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "step 1: loss" in proc.stdout
+    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for r in records:
+        assert r["world"] == 2 and len(r["losses"]) == 2 and all(map(torch.isfinite, torch.tensor(r["losses"])))
+        assert r["sync_bns"] == 17 and r["torch_sync_bns"] == 0, r
+    assert records[0]["param_checksum"] == records[1]["param_checksum"], "DDP replicas differ"
 
 
 # --------------------------------------------------------------------------------------
