@@ -411,13 +411,12 @@ def _backward(ctx, dy, dmean, dvar, dscale, dshift):
     compute_dtype = x.dtype
     synced = stats_terms and ctx.group_name is not None
     if synced:
-        # The statistics are the group's: this rank's gradients reaching them, summed over the
-        # ranks (one all-reduce), become the dmean/dvar terms below; gamma and beta keep this
-        # rank's gradient (DDP sums those, as for nn.SyncBatchNorm).  See kernels.sync_bn.
-        dmean, dvar, sync_dgamma, sync_dbeta = _stats_grads_reference(mean, var, None, bn_weight, eps, dmean, dvar,
-                                                                      dscale, dshift, acc)
-        dmean, dvar = sync_bn.sum_stats_grads(dmean, dvar, y.numel() // max(y.shape[1], 1), ctx.group_name)
-        dscale = dshift = None
+        # The statistics are the group's: the gradients reaching them, summed over the ranks (one
+        # all-reduce), feed the statistics terms below; gamma and beta keep this rank's gradient
+        # (DDP averages those, as for nn.SyncBatchNorm).  See kernels.sync_bn.
+        sync_dgamma, sync_dbeta = sync_bn.local_affine_grads(mean, var, eps, dscale, dshift)
+        dmean, dvar, dscale, dshift = sync_bn.sum_stats_grads([dmean, dvar, dscale, dshift],
+                                                              y.numel() // max(y.shape[1], 1), ctx.group_name)
 
     if not fused:
         a = reference.input_prologue(x, in_scale, in_shift, in_relu)

@@ -7,12 +7,12 @@ with Chan's formula (``ROW_COUNTS``: uneven counts, an empty rank's zero row add
 then writes scale/shift and updates the running statistics with the group's count (unbiased
 variance, as ``nn.SyncBatchNorm``).  The group's count stays on the device: no host sync.
 
-Backward: the loss reaches the group's mean and variance from every rank.  Each rank turns
-its consumers' per-channel sums (the gradients of scale and shift) into its share of the
-gradients w.r.t. the mean and variance; ONE all-reduce of ``[dmean, dvar, count]`` ([2C + 1])
-sums them and the counts; the elementwise pass (``bn_backward``) then applies the statistics
-terms with the group's count.  gamma and beta keep this rank's gradient (DDP averages it, as
-for ``nn.SyncBatchNorm``, whose backward all-reduces ``sum_dy, sum_dy_xmu``, [2C]).
+Backward: the loss reaches the group's mean and variance from every rank, through each
+rank's scale and shift.  ONE all-reduce of ``[dscale, dshift, count]`` ([2C + 1]: the
+consumers' per-channel sums and the rank's count) gives the group's sums; the elementwise
+pass (``bn_backward``) then applies the statistics terms with them and the group's count.
+gamma and beta keep this rank's gradient, from its own sums (DDP averages it, as for
+``nn.SyncBatchNorm``, whose backward all-reduces ``sum_dy, sum_dy_xmu``, [2C]).
 
 Eval mode communicates nothing.  The process group travels through the custom operators as
 its name (``group_name``: a string the operator schema accepts), resolved here.
@@ -20,7 +20,7 @@ its name (``group_name``: a string the operator schema accepts), resolved here.
 ``CrossRankBNFn`` is the plain-PyTorch version of the whole BatchNorm with the same
 collectives: the forward of ``resnext.SyncBatchNorm2d`` when it is not fused (any device).
 """
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -64,13 +64,11 @@ def gather_rank_stats(local: Tensor, group_name: str) -> Tensor:
     return out
 
 
-def sum_stats_grads_impl(dmean: Tensor, dvar: Tensor, count: int, group_name: str) -> Tuple[Tensor, Tensor]:
-    """See ``sum_stats_grads``."""
-    C = dmean.shape[0]
-    buf = torch.cat([dmean, dvar, dmean.new_full((1,), count)])
+def sum_stats_grads_impl(grads: List[Tensor], count: int, group_name: str) -> Tensor:
+    """See ``sum_stats_grads``: [K, C] out, one tensor (outputs of an operator may not alias)."""
+    buf = torch.cat([*grads, grads[0].new_full((1,), count)])
     dist.all_reduce(buf, group=_group(group_name))
-    factor = count / buf[2 * C:]
-    return buf[:C] * factor, buf[C:2 * C] * factor
+    return buf[:-1].view(len(grads), -1) * (count / buf[-1:])
 
 
 # An operator under torch.compile (an opaque node: the collective runs when the graph does), as
@@ -79,17 +77,30 @@ sum_stats_grads_op = torch.library.custom_op("resnext::sum_stats_grads", sum_sta
 
 
 @sum_stats_grads_op.register_fake
-def _(dmean, dvar, count, group_name):
-    return torch.empty_like(dmean), torch.empty_like(dvar)
+def _(grads, count, group_name):
+    return grads[0].new_empty((len(grads), grads[0].shape[0]))
 
 
-def sum_stats_grads(dmean: Tensor, dvar: Tensor, count: int, group_name: str) -> Tuple[Tensor, Tensor]:
-    """This rank's gradients w.r.t. the group's batch mean and variance [C] -> the group's
-    sums, times count / (the group's count): one all-reduce of [2C + 1].
+def sum_stats_grads(grads: Sequence[Optional[Tensor]], count: int, group_name: str) -> List[Optional[Tensor]]:
+    """This rank's gradients w.r.t. the group's statistics ([C] each, None: no such gradient;
+    e.g. dscale, dshift, the consumers' sums) -> the group's sums, times count / (the group's
+    count): one all-reduce of [K*C + 1] (the counts ride along).
 
-    The scaling lets the consumers (``bn_backward``, the reference formula) keep dividing by
-    this rank's count: ``dmean' / count == sum of dmean / group count``."""
-    return eager_or_op(sum_stats_grads_op, sum_stats_grads_impl)(dmean, dvar, count, group_name)
+    The backward formulas are linear in these gradients and divide by the count, so with the
+    scaling they keep dividing by this rank's count: ``g' / count == sum of g / group count``."""
+    given = [g for g in grads if g is not None]
+    summed = iter(eager_or_op(sum_stats_grads_op, sum_stats_grads_impl)(given, count, group_name).unbind(0))
+    return [None if g is None else next(summed) for g in grads]
+
+
+def local_affine_grads(mean: Tensor, var: Tensor, eps: float, dscale: Optional[Tensor], dshift: Optional[Tensor]):
+    """This rank's gradients of gamma and beta from its consumers' sums (scale = gamma * r,
+    shift = beta - mean * scale, r = (var + eps)^-1/2): what nn.SyncBatchNorm returns, and DDP
+    then averages as any parameter's."""
+    if dscale is None and dshift is None:
+        return None, None
+    d_gr = dscale if dshift is None else -(dshift * mean) if dscale is None else dscale - dshift * mean
+    return d_gr * torch.rsqrt(var + eps), dshift
 
 
 def merge_rank_stats_reference(mean: Tensor, var: Tensor, count: int, group_name: str
@@ -151,9 +162,10 @@ class CrossRankBNFn(torch.autograd.Function):
         dims = [0, *range(2, x.dim())]
         shape = [1, C] + [1] * (x.dim() - 2)
         du, xf = dy.to(acc), x.to(acc)
-        dm, dv, dgamma, dbeta = _stats_grads_reference(mean, var, count, weight, eps, None, None,
-                                                       (du * xf).sum(dims), du.sum(dims), acc)
-        dm, dv = sum_stats_grads(dm, dv, count, name)
+        dscale, dshift = (du * xf).sum(dims), du.sum(dims)
+        dgamma, dbeta = local_affine_grads(mean, var, eps, dscale, dshift)
+        dscale, dshift = sum_stats_grads([dscale, dshift], count, name)
+        dm, dv, _, _ = _stats_grads_reference(mean, var, count, weight, eps, None, None, dscale, dshift, acc)
         dx = du * scale.view(shape) + (dm.view(shape) + dv.view(shape) * 2.0 * (xf - mean.view(shape))) / max(count, 1)
         need = ctx.needs_input_grad
         return (dx.to(x.dtype) if need[0] else None,

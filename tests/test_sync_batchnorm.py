@@ -61,15 +61,15 @@ class Net(nn.Module):
         return self.head(self.body(self.stem(x)).mean((2, 3)))
 
 
-def make_net(fused_stem: bool = False) -> nn.Module:
+def make_net(fused_stem: bool = False, dtype=torch.float32) -> nn.Module:
     torch.manual_seed(0)
-    return randomize_bn(Net(fused_stem)).train()
+    return randomize_bn(Net(fused_stem)).train().to(dtype)
 
 
-def batch(total: int, step: int = 0):
+def batch(total: int, step: int = 0, dtype=torch.float32):
     """The whole batch of a step and the fixed output weights of its loss sum(out * w)."""
     g = torch.Generator().manual_seed(1000 + step)
-    return torch.randn(total, *SHAPE, generator=g), torch.randn(total, CLASSES, generator=g)
+    return (torch.randn(total, *SHAPE, generator=g).to(dtype), torch.randn(total, CLASSES, generator=g).to(dtype))
 
 
 def _free_port() -> int:
@@ -110,8 +110,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str, case: dict):
         if case.get("subgroup"):  # ranks 0 and 1 share a group; rank 2 is alone in its own
             groups = [dist.new_group([0, 1]), dist.new_group([2])]
             group = groups[0] if rank < 2 else groups[1]
-        model = resnext.convert(nn.SyncBatchNorm.convert_sync_batchnorm(make_net(case.get("fused_stem", False)),
-                                                                        process_group=group))
+        dtype = case.get("dtype", torch.float32)  # float64: the fused modules' reference path
+        model = resnext.convert(nn.SyncBatchNorm.convert_sync_batchnorm(
+            make_net(case.get("fused_stem", False), dtype), process_group=group))
         record = dict(interpret=kernels._runtime.INTERPRET, steps=[],
                       types=sorted({type(m).__name__ for m in model.modules()}))
         run = model
@@ -122,7 +123,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, case: dict):
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9) if case.get("steps", 1) > 1 else None
         start = sum(batches[:rank])
         for step in range(case.get("steps", 1)):
-            x_all, w_all = batch(sum(batches), step)
+            x_all, w_all = batch(sum(batches), step, dtype)
             x, w = x_all[start:start + batches[rank]], w_all[start:start + batches[rank]]
             model.zero_grad(set_to_none=False)
             counter.take()
@@ -159,14 +160,14 @@ def run_workers(tmp_path, world: int, case: dict):
     return records
 
 
-def reference_run(ranks, batches, steps=1, lr=0.1, average=1, fused_stem=False):
+def reference_run(ranks, batches, steps=1, lr=0.1, average=1, fused_stem=False, dtype=torch.float32):
     """ONE process, plain BatchNorm2d, the whole batch of ``ranks`` (their local batches)."""
-    model = make_net(fused_stem)
+    model = make_net(fused_stem, dtype)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9) if steps > 1 else None
     sel = [(sum(batches[:r]), batches[r]) for r in ranks]
     out_steps = []
     for step in range(steps):
-        x_all, w_all = batch(sum(batches), step)
+        x_all, w_all = batch(sum(batches), step, dtype)
         x = torch.cat([x_all[s:s + n] for s, n in sel])
         w = torch.cat([w_all[s:s + n] for s, n in sel])
         model.zero_grad(set_to_none=False)
@@ -193,27 +194,30 @@ def assert_close(ours, ref, tol, what, atol=1e-6):
                                                               f"(scale {scale:.3g})"
 
 
-def compare(rec, ref_steps, ref_state, rank, tol=1e-4, tol_state=1e-4):
+def compare(rec, ref_steps, ref_state, rank, tol=1e-4, tol_state=1e-4, atol=1e-6):
     for i, (ours, ref) in enumerate(zip(rec["steps"], ref_steps)):
-        assert_close(ours["out"], ref["out"][rank], tol, f"rank {rank} step {i} output")
+        assert_close(ours["out"], ref["out"][rank], tol, f"rank {rank} step {i} output", atol)
         assert ours["grads"].keys() == ref["grads"].keys()
         for name, g in ref["grads"].items():
-            assert_close(ours["grads"][name], g, tol, f"rank {rank} step {i} grad {name}")
+            assert_close(ours["grads"][name], g, tol, f"rank {rank} step {i} grad {name}", atol)
     assert rec["state"].keys() == ref_state.keys()
     for name, v in ref_state.items():
         if v.is_floating_point():
-            assert_close(rec["state"][name], v, tol_state, f"rank {rank} {name}")
+            assert_close(rec["state"][name], v, tol_state, f"rank {rank} {name}", atol)
         else:
             assert torch.equal(rec["state"][name], v), f"rank {rank} {name}: {rec['state'][name]} vs {v}"
 
 
-@pytest.mark.parametrize("batches", [(3, 1), (2, 0, 1)], ids=["2ranks_3_1", "3ranks_2_0_1"])
-def test_uneven_batches_equal_one_process(tmp_path, batches):
+@pytest.mark.parametrize("batches, dtype", [((3, 1), torch.float32), ((2, 0, 1), torch.float32),
+                                            ((3, 1), torch.float64)],
+                         ids=["2ranks_3_1", "3ranks_2_0_1", "2ranks_3_1_float64_reference_path"])
+def test_uneven_batches_equal_one_process(tmp_path, batches, dtype):
     world = len(batches)
-    records = run_workers(tmp_path, world, dict(batches=list(batches)))
-    ref_steps, ref_state = reference_run(range(world), list(batches))
+    records = run_workers(tmp_path, world, dict(batches=list(batches), dtype=dtype))
+    ref_steps, ref_state = reference_run(range(world), list(batches), dtype=dtype)
+    tol, atol = (1e-4, 1e-6) if dtype == torch.float32 else (1e-10, 1e-12)
     for rank, rec in enumerate(records):
-        compare(rec, ref_steps, ref_state, rank)
+        compare(rec, ref_steps, ref_state, rank, tol, tol, atol)
         # one collective per BatchNorm forward and one per backward, nothing else
         assert rec["steps"][0]["fwd"] == ["all_gather"] * N_BN, rec["steps"][0]["fwd"]
         assert rec["steps"][0]["bwd"] == ["all_reduce"] * N_BN, rec["steps"][0]["bwd"]
