@@ -56,7 +56,9 @@ def gather_rank_stats(local: Tensor, group_name: str) -> Tensor:
     """This rank's [3, C] (count, mean, M2) -> [W, 3, C], every rank's row: one all-gather."""
     group = _group(group_name)
     out = local.new_empty((dist.get_world_size(group), *local.shape))
-    if dist.get_backend(group) == "gloo":  # gloo has no all-gather into one tensor: views of it
+    # gloo (CPU tensors, whatever the default backend string says) has no all-gather into one
+    # tensor: gather into views of it
+    if local.device.type == "cpu" or dist.get_backend(group) == "gloo":
         dist.all_gather(list(out.unbind(0)), local, group=group)
     else:
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in 2.13
