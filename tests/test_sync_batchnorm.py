@@ -61,9 +61,13 @@ class Net(nn.Module):
         return self.head(self.body(self.stem(x)).mean((2, 3)))
 
 
-def make_net(fused_stem: bool = False, dtype=torch.float32) -> nn.Module:
+def make_net(fused_stem: bool = False, dtype=torch.float32, momentum=0.1) -> nn.Module:
     torch.manual_seed(0)
-    return randomize_bn(Net(fused_stem)).train().to(dtype)
+    net = randomize_bn(Net(fused_stem)).train().to(dtype)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = momentum  # None: a cumulative average
+    return net
 
 
 def batch(total: int, step: int = 0, dtype=torch.float32):
@@ -99,6 +103,29 @@ class CollectiveCounter:
         return calls
 
 
+class NoHostSync:
+    """Every Tensor -> Python conversion raises inside (except in Triton's interpreter, which
+    runs kernels on the host by design), as tests/test_ecosystem.py's guard."""
+    METHODS = ("item", "cpu", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+    def __init__(self, on: bool):
+        self.on, self.saved = on, {}
+
+    def __enter__(self):
+        for name in self.METHODS if self.on else ():
+            real = self.saved[name] = getattr(torch.Tensor, name)
+
+            def guarded(t, *args, _name=name, _real=real, **kwargs):
+                if "triton" not in sys._getframe(1).f_code.co_filename:
+                    raise AssertionError(f"host sync: Tensor.{_name}() on the hot path")
+                return _real(t, *args, **kwargs)
+            setattr(torch.Tensor, name, guarded)
+
+    def __exit__(self, *exc):
+        for name, real in self.saved.items():
+            setattr(torch.Tensor, name, real)
+
+
 def _worker(rank: int, world: int, port: int, out_dir: str, case: dict):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -112,9 +139,15 @@ def _worker(rank: int, world: int, port: int, out_dir: str, case: dict):
             group = groups[0] if rank < 2 else groups[1]
         dtype = case.get("dtype", torch.float32)  # float64: the fused modules' reference path
         model = resnext.convert(nn.SyncBatchNorm.convert_sync_batchnorm(
-            make_net(case.get("fused_stem", False), dtype), process_group=group))
+            make_net(case.get("fused_stem", False), dtype, case.get("momentum", 0.1)), process_group=group))
         record = dict(interpret=kernels._runtime.INTERPRET, steps=[],
                       types=sorted({type(m).__name__ for m in model.modules()}))
+        if case.get("no_host_sync"):  # the guard itself works
+            try:
+                with NoHostSync(True):
+                    torch.ones(1).item()
+            except AssertionError:
+                record["guard_works"] = True
         run = model
         if case.get("ddp"):
             run = DDP(model)
@@ -127,10 +160,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str, case: dict):
             x, w = x_all[start:start + batches[rank]], w_all[start:start + batches[rank]]
             model.zero_grad(set_to_none=False)
             counter.take()
-            out = run(x)
-            fwd = counter.take()
-            loss = (out * w).sum()  # DDP averages the gradients: the whole batch's loss / world size
-            loss.backward()
+            with NoHostSync(case.get("no_host_sync", False)):
+                out = run(x)
+                fwd = counter.take()
+                loss = (out * w).sum()  # DDP averages the gradients: the whole batch's loss / world size
+                loss.backward()
             bwd = counter.take()
             grads = {n: p.grad.clone() for n, p in model.named_parameters()}
             if not case.get("ddp"):  # the sum over ranks = DDP's average x world size
@@ -160,9 +194,10 @@ def run_workers(tmp_path, world: int, case: dict):
     return records
 
 
-def reference_run(ranks, batches, steps=1, lr=0.1, average=1, fused_stem=False, dtype=torch.float32):
+def reference_run(ranks, batches, steps=1, lr=0.1, average=1, fused_stem=False, dtype=torch.float32,
+                  momentum=0.1):
     """ONE process, plain BatchNorm2d, the whole batch of ``ranks`` (their local batches)."""
-    model = make_net(fused_stem, dtype)
+    model = make_net(fused_stem, dtype, momentum)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9) if steps > 1 else None
     sel = [(sum(batches[:r]), batches[r]) for r in ranks]
     out_steps = []
@@ -208,15 +243,21 @@ def compare(rec, ref_steps, ref_state, rank, tol=1e-4, tol_state=1e-4, atol=1e-6
             assert torch.equal(rec["state"][name], v), f"rank {rank} {name}: {rec['state'][name]} vs {v}"
 
 
-@pytest.mark.parametrize("batches, dtype", [((3, 1), torch.float32), ((2, 0, 1), torch.float32),
-                                            ((3, 1), torch.float64)],
-                         ids=["2ranks_3_1", "3ranks_2_0_1", "2ranks_3_1_float64_reference_path"])
-def test_uneven_batches_equal_one_process(tmp_path, batches, dtype):
+@pytest.mark.parametrize("batches, dtype, fused", [((3, 1), torch.float32, False), ((2, 0, 1), torch.float32, True),
+                                                   ((3, 1), torch.float64, False)],
+                         ids=["2ranks_3_1", "3ranks_2_0_1_all_fused_no_host_sync_momentum_none",
+                              "2ranks_3_1_float64_reference_path"])
+def test_uneven_batches_equal_one_process(tmp_path, batches, dtype, fused):
+    """all_fused: every BN fused, momentum=None (the count on the device), and no host sync."""
     world = len(batches)
-    records = run_workers(tmp_path, world, dict(batches=list(batches), dtype=dtype))
-    ref_steps, ref_state = reference_run(range(world), list(batches), dtype=dtype)
+    momentum = None if fused else 0.1
+    records = run_workers(tmp_path, world, dict(batches=list(batches), dtype=dtype, fused_stem=fused,
+                                                no_host_sync=fused, momentum=momentum))
+    ref_steps, ref_state = reference_run(range(world), list(batches), dtype=dtype, fused_stem=fused,
+                                         momentum=momentum)
     tol, atol = (1e-4, 1e-6) if dtype == torch.float32 else (1e-10, 1e-12)
     for rank, rec in enumerate(records):
+        assert rec.get("guard_works", False) == fused
         compare(rec, ref_steps, ref_state, rank, tol, tol, atol)
         # one collective per BatchNorm forward and one per backward, nothing else
         assert rec["steps"][0]["fwd"] == ["all_gather"] * N_BN, rec["steps"][0]["fwd"]
