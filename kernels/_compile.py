@@ -160,14 +160,16 @@ def elementwise_launches(dtype: str) -> List[dict]:
                    else "*fp32" if n.endswith("_ptr") else "i32") for n in bn_act_kernel.arg_names}
         launches.append(dict(kernel=bn_act_kernel, signature=sig, constexprs=const, num_warps=4, num_stages=3,
                              mode="bn_act"))
-    for update in (False, True):
-        const = dict(AFFINE=update, UPDATE=update, CUMULATIVE=False, COUNT=update, BLOCK_T=32, BLOCK_C=64)
+    # the two launches of a cross-rank merge (kernels.sync_bn): this rank's row, then the ranks' rows
+    for update, sync in ((False, None), (True, None), (False, "MERGED_OUT"), (True, "ROW_COUNTS")):
+        const = dict(AFFINE=update, UPDATE=update, CUMULATIVE=False, COUNT=update, BLOCK_T=32, BLOCK_C=64,
+                     ROW_COUNTS=sync == "ROW_COUNTS", MERGED_OUT=sync == "MERGED_OUT")
         sig = {n: ("constexpr" if n in const else "*i64" if n == "nbt_ptr"
                    else _PTR[dtype] if n in ("gamma_ptr", "beta_ptr", "run_mean_ptr", "run_var_ptr")
                    else "*fp32" if n.endswith("_ptr") else "fp32" if n in ("momentum", "eps") else "i32")
                for n in bn_finalize_kernel.arg_names}
         launches.append(dict(kernel=bn_finalize_kernel, signature=sig, constexprs=const, num_warps=4, num_stages=3,
-                             mode="bn_finalize"))
+                             mode="bn_finalize" + (f"_{sync.lower()}" if sync else "")))
     return launches
 
 

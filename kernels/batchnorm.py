@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 
-from . import reference
+from . import reference, sync_bn
 from ._runtime import cdiv, DerivedCache, eager_or_op, next_power_of_2, rows_config, use_triton
 from .bn_backward import bn_backward
 
@@ -42,36 +42,68 @@ def bn_finalize_kernel(
     momentum, eps,  # fp32; with CUMULATIVE the factor is 1 / (num_batches_tracked + 1)
     AFFINE: tl.constexpr, UPDATE: tl.constexpr, CUMULATIVE: tl.constexpr, COUNT: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    # Cross-rank merge (kernels.sync_bn): each rank first merges its own blocks (MERGED_OUT),
+    # then merges the gathered rank rows (ROW_COUNTS).
+    ROW_COUNTS: tl.constexpr = False,  # part_mean_ptr is [T, 3, C] rows (count, mean, M2), any counts (0 too); M unused
+    MERGED_OUT: tl.constexpr = False,  # write (count, mean, M2) as a [3, C] row to mean_ptr instead of mean, var
 ):
     """One launch per BatchNorm: merge the partials (Chan et al.), then scale/shift and the
     running-statistics update of nn.BatchNorm2d, on [C] vectors, in place."""
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
-    n_a = 0.0
+    if ROW_COUNTS:  # counts per row and channel: a vector (equal over channels)
+        n_a = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    else:
+        n_a = 0.0
     mean_a = tl.zeros((BLOCK_C,), dtype=tl.float32)
     m2_a = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for t0 in range(0, T, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         t_ok = offs_t < T
-        rows = tl.where(t_ok, tl.minimum(M - offs_t * ROWS_PER_BLOCK, ROWS_PER_BLOCK), 0).to(tl.float32)
         ok = t_ok[:, None] & c_ok[None, :]
-        off = offs_t[:, None] * C + offs_c[None, :]
-        pm = tl.load(part_mean_ptr + off, mask=ok, other=0.0)
-        pm2 = tl.load(part_m2_ptr + off, mask=ok, other=0.0)
-        # merge this chunk of blocks exactly (two-pass about the chunk mean) ...
-        n_b = tl.sum(rows, axis=0)
-        mean_b = tl.sum(rows[:, None] * pm, axis=0) / n_b
-        d = tl.where(ok, pm - mean_b[None, :], 0.0)
-        m2_b = tl.sum(pm2, axis=0) + tl.sum(rows[:, None] * d * d, axis=0)
-        # ... then into the running result (Chan et al.)
-        n = n_a + n_b
-        delta = mean_b - mean_a
-        mean_a += delta * (n_b / n)
-        m2_a += m2_b + delta * delta * (n_a * n_b / n)
-        n_a = n
-    var = m2_a / M
-    tl.store(mean_ptr + offs_c, mean_a, mask=c_ok)
-    tl.store(var_ptr + offs_c, var, mask=c_ok)
+        if ROW_COUNTS:
+            off = offs_t[:, None] * (3 * C) + offs_c[None, :]
+            rows = tl.load(part_mean_ptr + off, mask=ok, other=0.0)
+            pm = tl.load(part_mean_ptr + C + off, mask=ok, other=0.0)
+            pm2 = tl.load(part_mean_ptr + 2 * C + off, mask=ok, other=0.0)
+            # as below, but an empty rank (count 0) or an all-empty chunk adds nothing
+            n_b = tl.sum(rows, axis=0)
+            mean_b = tl.sum(rows * pm, axis=0) / tl.maximum(n_b, 1.0)
+            d = tl.where(ok, pm - mean_b[None, :], 0.0)
+            m2_b = tl.sum(pm2, axis=0) + tl.sum(rows * d * d, axis=0)
+            n = n_a + n_b
+            delta = mean_b - mean_a
+            mean_a += delta * (n_b / tl.maximum(n, 1.0))
+            m2_a += m2_b + delta * delta * (n_a * n_b / tl.maximum(n, 1.0))
+            n_a = n
+        else:
+            rows = tl.where(t_ok, tl.minimum(M - offs_t * ROWS_PER_BLOCK, ROWS_PER_BLOCK), 0).to(tl.float32)
+            off = offs_t[:, None] * C + offs_c[None, :]
+            pm = tl.load(part_mean_ptr + off, mask=ok, other=0.0)
+            pm2 = tl.load(part_m2_ptr + off, mask=ok, other=0.0)
+            # merge this chunk of blocks exactly (two-pass about the chunk mean) ...
+            n_b = tl.sum(rows, axis=0)
+            mean_b = tl.sum(rows[:, None] * pm, axis=0) / n_b
+            d = tl.where(ok, pm - mean_b[None, :], 0.0)
+            m2_b = tl.sum(pm2, axis=0) + tl.sum(rows[:, None] * d * d, axis=0)
+            # ... then into the running result (Chan et al.)
+            n = n_a + n_b
+            delta = mean_b - mean_a
+            mean_a += delta * (n_b / n)
+            m2_a += m2_b + delta * delta * (n_a * n_b / n)
+            n_a = n
+    if ROW_COUNTS:  # the group's count, known on the device only (no host sync)
+        count = n_a
+    else:
+        count = M
+    var = m2_a / count
+    if MERGED_OUT:  # this rank's share of a cross-rank merge; scale/shift below go to scratch
+        tl.store(mean_ptr + offs_c, n_a + tl.zeros((BLOCK_C,), dtype=tl.float32), mask=c_ok)
+        tl.store(mean_ptr + C + offs_c, mean_a, mask=c_ok)
+        tl.store(mean_ptr + 2 * C + offs_c, m2_a, mask=c_ok)
+    else:
+        tl.store(mean_ptr + offs_c, mean_a, mask=c_ok)
+        tl.store(var_ptr + offs_c, var, mask=c_ok)
 
     scale = 1.0 / tl.sqrt(var + eps)
     if AFFINE:
@@ -91,7 +123,9 @@ def bn_finalize_kernel(
         if tl.program_id(0) == 0:  # no program reads the counter then: no race
             tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
     if UPDATE:
-        if M > 0:  # an empty batch is counted but leaves the statistics alone (as PyTorch)
+        if ROW_COUNTS:  # an all-empty group leaves the statistics alone, as an empty batch below
+            _update_running(run_mean_ptr, run_var_ptr, offs_c, c_ok & (count > 0), mean_a, var, count, factor)
+        elif M > 0:  # an empty batch is counted but leaves the statistics alone (as PyTorch)
             rm = tl.load(run_mean_ptr + offs_c, mask=c_ok, other=0.0)
             rv = tl.load(run_var_ptr + offs_c, mask=c_ok, other=0.0)
             # As torch.lerp_(running, batch statistic rounded to the buffer's dtype, factor)
@@ -100,6 +134,18 @@ def bn_finalize_kernel(
             new_var = _lerp(rv.to(tl.float32), unbiased, factor)
             tl.store(run_mean_ptr + offs_c, new_mean.to(rm.dtype), mask=c_ok)
             tl.store(run_var_ptr + offs_c, new_var.to(rv.dtype), mask=c_ok)
+
+
+@triton.jit
+def _update_running(run_mean_ptr, run_var_ptr, offs_c, ok, mean, var, count, factor):
+    """The running-statistics update above with a per-channel count (a vector)."""
+    rm = tl.load(run_mean_ptr + offs_c, mask=ok, other=0.0)
+    rv = tl.load(run_var_ptr + offs_c, mask=ok, other=0.0)
+    new_mean = _lerp(rm.to(tl.float32), mean.to(rm.dtype).to(tl.float32), factor)
+    unbiased = (var * (count / (count - 1.0))).to(rv.dtype).to(tl.float32)
+    new_var = _lerp(rv.to(tl.float32), unbiased, factor)
+    tl.store(run_mean_ptr + offs_c, new_mean.to(rm.dtype), mask=ok)
+    tl.store(run_var_ptr + offs_c, new_var.to(rv.dtype), mask=ok)
 
 
 @triton.jit
@@ -124,9 +170,13 @@ def bn_finalize(part_mean: Tensor, part_m2: Tensor, M: int, rows_per_block: int,
                 gamma: Optional[Tensor] = None, beta: Optional[Tensor] = None,
                 running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
                 num_batches_tracked: Optional[Tensor] = None, momentum: Optional[float] = 0.1,
-                eps: float = 1e-5) -> BNStats:
+                eps: float = 1e-5, group_name: Optional[str] = None) -> BNStats:
     """Per-row-block (mean, M2) partials [T, C] -> batch statistics and BN's scale/shift,
-    updating the running statistics in place when they are given (one launch)."""
+    updating the running statistics in place when they are given (one launch).
+
+    ``group_name``: the statistics are those of every rank of that process group (see
+    ``kernels.sync_bn``): a launch merges this rank's blocks, one all-gather, then the launch
+    above merges the ranks' rows."""
     T, C = part_mean.shape
     # four buffers, not views of one: outputs of a custom op may not alias
     out = [torch.empty(C, device=part_mean.device, dtype=torch.float32) for _ in range(4)]
@@ -134,6 +184,14 @@ def bn_finalize(part_mean: Tensor, part_m2: Tensor, M: int, rows_per_block: int,
     cumulative = update and momentum is None
     block_c = min(64, next_power_of_2(max(C, 1)))
     dummy = out[0]
+    if group_name is not None:
+        local = torch.empty((3, C), device=part_mean.device, dtype=torch.float32)
+        bn_finalize_kernel[(cdiv(C, block_c),)](
+            local, dummy, out[2], out[3], part_mean, part_m2, dummy, dummy, dummy, dummy, dummy,
+            T, C, M, rows_per_block, 0.0, float(eps),
+            AFFINE=False, UPDATE=False, CUMULATIVE=False, COUNT=False, BLOCK_T=32, BLOCK_C=block_c, MERGED_OUT=True)
+        part_mean = part_m2 = sync_bn.gather_rank_stats(local, group_name)  # [W, 3, C]
+        T = part_mean.shape[0]
     bn_finalize_kernel[(cdiv(C, block_c),)](
         *out, part_mean, part_m2,
         gamma if gamma is not None else dummy, beta if beta is not None else dummy,
@@ -141,7 +199,8 @@ def bn_finalize(part_mean: Tensor, part_m2: Tensor, M: int, rows_per_block: int,
         num_batches_tracked if num_batches_tracked is not None else dummy,
         T, C, M, rows_per_block, float(momentum or 0.0), float(eps),
         AFFINE=gamma is not None, UPDATE=update, CUMULATIVE=cumulative,
-        COUNT=num_batches_tracked is not None and not cumulative, BLOCK_T=32, BLOCK_C=block_c)
+        COUNT=num_batches_tracked is not None and not cumulative, BLOCK_T=32, BLOCK_C=block_c,
+        ROW_COUNTS=group_name is not None)
     if cumulative:  # momentum=None reads the counter in the kernel, so it is counted here
         num_batches_tracked.add_(1)
     # A kernel's writes do not bump version counters: bump them (host only), so that caches

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 
-from . import reference
+from . import reference, sync_bn
 from ._runtime import allow_tf32, cdiv, conv_config, DerivedCache, eager_or_op, use_triton
 from ._triton_helpers import has_nonfinite, mma
 from .batchnorm import bn_finalize, run_bn_act
@@ -257,13 +257,14 @@ def conv_bn_act_forward(
     out_scale: Optional[Tensor], out_shift: Optional[Tensor], residual: Optional[Tensor],
     out_relu: bool, stats: bool, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
     running_mean: Optional[Tensor], running_var: Optional[Tensor], num_batches_tracked: Optional[Tensor],
-    momentum: Optional[float], eps: float,
+    momentum: Optional[float], eps: float, group_name: Optional[str] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Launch the Triton kernels (or run the reference on a plain CPU tensor).
 
     Returns (y, mean, var, scale, shift); the last four are empty unless ``stats``: then the
     batch statistics of y (the raw convolution output) and the BN's scale/shift from them,
     with the running statistics (when given) updated in place: one finalize launch.
+    ``group_name``: the statistics are those of that process group's ranks (``kernels.sync_bn``).
     """
     if not use_triton(x) or x.dtype == torch.float64:  # float64: reference (for gradcheck)
         y, mean, var = reference.conv_bn_act_reference(
@@ -272,8 +273,11 @@ def conv_bn_act_forward(
         stat_dtype = reference.acc_dtype(x)
         mean, var = mean.to(stat_dtype), var.to(stat_dtype)
         if stats:
+            count = y.numel() // max(y.shape[1], 1)
+            if group_name is not None:
+                mean, var, count = sync_bn.merge_rank_stats_reference(mean, var, count, group_name)
             scale, shift = reference.bn_finalize_reference(
-                mean, var, y.numel() // max(y.shape[1], 1), bn_weight, bn_bias, running_mean, running_var,
+                mean, var, count, bn_weight, bn_bias, running_mean, running_var,
                 num_batches_tracked, momentum, eps)
         else:
             scale, shift = mean.new_empty(0), mean.new_empty(0)
@@ -311,7 +315,7 @@ def conv_bn_act_forward(
     )
     if stats:
         return (y, *bn_finalize(part_mean, part_m2, M, cfg["BLOCK_M"], bn_weight, bn_bias, running_mean,
-                                running_var, num_batches_tracked, momentum, eps))
+                                running_var, num_batches_tracked, momentum, eps, group_name))
     # distinct empties: op outputs may not alias
     return (y, *(torch.empty(0, device=x.device, dtype=torch.float32) for _ in range(4)))
 
@@ -329,7 +333,7 @@ conv_bn_act_op = torch.library.custom_op(
 @conv_bn_act_op.register_fake
 def _(x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu,
       out_scale, out_shift, residual, out_relu, stats, bn_weight, bn_bias, running_mean, running_var,
-      num_batches_tracked, momentum, eps):
+      num_batches_tracked, momentum, eps, group_name=None):
     N, _, H, W = x.shape
     Cout, _, ksize, _ = weight.shape
     Ho, Wo = out_size(H, ksize, stride, padding), out_size(W, ksize, stride, padding)
@@ -390,16 +394,17 @@ class ConvBNActFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu,
                 out_scale, out_shift, residual, out_relu, stats, bn_weight, bn_bias,
-                running_mean, running_var, num_batches_tracked, momentum, eps):
+                running_mean, running_var, num_batches_tracked, momentum, eps, group_name=None):
         y, mean, var, scale, shift = eager_or_op(conv_bn_act_op, conv_bn_act_forward)(
             x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu,
             out_scale, out_shift, residual, out_relu, stats,
-            bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps)
+            bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps, group_name)
         # Only x, the weight (and its packed copy), the per-channel vectors and y are kept:
         # the prologue (BN + ReLU of the previous layer) is recomputed from x in the backward.
         ctx.save_for_backward(x, weight, packed, in_scale, in_shift, out_scale, out_shift, y, mean, var,
                               bn_weight)
         ctx.conf = (stride, padding, groups, in_relu, residual is not None, out_relu, stats, eps)
+        ctx.group_name = group_name  # statistics merged across that process group's ranks
         ctx.set_materialize_grads(False)  # outputs nobody used get None, not zero tensors
         if not stats:
             ctx.mark_non_differentiable(mean, var, scale, shift)
@@ -441,6 +446,14 @@ def _backward(ctx, dy, dmean, dvar, dscale, dshift):
     need_z = out_scale is not None and need[_OUT_SCALE]  # frozen BN with a trainable gamma
     stats_terms = stats and any(t is not None for t in (dmean, dvar, dscale, dshift))
     compute_dtype = x.dtype
+    synced = stats_terms and ctx.group_name is not None
+    if synced:
+        # The statistics are the group's: the gradients reaching them, summed over the ranks (one
+        # all-reduce), feed the statistics terms below; gamma and beta keep this rank's gradient
+        # (DDP averages those, as for nn.SyncBatchNorm).  See kernels.sync_bn.
+        sync_dgamma, sync_dbeta = sync_bn.local_affine_grads(mean, var, eps, dscale, dshift)
+        dmean, dvar, dscale, dshift = sync_bn.sum_stats_grads([dmean, dvar, dscale, dshift],
+                                                              y.numel() // max(y.shape[1], 1), ctx.group_name)
 
     if not fused:
         a = reference.input_prologue(x, in_scale, in_shift, in_relu)
@@ -516,6 +529,8 @@ def _backward(ctx, dy, dmean, dvar, dscale, dshift):
         d_in_shift = _channel_sum(da).to(in_shift.dtype) if need[_IN_SHIFT] else None
     elif da is not None:
         dx = da if da.dtype == x.dtype else da.to(x.dtype)
+    if synced:
+        d_gamma, d_beta = sync_dgamma, sync_dbeta
     dw = (dw if dw.dtype == weight.dtype else dw.to(weight.dtype)) if need[_W] else None
     def cast(g, like):
         return None if g is None or like is None else g if g.dtype == like.dtype else g.to(like.dtype)
@@ -523,7 +538,7 @@ def _backward(ctx, dy, dmean, dvar, dscale, dshift):
     return (dx, dw, None, None, None, None, cast(d_in_scale, in_scale), cast(d_in_shift, in_shift), None,
             cast(d_out_scale, out_scale), cast(d_out_shift, out_shift), d_res, None, None,
             cast(d_gamma, bn_weight) if need[_GAMMA] else None, cast(d_beta, bn_weight) if need[_BETA] else None,
-            None, None, None, None, None)
+            None, None, None, None, None, None)
 
 
 # --------------------------------------------------------------------------------------

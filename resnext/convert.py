@@ -3,6 +3,7 @@ from torch import nn
 
 from .blocks import FusedBottleneck, is_fusable_bottleneck
 from .modules import FusedSequential
+from .sync_batchnorm import SyncBatchNorm2d
 
 
 def convert(model: nn.Module) -> nn.Module:
@@ -12,10 +13,17 @@ def convert(model: nn.Module) -> nn.Module:
     * every ``Conv2d -> BatchNorm2d [-> ReLU]`` run inside an ``nn.Sequential`` is fused
       (the Sequential becomes a ``FusedSequential`` with the same children).
 
+    * every ``nn.SyncBatchNorm`` (fused or not) becomes a ``SyncBatchNorm2d``: the same
+      tensors and semantics in a module that is not an ``nn.SyncBatchNorm`` (which DDP
+      refuses on the CPU); fused blocks merge its statistics across the ranks.
+
     Parameters, buffers and ``state_dict`` keys are unchanged (the same tensors: optimizers
-    keep working).  Anything else (the 7x7 stem, dilated or biased convs, SyncBatchNorm,
-    blocks with SE / drop-path / anti-aliasing) is left as it was.
+    keep working).  Anything else (the 7x7 stem, dilated or biased convs, timm's
+    SyncBatchNormAct, blocks with SE / drop-path / anti-aliasing) is left as it was.
     """
+    if type(model) is nn.SyncBatchNorm:
+        return SyncBatchNorm2d.from_sync_batchnorm(model)
+    _replace_sync_batchnorm(model)  # first, so that the blocks holding them can be fused
     if isinstance(model, (FusedBottleneck, FusedSequential)):
         return model
     if is_fusable_bottleneck(model):
@@ -27,3 +35,11 @@ def convert(model: nn.Module) -> nn.Module:
     if type(model) is nn.Sequential:  # a Sequential passed as the root
         return FusedSequential.from_sequential(model) or model
     return model
+
+
+def _replace_sync_batchnorm(model: nn.Module):
+    for name, child in list(model.named_children()):
+        if type(child) is nn.SyncBatchNorm:
+            setattr(model, name, SyncBatchNorm2d.from_sync_batchnorm(child))
+        else:
+            _replace_sync_batchnorm(child)

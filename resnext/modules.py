@@ -15,9 +15,10 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import nn
 
-from kernels import use_triton
+from kernels import sync_bn, use_triton
 from kernels.batchnorm import BNActFn, check_batch_stats, folded_scale_shift, running_stats, uses_batch_stats
 from kernels.conv_bn_act import ConvBNActFn, check_conv_inputs, out_size, packed_weight
+from .sync_batchnorm import SyncBatchNorm2d
 
 Tensor = torch.Tensor
 
@@ -39,7 +40,7 @@ def materialize(t: Union[Tensor, Pending]) -> Tensor:
 def fusable(conv: nn.Module, bn: nn.Module) -> bool:
     """Whether ``conv -> bn`` maps onto the fused kernels (else it is left to PyTorch)."""
     return (
-        type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d  # not SyncBatchNorm: stats are per rank
+        type(conv) is nn.Conv2d and type(bn) in (nn.BatchNorm2d, SyncBatchNorm2d)  # (convert replaces nn.SyncBatchNorm)
         and conv.kernel_size in ((1, 1), (3, 3))
         and conv.stride[0] == conv.stride[1]
         and isinstance(conv.padding, tuple) and conv.padding[0] == conv.padding[1]
@@ -100,11 +101,13 @@ def conv_bn_stage(inp: Union[Tensor, Pending], conv: nn.Conv2d, bn: nn.BatchNorm
     if isinstance(residual, torch.Tensor) and list(residual.shape) != out_shape:
         raise ValueError(f"residual must have shape {out_shape}, got {list(residual.shape)}")
     if uses_batch_stats(bn):
-        check_batch_stats(bn, out_shape[0] * out_shape[2] * out_shape[3])
+        group_name = sync_bn.group_name(bn)  # SyncBatchNorm: the statistics of the group's ranks
+        # (across ranks only nn.SyncBatchNorm's eps check applies: a rank may hold one value or none)
+        check_batch_stats(bn, out_shape[0] * out_shape[2] * out_shape[3] if group_name is None else None)
         running_mean, running_var, nbt = running_stats(bn)
         z, _, _, scale, shift = ConvBNActFn.apply(
             x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu, None, None, None, False, True,
-            bn.weight, bn.bias, running_mean, running_var, nbt, bn.momentum, bn.eps)
+            bn.weight, bn.bias, running_mean, running_var, nbt, bn.momentum, bn.eps, group_name)
         out = Pending(z, scale, shift, relu)
         return out if residual is None else finish(out, residual)
     scale, shift = folded_scale_shift(bn)

@@ -34,6 +34,8 @@ def test_every_variant_compiles(compiled):
             assert ("conv_bn_act_fwd_kernel", mode, dtype) in kinds
         assert ("bn_act_kernel", "bn_act", dtype) in kinds
         assert ("bn_finalize_kernel", "bn_finalize", dtype) in kinds
+        for mode in ("bn_finalize_merged_out", "bn_finalize_row_counts"):  # SyncBatchNorm's cross-rank merge
+            assert ("bn_finalize_kernel", mode, dtype) in kinds
 
 
 def test_convolutions_use_hopper_tensor_cores(compiled):
