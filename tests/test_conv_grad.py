@@ -346,7 +346,8 @@ def hopper_compiles():
                                     env=env, cwd=REPO)
              for name in COMPILE_DTYPES}
     try:
-        yield {name: proc.communicate(timeout=600) + (proc.returncode,) for name, proc in procs.items()}
+        # 1200 s: the merged grads kernel doubled the variants (each compiles both bodies)
+        yield {name: proc.communicate(timeout=1200) + (proc.returncode,) for name, proc in procs.items()}
     finally:
         for proc in procs.values():
             if proc.poll() is None:
