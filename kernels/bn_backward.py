@@ -335,7 +335,9 @@ def bn_backward_impl(
     if stat_daff and M == 0:
         dparam.zero_()
     if dgate_on:  # per-image programs -> [N, C], in a fixed order
-        dgate = dgate_part.view(N, -1, C).sum(dim=1) if M > 0 else dgate_part.new_zeros((N, C))
+        per_image = cfg["progs_per_image"]
+        dgate = dgate_part.new_zeros((N, C)) if M == 0 else dgate_part.view(N, C) if per_image == 1 \
+            else dgate_part.view(N, per_image, C).sum(dim=1)
     else:
         dgate = torch.empty(0, device=device, dtype=torch.float32)
     # fixed-order reduction over the row runs, only when a sum was asked for
