@@ -149,7 +149,7 @@ def model_conv_shapes(batch: int = 64, image: int = 224):
 
 def elementwise_launches(dtype: str) -> List[dict]:
     from .batchnorm import bn_act_kernel, bn_finalize_kernel
-    from .squeeze_excite import squeeze_sum_kernel
+    from .squeeze_excite import squeeze_backward_kernel, squeeze_sum_kernel
     launches = []
     for res_affine, gate in ((False, False), (True, False), (False, True), (True, True)):
         const = dict(HAS_RESIDUAL=True, RES_AFFINE=res_affine, RELU=True, BLOCK_M=64, BLOCK_C=64, GATE=gate)
@@ -162,6 +162,11 @@ def elementwise_launches(dtype: str) -> List[dict]:
            for n in squeeze_sum_kernel.arg_names}
     launches.append(dict(kernel=squeeze_sum_kernel, signature=sig, constexprs=const, num_warps=4, num_stages=3,
                          mode="squeeze_sum"))
+    const = dict(HAS_DSCALE=True, HAS_DSHIFT=True, BLOCK_C=64)
+    sig = {n: "constexpr" if n in const else "*fp32" if n.endswith("_ptr") else "fp32" if n == "inv_hw" else "i32"
+           for n in squeeze_backward_kernel.arg_names}
+    launches.append(dict(kernel=squeeze_backward_kernel, signature=sig, constexprs=const, num_warps=4,
+                         num_stages=3, mode="squeeze_backward"))
     for update in (False, True):
         const = dict(AFFINE=update, UPDATE=update, CUMULATIVE=False, COUNT=update, BLOCK_T=32, BLOCK_C=64)
         sig = {n: ("constexpr" if n in const else "*i64" if n == "nbt_ptr"

@@ -21,6 +21,7 @@ Row blocks of the convolution may span several images (HW < BLOCK_M, or a block 
 image boundary): the epilogue writes one partial sum per image a block touches and
 ``squeeze_sum_kernel`` merges them in a fixed order, exactly.
 """
+from types import SimpleNamespace
 from typing import Optional, Tuple
 
 import torch
@@ -55,6 +56,60 @@ def squeeze_sum_kernel(
     tl.store(out_ptr + n * C + offs_c, acc, mask=c_ok)
 
 
+@triton.jit(do_not_specialize=["N"])
+def squeeze_backward_kernel(
+    dsums_ptr,  # [N, C] fp32 out: dm * scale / HW, the gradient of S (added per image in conv3's backward)
+    dscale_ptr, dshift_ptr,  # [C] fp32 out: dscale_in + sum_n dm * S / HW, dshift_in + sum_n dm
+    dm_ptr,  # [N, C] fp32: the gradient of the squeeze mean m = S * scale / HW + shift
+    sums_ptr,  # [N, C] fp32: S
+    scale_ptr,  # [C] fp32
+    dscale_in_ptr, dshift_in_ptr,  # [C] fp32 (HAS_DSCALE / HAS_DSHIFT): what reached scale and shift otherwise
+    N, C, inv_hw,
+    HAS_DSCALE: tl.constexpr, HAS_DSHIFT: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The backward of m = S * scale / HW + shift on [N, C] in one launch (a fixed-order sum over n)."""
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    s = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0)
+    acc_s = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for n in range(0, N):
+        dm = tl.load(dm_ptr + n * C + offs_c, mask=c_ok, other=0.0)
+        acc_s += dm * tl.load(sums_ptr + n * C + offs_c, mask=c_ok, other=0.0)
+        acc_b += dm
+        tl.store(dsums_ptr + n * C + offs_c, dm * s * inv_hw, mask=c_ok)
+    d_scale = acc_s * inv_hw
+    if HAS_DSCALE:
+        d_scale += tl.load(dscale_in_ptr + offs_c, mask=c_ok, other=0.0)
+    if HAS_DSHIFT:
+        acc_b += tl.load(dshift_in_ptr + offs_c, mask=c_ok, other=0.0)
+    tl.store(dscale_ptr + offs_c, d_scale, mask=c_ok)
+    tl.store(dshift_ptr + offs_c, acc_b, mask=c_ok)
+
+
+def squeeze_backward(dm: Tensor, sums: Tensor, scale: Tensor, hw: int, dscale: Optional[Tensor],
+                     dshift: Optional[Tensor]):
+    """(dS, dscale + the squeeze's share, dshift + the squeeze's share) for m = S * scale / HW + shift."""
+    if not use_triton(dm) or dm.dtype == torch.float64:  # PyTorch formulas: the reference
+        acc = reference.acc_dtype(dm)
+        dm, sums, scale = dm.to(acc), sums.to(acc), scale.to(acc)
+        d_scale = (dm * sums).sum(dim=0) / hw
+        d_shift = dm.sum(dim=0)
+        d_scale = d_scale + dscale.to(acc) if dscale is not None else d_scale
+        d_shift = d_shift + dshift.to(acc) if dshift is not None else d_shift
+        return dm * (scale / hw), d_scale, d_shift
+    N, C = dm.shape
+    f32 = lambda t: t.detach().float().contiguous()  # noqa: E731
+    dsums = torch.empty((N, C), device=dm.device, dtype=torch.float32)
+    d_scale, d_shift = (torch.empty(C, device=dm.device, dtype=torch.float32) for _ in range(2))
+    block_c = min(64, next_power_of_2(max(C, 1)))
+    squeeze_backward_kernel[(cdiv(C, block_c),)](
+        dsums, d_scale, d_shift, f32(dm), f32(sums), f32(scale),
+        f32(dscale) if dscale is not None else d_scale, f32(dshift) if dshift is not None else d_shift,
+        N, C, 1.0 / hw, HAS_DSCALE=dscale is not None, HAS_DSHIFT=dshift is not None, BLOCK_C=block_c)
+    return dsums, d_scale, d_shift
+
+
 def merge_squeeze_sums(out: Tensor, part: Tensor, hw: int, rows_per_block: int):
     """[T, SLOTS, C] per-block partials of the conv epilogue (SQUEEZE) -> ``out`` [N, C], in place."""
     N, C = out.shape
@@ -71,17 +126,20 @@ def conv_bn_squeeze_forward(
     out_scale: Optional[Tensor], out_shift: Optional[Tensor], residual: Optional[Tensor],
     out_relu: bool, stats: bool, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
     running_mean: Optional[Tensor], running_var: Optional[Tensor], num_batches_tracked: Optional[Tensor],
-    momentum: Optional[float], eps: float,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``conv_bn_act_forward`` that also returns S [N, Cout] (fp32; float64 for float64): the
-    per-(image, channel) sums over H, W of its output y."""
+    momentum: Optional[float], eps: float, sq_scale: Optional[Tensor], sq_shift: Optional[Tensor],
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``conv_bn_act_forward`` that also returns the squeeze mean m [N, Cout] = mean over H, W
+    of y * s + b, with (s, b) = (sq_scale, sq_shift), or the BN's own scale/shift of this
+    call (``stats``), and S [N, Cout], the sums of y over H, W (fp32; float64 for float64)."""
     N, Cout = x.shape[0], weight.shape[0]
     sums = torch.empty((N, Cout), device=x.device, dtype=reference.acc_dtype(x))
     y, mean, var, scale, shift = conv_bn_act_forward(
         x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu, out_scale, out_shift, residual,
         out_relu, stats, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps,
         squeeze_sums=sums)
-    return y, mean, var, scale, shift, sums
+    s, b = (scale, shift) if sq_scale is None else (sq_scale, sq_shift)
+    m = torch.addcmul(b.to(sums.dtype), sums, s.to(sums.dtype), value=1.0 / (y.shape[2] * y.shape[3]))
+    return y, mean, var, scale, shift, m, sums
 
 
 conv_bn_squeeze_op = torch.library.custom_op(
@@ -92,43 +150,57 @@ conv_bn_squeeze_op = torch.library.custom_op(
 @conv_bn_squeeze_op.register_fake
 def _(x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu,
       out_scale, out_shift, residual, out_relu, stats, bn_weight, bn_bias, running_mean, running_var,
-      num_batches_tracked, momentum, eps):
+      num_batches_tracked, momentum, eps, sq_scale, sq_shift):
     N, _, H, W = x.shape
     Cout, _, ksize, _ = weight.shape
     Ho, Wo = out_size(H, ksize, stride, padding), out_size(W, ksize, stride, padding)
     y = torch.empty((N, Cout, Ho, Wo), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     n_stats, stat_dtype = (Cout if stats else 0), reference.acc_dtype(x)
-    return (y, *(x.new_empty(n_stats, dtype=stat_dtype) for _ in range(4)), x.new_empty((N, Cout), dtype=stat_dtype))
+    return (y, *(x.new_empty(n_stats, dtype=stat_dtype) for _ in range(4)),
+            *(x.new_empty((N, Cout), dtype=stat_dtype) for _ in range(2)))
 
 
 class ConvSqueezeFn(torch.autograd.Function):
-    """``ConvBNActFn`` (same arguments) with a sixth output, the squeeze sums S [N, Cout];
-    the gradient reaching S is added to the output's gradient inside the usual backward pass."""
+    """``ConvBNActFn``'s arguments, then ``sq_scale, sq_shift`` (None: the BN's own scale/shift
+    of this call, ``stats``); a sixth output, the squeeze mean m [N, Cout] = mean over H, W of
+    y * s + b.  Backward: m's gradient becomes S's (one small launch, which also adds m's share
+    to the gradients of s and b) and is added to y's inside conv3's usual backward pass."""
 
     @staticmethod
     def forward(ctx, x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu,
                 out_scale, out_shift, residual, out_relu, stats, bn_weight, bn_bias,
-                running_mean, running_var, num_batches_tracked, momentum, eps):
-        y, mean, var, scale, shift, sums = eager_or_op(conv_bn_squeeze_op, conv_bn_squeeze_forward)(
+                running_mean, running_var, num_batches_tracked, momentum, eps, sq_scale, sq_shift):
+        if sq_scale is None and not stats:
+            raise ValueError("the squeeze needs sq_scale/sq_shift or the batch statistics (stats=True)")
+        y, mean, var, scale, shift, m, sums = eager_or_op(conv_bn_squeeze_op, conv_bn_squeeze_forward)(
             x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu,
             out_scale, out_shift, residual, out_relu, stats,
-            bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps)
+            bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps, sq_scale, sq_shift)
         ctx.save_for_backward(x, weight, packed, in_scale, in_shift, out_scale, out_shift, y, mean, var,
-                              bn_weight)
+                              bn_weight, sums, scale if sq_scale is None else sq_scale)
         ctx.conf = (stride, padding, groups, in_relu, residual is not None, out_relu, stats, eps)
+        ctx.own_affine = sq_scale is None
         ctx.set_materialize_grads(False)
         if not stats:
             ctx.mark_non_differentiable(mean, var, scale, shift)
-        return y, mean, var, scale, shift, sums
+        return y, mean, var, scale, shift, m
 
     @staticmethod
-    def backward(ctx, dy, dmean, dvar, dscale, dshift, dsums):
-        return _backward(ctx, dy, dmean, dvar, dscale, dshift, image_grad=dsums)
-
-
-def squeeze_mean(sums: Tensor, scale: Tensor, shift: Tensor, hw: int) -> Tensor:
-    """m[n, c] = mean over H, W of z*scale + shift, from S = sum_hw z (one op, differentiable)."""
-    return torch.addcmul(shift.to(sums.dtype), sums, scale.to(sums.dtype), value=1.0 / hw)
+    def backward(ctx, dy, dmean, dvar, dscale, dshift, dm):
+        sums, sq_scale = ctx.saved_tensors[-2:]
+        d_sq_scale = d_sq_shift = dsums = None
+        if dm is not None:
+            hw = ctx.saved_tensors[7].shape[2] * ctx.saved_tensors[7].shape[3]
+            if ctx.own_affine:  # m's share joins what reached the BN's scale/shift
+                dsums, dscale, dshift = squeeze_backward(dm, sums, sq_scale, hw, dscale, dshift)
+            else:
+                dsums, d_sq_scale, d_sq_shift = squeeze_backward(dm, sums, sq_scale, hw, None, None)
+                d_sq_scale = d_sq_scale.to(sq_scale.dtype)
+                d_sq_shift = d_sq_shift.to(sq_scale.dtype)
+        conv_ctx = SimpleNamespace(saved_tensors=ctx.saved_tensors[:-2], conf=ctx.conf,
+                                   needs_input_grad=ctx.needs_input_grad)  # ConvBNActFn's
+        grads = _backward(conv_ctx, dy, dmean, dvar, dscale, dshift, image_grad=dsums)
+        return (*grads, d_sq_scale, d_sq_shift)
 
 
 # --------------------------------------------------------------------------------------

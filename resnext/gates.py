@@ -16,7 +16,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
-from kernels.squeeze_excite import GatedBNActFn, squeeze_mean
+from kernels.squeeze_excite import GatedBNActFn
 
 from .modules import Pending, conv_bn_stage, materialize
 
@@ -95,15 +95,14 @@ def has_gate(block: nn.Module) -> bool:
 
 def gated_final(block: nn.Module, out: Union[Tensor, Pending], make_identity: Callable[[], object]) -> Tensor:
     """conv3 -> bn3 -> se -> drop_path -> += identity -> ReLU, with ``out`` conv3's (pending)
-    input: conv3 writes z3 and its per-image sums, the excite runs on [N, C], and one pass
+    input: conv3 writes z3 and the squeeze mean of bn3(z3), the excite runs on [N, C], and one pass
     computes ``relu(gate * bn3(z3) + identity)``.  ``make_identity()`` runs after the gate and
     the drop-path mask, where the unconverted block runs its downsample (RNG order)."""
-    main, sums = conv_bn_stage(out, block.conv3, block.bn3, relu=True, squeeze=True)
+    main, m = conv_bn_stage(out, block.conv3, block.bn3, relu=True, squeeze=True)
     gate = None
     se = getattr(block, "se", None)
     if not _is_noop(se):
         z = main.z
-        m = squeeze_mean(sums, main.scale, main.shift, z.shape[2] * z.shape[3])
         gate = excite_of(se)(m.to(z.dtype).view(z.shape[0], z.shape[1], 1, 1))
     if drop_path_active(block):
         mask = drop_path_mask(block.drop_path, gate if gate is not None else main.z)

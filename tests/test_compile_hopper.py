@@ -35,6 +35,7 @@ def test_every_variant_compiles(compiled):
         assert ("bn_act_kernel", "bn_act", dtype) in kinds
         assert ("bn_act_kernel", "bn_act_gated", dtype) in kinds
         assert ("squeeze_sum_kernel", "squeeze_sum", dtype) in kinds
+        assert ("squeeze_backward_kernel", "squeeze_backward", dtype) in kinds
         assert ("bn_finalize_kernel", "bn_finalize", dtype) in kinds
 
 

@@ -297,7 +297,7 @@ def test_se_block_device_ops(train):
     2 convs, act, sigmoid, mul; the fused one moves the mean into conv3's epilogue plus one
     merge launch, and the multiply into the final pass).  Training: within the limit
     tests/test_device_ops.py guards for the plain bottleneck (the plain fused block's own
-    backward is over eager's; see there), and the SE's share is printed and bounded."""
+    backward is over eager's; see there), and the SE's own share is no larger than eager's SE."""
     from test_device_ops import TRAIN_LIMIT
     counts = {}
     for variant in ("se", None):
@@ -314,6 +314,6 @@ def test_se_block_device_ops(train):
         assert f_se.triton == f_plain.triton + 2  # + the squeeze merge and the final pass
     else:
         assert f_se.total <= TRAIN_LIMIT * e_se.total, f"fused SE block training: {f_se.total}, eager {e_se.total}"
-        # the SE's share: at most 3 more than eager's (the addcmul backward of the squeeze mean
-        # and the accumulation of bn3's scale/shift gradients from two paths; see NOTES)
-        assert f_se.total - f_plain.total <= e_se.total - e_plain.total + 3
+        # the SE's own share is under eager's: the squeeze's backward is one launch
+        assert f_se.total - f_plain.total <= e_se.total - e_plain.total, (
+            f"the fused SE adds {f_se.total - f_plain.total} device ops, eager's {e_se.total - e_plain.total}")

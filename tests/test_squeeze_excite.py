@@ -12,14 +12,18 @@ import torch
 
 from helpers import assert_close_to_ref
 from kernels import reference
-from kernels.squeeze_excite import ConvSqueezeFn, gated_bn_act, squeeze_mean
+from kernels.squeeze_excite import ConvSqueezeFn, gated_bn_act
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _conv_squeeze(x, w, stride, padding, stats, in_scale=None, in_shift=None):
+def _conv_squeeze(x, w, stride, padding, stats, in_scale=None, in_shift=None, sq_scale=None, sq_shift=None):
+    """(y, mean, var, scale, shift, m); without stats, (sq_scale, sq_shift) default to (1, 0): m = mean of y."""
+    if not stats and sq_scale is None:
+        sq_scale, sq_shift = torch.ones(w.shape[0], dtype=x.dtype), torch.zeros(w.shape[0], dtype=x.dtype)
     return ConvSqueezeFn.apply(x, w, None, stride, padding, 1, in_scale, in_shift, in_scale is not None,
-                               None, None, None, False, stats, None, None, None, None, None, 0.1, 1e-5)
+                               None, None, None, False, stats, None, None, None, None, None, 0.1, 1e-5,
+                               sq_scale, sq_shift)
 
 
 @pytest.mark.parametrize("shape", [
@@ -33,17 +37,19 @@ def test_squeeze_sums_in_conv_epilogue(shape, dtype):
     x = torch.randn(N, 16, H, W, device=DEVICE).to(dtype).to(memory_format=torch.channels_last)
     w = (torch.randn(cout, 16, 1, 1, device=DEVICE) * 0.3).to(dtype)
     for stats in (False, True):
-        y, mean, var, scale, shift, sums = _conv_squeeze(x, w, 1, 0, stats)
-        # the sums of y as stored: compare against float64 sums of the returned y (exact up to fp32 order)
-        ref = y.double().sum(dim=(2, 3))
-        torch.testing.assert_close(sums.double(), ref, atol=1e-4 * H * W, rtol=1e-5)
+        y, mean, var, scale, shift, m = _conv_squeeze(x, w, 1, 0, stats)
+        # the mean of bn(y) as stored: against float64 from the returned y (exact up to fp32 order)
+        s, b = (scale.double(), shift.double()) if stats else (1.0, 0.0)
+        ref = (y.double() * (s.view(1, -1, 1, 1) if stats else s) + (b.view(1, -1, 1, 1) if stats else b))
+        torch.testing.assert_close(m.double(), ref.mean(dim=(2, 3)), atol=1e-5, rtol=1e-5)
         y_ref = torch.nn.functional.conv2d(x.double(), w.double())
         assert_close_to_ref(y, y_ref, dtype, torch.nn.functional.conv2d(x, w) if dtype != torch.float32 else None)
 
 
 def test_squeeze_gradient_joins_conv_backward():
-    """S's gradient is added to y's in conv3's backward pass: compare with float64 autograd
-    through the reference, train mode (statistics terms too) and without statistics."""
+    """m's gradient is added to y's in conv3's backward pass (and to scale/shift's): compare with
+    float64 autograd through the reference, train mode (statistics terms too) and with a given
+    (sq_scale, sq_shift), the eval fold, whose gradients come back too."""
     N, cin, cout, H, W = 3, 16, 24, 5, 3
     x = torch.randn(N, cin, H, W, device=DEVICE).to(memory_format=torch.channels_last)
     w = torch.randn(cout, cin, 1, 1, device=DEVICE) * 0.3
@@ -51,20 +57,24 @@ def test_squeeze_gradient_joins_conv_backward():
     dy = torch.randn(N, cout, H, W, device=DEVICE)
     dsum = torch.randn(N, cout, device=DEVICE)
     dsc, dsh = torch.randn(cout, device=DEVICE), torch.randn(cout, device=DEVICE)
+    sqs, sqb = torch.rand(cout, device=DEVICE) + 0.5, torch.randn(cout, device=DEVICE)
     for stats in (False, True):
         outs = []
         for dt in (torch.float32, torch.float64):
             xx = x.to(dt).requires_grad_()
             ww = w.to(dt).requires_grad_()
-            y, mean, var, scale, shift, sums = _conv_squeeze(xx, ww, 1, 0, stats, isc.to(dt), ish.to(dt))
-            loss = (y * dy.to(dt)).sum() + (sums * dsum.to(dt)).sum()
+            ss, bb = sqs.to(dt).requires_grad_(), sqb.to(dt).requires_grad_()
+            y, mean, var, scale, shift, m = _conv_squeeze(xx, ww, 1, 0, stats, isc.to(dt), ish.to(dt),
+                                                          None if stats else ss, None if stats else bb)
+            if dt == torch.float64:  # the reference: m from y by PyTorch's own ops
+                s_, b_ = (scale, shift) if stats else (ss, bb)
+                m = (y * s_.view(1, -1, 1, 1) + b_.view(1, -1, 1, 1)).mean(dim=(2, 3))
+            loss = (y * dy.to(dt)).sum() + (m * dsum.to(dt)).sum()
             if stats:
                 loss = loss + (scale * dsc.to(dt)).sum() + (shift * dsh.to(dt)).sum()
-            gx, gw = torch.autograd.grad(loss, (xx, ww))
-            outs.append((gx, gw))
-        (gx, gw), (rx, rw) = outs
-        torch.testing.assert_close(gx.double(), rx, atol=2e-4, rtol=2e-4)
-        torch.testing.assert_close(gw.double(), rw, atol=2e-3, rtol=2e-4)
+            outs.append(torch.autograd.grad(loss, (xx, ww) if stats else (xx, ww, ss, bb)))
+        for ours, ref in zip(*outs):
+            torch.testing.assert_close(ours.double(), ref, atol=2e-3, rtol=2e-4)
 
 
 def _gated_inputs(N, C, H, W, dtype, per_image, residual_kind):
@@ -108,13 +118,6 @@ def test_gated_bn_act_forward_backward(dtype, per_image, residual_kind):
         scale = max(1.0, b.abs().max().item())
         tol = 1e-4 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(a.double(), b, atol=tol * scale, rtol=tol)
-
-
-def test_squeeze_mean_is_the_mean_of_bn():
-    z = torch.randn(2, 8, 3, 5, dtype=torch.float64)
-    scale, shift = torch.rand(8, dtype=torch.float64) + 0.5, torch.randn(8, dtype=torch.float64)
-    m = squeeze_mean(z.sum(dim=(2, 3)), scale, shift, 15)
-    torch.testing.assert_close(m, (z * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)).mean(dim=(2, 3)))
 
 
 def test_gate_shape_is_checked():
