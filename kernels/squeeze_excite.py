@@ -21,7 +21,6 @@ Row blocks of the convolution may span several images (HW < BLOCK_M, or a block 
 image boundary): the epilogue writes one partial sum per image a block touches and
 ``squeeze_sum_kernel`` merges them in a fixed order, exactly.
 """
-from types import SimpleNamespace
 from typing import Optional, Tuple
 
 import torch
@@ -87,8 +86,8 @@ def squeeze_backward_kernel(
     tl.store(dshift_ptr + offs_c, acc_b, mask=c_ok)
 
 
-def squeeze_backward(dm: Tensor, sums: Tensor, scale: Tensor, hw: int, dscale: Optional[Tensor],
-                     dshift: Optional[Tensor]):
+def squeeze_backward_impl(dm: Tensor, sums: Tensor, scale: Tensor, hw: int, dscale: Optional[Tensor],
+                          dshift: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
     """(dS, dscale + the squeeze's share, dshift + the squeeze's share) for m = S * scale / HW + shift."""
     if not use_triton(dm) or dm.dtype == torch.float64:  # PyTorch formulas: the reference
         acc = reference.acc_dtype(dm)
@@ -108,6 +107,20 @@ def squeeze_backward(dm: Tensor, sums: Tensor, scale: Tensor, hw: int, dscale: O
         f32(dscale) if dscale is not None else d_scale, f32(dshift) if dshift is not None else d_shift,
         N, C, 1.0 / hw, HAS_DSCALE=dscale is not None, HAS_DSHIFT=dshift is not None, BLOCK_C=block_c)
     return dsums, d_scale, d_shift
+
+
+squeeze_backward_op = torch.library.custom_op("resnext::squeeze_backward", squeeze_backward_impl, mutates_args=())
+
+
+@squeeze_backward_op.register_fake
+def _(dm, sums, scale, hw, dscale, dshift):
+    acc = reference.acc_dtype(dm)
+    return (torch.empty(dm.shape, device=dm.device, dtype=acc),
+            *(torch.empty(dm.shape[1], device=dm.device, dtype=acc) for _ in range(2)))
+
+
+def squeeze_backward(dm, sums, scale, hw, dscale, dshift):
+    return eager_or_op(squeeze_backward_op, squeeze_backward_impl)(dm, sums, scale, hw, dscale, dshift)
 
 
 def merge_squeeze_sums(out: Tensor, part: Tensor, hw: int, rows_per_block: int):
@@ -160,6 +173,13 @@ def _(x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu,
             *(x.new_empty((N, Cout), dtype=stat_dtype) for _ in range(2)))
 
 
+class _ConvCtx:
+    """What ``conv_bn_act._backward`` reads of a ConvBNActFn context."""
+
+    def __init__(self, saved_tensors, conf, needs_input_grad):
+        self.saved_tensors, self.conf, self.needs_input_grad = saved_tensors, conf, needs_input_grad
+
+
 class ConvSqueezeFn(torch.autograd.Function):
     """``ConvBNActFn``'s arguments, then ``sq_scale, sq_shift`` (None: the BN's own scale/shift
     of this call, ``stats``); a sixth output, the squeeze mean m [N, Cout] = mean over H, W of
@@ -197,8 +217,7 @@ class ConvSqueezeFn(torch.autograd.Function):
                 dsums, d_sq_scale, d_sq_shift = squeeze_backward(dm, sums, sq_scale, hw, None, None)
                 d_sq_scale = d_sq_scale.to(sq_scale.dtype)
                 d_sq_shift = d_sq_shift.to(sq_scale.dtype)
-        conv_ctx = SimpleNamespace(saved_tensors=ctx.saved_tensors[:-2], conf=ctx.conf,
-                                   needs_input_grad=ctx.needs_input_grad)  # ConvBNActFn's
+        conv_ctx = _ConvCtx(ctx.saved_tensors[:-2], ctx.conf, ctx.needs_input_grad)  # ConvBNActFn's
         grads = _backward(conv_ctx, dy, dmean, dvar, dscale, dshift, image_grad=dsums)
         return (*grads, d_sq_scale, d_sq_shift)
 

@@ -10,6 +10,10 @@ Train mode (batch statistics), four convolutions and one elementwise pass::
 
 Eval mode folds each BN into its convolution's epilogue; conv3 adds the identity
 (or the downsample output) and applies the final ReLU in its epilogue.
+
+timm's SE / ECA module and drop_path (in training) join the final pass as a per-(image,
+channel) gate, the squeeze coming from conv3's epilogue; an active drop_block runs the
+block on PyTorch (see resnext/gates.py).
 """
 from typing import Optional
 
@@ -56,7 +60,8 @@ class FusedBottleneck(nn.Module):
         super().__init__()
         if not is_fusable_bottleneck(block):
             raise ValueError(f"cannot fuse {type(block).__name__}: expected a Bottleneck with bias-free 1x1/3x3/1x1 "
-                             f"convolutions, BatchNorm2d, ReLU and no dilation/SE/drop-path/anti-aliasing")
+                             f"convolutions, BatchNorm2d, ReLU, no dilation/anti-aliasing, and as SE / drop-path "
+                             f"only timm's SEModule, EcaModule, DropPath, DropBlock2d")
         for name, m in block.named_children():
             self.add_module(name, m)
         self.stride = self.conv2.stride[0]

@@ -14,7 +14,7 @@ def convert(model: nn.Module) -> nn.Module:
 
     Parameters, buffers and ``state_dict`` keys are unchanged (the same tensors: optimizers
     keep working).  Anything else (the 7x7 stem, dilated or biased convs, SyncBatchNorm,
-    blocks with SE / drop-path / anti-aliasing) is left as it was.
+    blocks with anti-aliasing or attention other than timm's SE/ECA) is left as it was.
     """
     if isinstance(model, (FusedBottleneck, FusedSequential)):
         return model

@@ -171,7 +171,8 @@ def make_block(variant: str, downsample: bool) -> nn.Module:
 
 
 def _run(model, x, seed, train, w=None):
-    model.train(train)
+    if isinstance(model, nn.Module):
+        model.train(train)
     torch.manual_seed(seed)  # drop_path / drop_block draw their masks from the global generator
     y = model(x)
     if w is not None:
@@ -179,8 +180,9 @@ def _run(model, x, seed, train, w=None):
     return y
 
 
-def compare(variant: str, downsample: bool, train: bool, dtype=torch.float32, steps: int = 1):
-    """Converted vs unconverted vs float64, same seed, ``steps`` forward/backward calls."""
+def compare(variant: str, downsample: bool, train: bool, dtype=torch.float32, steps: int = 1, compile=False):
+    """Converted (``compile``: through torch.compile(fullgraph=True)) vs unconverted vs float64,
+    same seed, ``steps`` forward/backward calls."""
     ref = make_block(variant, downsample)
     ours = resnext.convert(copy.deepcopy(ref))
     assert isinstance(ours, resnext.FusedBottleneck), f"{variant} must be fused"
@@ -194,7 +196,9 @@ def compare(variant: str, downsample: bool, train: bool, dtype=torch.float32, st
     for step in range(steps):
         xs = [x.to(dt).to(memory_format=torch.channels_last).requires_grad_(train)
               for dt in (dtype, dtype, torch.float64)]
-        ys = [_run(m, xi, 10 + step, train, w if train else None) for m, xi in zip((ours, ref, ref64), xs)]
+        call = torch.compile(ours, fullgraph=True, backend="aot_eager") if compile else ours
+        ours.train(train)
+        ys = [_run(m, xi, 10 + step, train, w if train else None) for m, xi in zip((call, ref, ref64), xs)]
         atol = lambda c: (FP32_TOL if dtype == torch.float32 else 2e-2) * c.abs().max().item() + 1e-12  # noqa: E731
         assert_lowp_close(ys[0], ys[1], ys[2], atol(ys[2]), what=f"output (step {step})")
         if train:
@@ -234,6 +238,13 @@ def test_fused_matches_unconverted(variant, downsample, train):
 @pytest.mark.parametrize("variant", ["se", "eca+drop_path"])
 def test_fp16(variant, train):
     compare(variant, True, train, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_torch_compile_fullgraph(train, fresh_dynamo):
+    """The squeeze conv, the gated final pass and their backward are custom operators: Dynamo
+    traces the block whole (aot_eager), drop_path's RNG call included."""
+    compare("se+drop_path", True, train, compile=True)
 
 
 def test_two_training_steps_same_seed():
