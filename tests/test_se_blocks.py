@@ -170,9 +170,12 @@ def make_block(variant: str, downsample: bool) -> nn.Module:
     return block.to(DEVICE)
 
 
-def _run(model, x, seed, train, w=None):
+def _run(model, x, seed, train, w=None, frozen_bn=False):
     if isinstance(model, nn.Module):
         model.train(train)
+        for m in model.modules():
+            if frozen_bn and isinstance(m, nn.BatchNorm2d):  # fine-tuning with frozen BN statistics
+                m.eval()
     torch.manual_seed(seed)  # drop_path / drop_block draw their masks from the global generator
     y = model(x)
     if w is not None:
@@ -180,7 +183,8 @@ def _run(model, x, seed, train, w=None):
     return y
 
 
-def compare(variant: str, downsample: bool, train: bool, dtype=torch.float32, steps: int = 1, compile=False):
+def compare(variant: str, downsample: bool, train: bool, dtype=torch.float32, steps: int = 1, compile=False,
+            frozen_bn=False):
     """Converted (``compile``: through torch.compile(fullgraph=True)) vs unconverted vs float64,
     same seed, ``steps`` forward/backward calls."""
     ref = make_block(variant, downsample)
@@ -197,8 +201,8 @@ def compare(variant: str, downsample: bool, train: bool, dtype=torch.float32, st
         xs = [x.to(dt).to(memory_format=torch.channels_last).requires_grad_(train)
               for dt in (dtype, dtype, torch.float64)]
         call = torch.compile(ours, fullgraph=True, backend="aot_eager") if compile else ours
-        ours.train(train)
-        ys = [_run(m, xi, 10 + step, train, w if train else None) for m, xi in zip((call, ref, ref64), xs)]
+        ys = [_run(m, xi, 10 + step, train, w if train else None, frozen_bn)
+              for m, xi in zip((call, ref, ref64), xs)]
         atol = lambda c: (FP32_TOL if dtype == torch.float32 else 2e-2) * c.abs().max().item() + 1e-12  # noqa: E731
         assert_lowp_close(ys[0], ys[1], ys[2], atol(ys[2]), what=f"output (step {step})")
         if train:
@@ -245,6 +249,13 @@ def test_torch_compile_fullgraph(train, fresh_dynamo):
     """The squeeze conv, the gated final pass and their backward are custom operators: Dynamo
     traces the block whole (aot_eager), drop_path's RNG call included."""
     compare("se+drop_path", True, train, compile=True)
+
+
+@pytest.mark.parametrize("variant", ["se+drop_path", "drop_path"])
+def test_frozen_bn_training(variant):
+    """Training with every BN in eval (frozen statistics, trainable gamma/beta): bn3 is folded,
+    the squeeze mean uses the folded scale/shift, drop_path still draws its mask."""
+    compare(variant, True, True, frozen_bn=True)
 
 
 def test_two_training_steps_same_seed():
