@@ -227,6 +227,10 @@ def bn_act_kernel(
     M, C,
     HAS_RESIDUAL: tl.constexpr, RES_AFFINE: tl.constexpr, RELU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    gate_ptr=None,  # [N, C] any float dtype, strides gate_sn, gate_sc (GATE): squeeze-excite gate, drop-path mask
+    gate_sn=0, gate_sc=0,
+    HW=1,  # rows per image (GATE)
+    GATE: tl.constexpr = False,
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -236,6 +240,10 @@ def bn_act_kernel(
     s = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0)
     b = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0)
     y = tl.load(z_ptr + off, mask=ok, other=0.0).to(tl.float32) * s[None, :] + b[None, :]
+    if GATE:  # y = gate[n, c] * bn(z) (+ residual): the SE multiply / drop-path in this pass
+        img = offs_m // HW
+        y = y * tl.load(gate_ptr + img[:, None] * gate_sn + offs_c[None, :] * gate_sc, mask=ok,
+                        other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + off, mask=ok, other=0.0).to(tl.float32)
         if RES_AFFINE:
@@ -253,9 +261,11 @@ def _channels_last(t: Tensor) -> Tensor:
 
 
 def bn_act_forward(z: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor],
-                   res_scale: Optional[Tensor], res_shift: Optional[Tensor], relu: bool) -> Tensor:
+                   res_scale: Optional[Tensor], res_shift: Optional[Tensor], relu: bool,
+                   gate: Optional[Tensor] = None) -> Tensor:
+    """``gate`` ([N, C] or [N, 1], any float dtype, optional) multiplies bn(z) before the residual."""
     if not use_triton(z) or z.dtype == torch.float64:
-        y = reference.bn_act_reference(z, scale, shift, residual, res_scale, res_shift, relu)
+        y = reference.bn_act_reference(z, scale, shift, residual, res_scale, res_shift, relu, gate)
         return _channels_last(y)
     N, C, H, W = z.shape
     M = N * H * W
@@ -267,21 +277,30 @@ def bn_act_forward(z: Tensor, scale: Tensor, shift: Tensor, residual: Optional[T
     bn_act_kernel[grid](
         y, z, f32(scale), f32(shift),
         _channels_last(residual) if residual is not None else y, f32(res_scale), f32(res_shift),
-        M, C, HAS_RESIDUAL=residual is not None, RES_AFFINE=res_scale is not None, RELU=relu, **cfg)
+        M, C, HAS_RESIDUAL=residual is not None, RES_AFFINE=res_scale is not None, RELU=relu, **cfg,
+        **(_gate_args(gate, H * W) if gate is not None else {}))
     return y
+
+
+def _gate_args(gate: Tensor, hw: int) -> dict:
+    """The gate operands of bn_act_kernel: [N, C] or [N, 1] (a broadcast channel stride of 0)."""
+    g = gate.reshape(gate.shape[0], -1)
+    return dict(gate_ptr=g, gate_sn=g.stride(0), gate_sc=g.stride(1) if g.shape[1] > 1 else 0, HW=hw, GATE=True)
 
 
 bn_act_op = torch.library.custom_op("resnext::bn_act", bn_act_forward, mutates_args=())
 
 
 @bn_act_op.register_fake
-def _(z, scale, shift, residual, res_scale, res_shift, relu):
+def _(z, scale, shift, residual, res_scale, res_shift, relu, gate=None):
     return torch.empty_like(z, memory_format=torch.channels_last)
 
 
-def run_bn_act(z, scale, shift, residual, res_scale, res_shift, relu) -> Tensor:
+def run_bn_act(z, scale, shift, residual, res_scale, res_shift, relu, gate=None) -> Tensor:
     """The forward without autograd (backward formulas use it): operator or plain call."""
-    return eager_or_op(bn_act_op, bn_act_forward)(z, scale, shift, residual, res_scale, res_shift, relu)
+    if gate is None:
+        return eager_or_op(bn_act_op, bn_act_forward)(z, scale, shift, residual, res_scale, res_shift, relu)
+    return eager_or_op(bn_act_op, bn_act_forward)(z, scale, shift, residual, res_scale, res_shift, relu, gate)
 
 
 class BNActFn(torch.autograd.Function):

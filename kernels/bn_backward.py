@@ -54,6 +54,7 @@ def bn_backward_kernel(
     dz_ptr,  # [M, C] out (WRITE_DZ), its own dtype: g*scale (+ statistics terms)
     dres_ptr,  # [M, C] out (WRITE_DRES), its own dtype: g*res_scale, or g
     part_ptr,  # [3, T, C] fp32 out: this program's sum(g), sum(g*v), sum(g*r) (SUM_G, SUM_V, SUM_R)
+    #            (GATE and SUM_G: [4, T, C], g gated in the first two, un-gated in the others)
     dy_ptr,  # [M, C] incoming gradient (HAS_DY; without it g = 0)
     relu_src_ptr,  # [M, C]: the op output y (RELU_MODE 1) or the pre-BN input x (RELU_MODE 2)
     relu_scale_ptr, relu_shift_ptr,  # [C] fp32 (RELU_MODE 2): the mask is x*scale + shift > 0
@@ -84,6 +85,14 @@ def bn_backward_kernel(
     counter_ptr,  # int32 [channel blocks], zero (_runtime.arrival_counters): row runs arrived
     dy_stride_m, dy_stride_c,  # dy's element strides as an [M, C] matrix (0, 0: a broadcast scalar)
     BLOCK_T: tl.constexpr = 32,  # partial rows summed at a time by the last run
+    gate_ptr=None,  # [N, C] any float dtype, strides gate_sn, gate_sc (GATE): multiplies the BN branch
+    gate_sn=0, gate_sc=0,
+    shift_ptr=None,  # [C] fp32 (DGATE): the BN shift, u = v*scale + shift
+    dgate_ptr=None,  # [T, C] fp32 out (DGATE): per-program sum of g*u (programs image-aligned)
+    img_ptr=None,  # [N, C] fp32 (IMG_ADD): added to dy per (image, channel)
+    HW=1,  # rows per image (GATE, DGATE, IMG_ADD)
+    progs_per_image=1,  # (DGATE) programs per image: program t covers part of image t // progs_per_image
+    GATE: tl.constexpr = False, DGATE: tl.constexpr = False, IMG_ADD: tl.constexpr = False,
 ):
     pid_t = tl.program_id(0)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -129,8 +138,17 @@ def bn_backward_kernel(
     acc_g = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     acc_gv = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     acc_gr = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-    row_start = pid_t * rows_per_prog
-    row_end = tl.minimum(row_start + rows_per_prog, M)
+    if DGATE:  # per-image sums: a program's rows lie in one image
+        img0 = pid_t // progs_per_image
+        row_start = img0 * HW + (pid_t - img0 * progs_per_image) * rows_per_prog
+        row_end = tl.minimum(row_start + rows_per_prog, (img0 + 1) * HW)
+    else:
+        row_start = pid_t * rows_per_prog
+        row_end = tl.minimum(row_start + rows_per_prog, M)
+    acc_du = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    acc_g_res = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)  # (GATE and SUM_G) sum of the un-gated g
+    if DGATE:
+        b_shift = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0)
     for m0 in range(row_start, row_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         ok = (offs_m < row_end)[:, None] & c_ok[None, :]
@@ -140,6 +158,8 @@ def bn_backward_kernel(
             g = tl.load(dy_ptr + dy_off, mask=ok, other=0.0).to(tl.float32)
         else:
             g = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+        if IMG_ADD:
+            g += tl.load(img_ptr + (offs_m // HW)[:, None] * C + offs_c[None, :], mask=ok, other=0.0)
         # ReLU backward as torch's threshold_backward: 0 where the ReLU output is <= 0, else
         # g.  A NaN activation passes g (NaN <= 0 is false), a NaN g is zeroed where masked.
         if RELU_MODE == 1:
@@ -151,22 +171,30 @@ def bn_backward_kernel(
             pre = (x.to(tl.float32) * relu_s[None, :] + relu_b[None, :]).to(relu_src_ptr.dtype.element_ty)
             g = tl.where(pre <= 0.0, 0.0, g)
         # (masked-out elements have g == 0: they add nothing to the sums)
+        gb = g  # the gradient of the BN branch: gated (GATE), the residual's is not
+        if GATE:
+            gb = g * tl.load(gate_ptr + (offs_m // HW)[:, None] * gate_sn + offs_c[None, :] * gate_sc, mask=ok,
+                             other=0.0).to(tl.float32)
         if SUM_G:
-            acc_g += g
+            acc_g += gb
+            if GATE:
+                acc_g_res += g
         if STATS:  # z of the statistics terms, also the v of sum(g*v) if asked
             v = tl.load(v_ptr + off, mask=ok, other=0.0).to(tl.float32)
         elif SUM_V == 1:
             v = tl.load(v_ptr + off, mask=ok, other=0.0).to(tl.float32)
         if SUM_V == 1:
-            acc_gv += g * v
+            acc_gv += gb * v
         elif SUM_V == 2:
-            acc_gv += g * x.to(tl.float32)
+            acc_gv += gb * x.to(tl.float32)
+        if DGATE:  # the gate's gradient: g times the BN output u it multiplied
+            acc_du += g * (v * s[None, :] + b_shift[None, :])
         if SUM_R:
             acc_gr += g * tl.load(r_ptr + off, mask=ok, other=0.0).to(tl.float32)
         if WRITE_DZ:
-            dz = g
+            dz = gb
             if SCALE:
-                dz = g * s[None, :]
+                dz = gb * s[None, :]
             if STATS:
                 dz += dmean_term[None, :] + dvar_coef[None, :] * (v - mean[None, :])
             tl.store(dz_ptr + off, dz.to(dz_ptr.dtype.element_ty), mask=ok)
@@ -177,22 +205,27 @@ def bn_backward_kernel(
             tl.store(dres_ptr + off, dres.to(dres_ptr.dtype.element_ty), mask=ok)
 
     # Every slot is written (zeros for sums not asked for), so no buffer needs a zero fill.
+    part_off = pid_t.to(tl.int64) * C + offs_c
     if SUM_G or SUM_V != 0 or SUM_R:
         if T == 1:
             tl.store(sums_ptr + offs_c, tl.sum(acc_g, axis=0), mask=c_ok)
             tl.store(sums_ptr + C + offs_c, tl.sum(acc_gv, axis=0), mask=c_ok)
             tl.store(sums_ptr + 2 * C + offs_c, tl.sum(acc_gr, axis=0), mask=c_ok)
+            if GATE and SUM_G:  # a fourth slot: the residual branch's shift gradient
+                tl.store(sums_ptr + 3 * C + offs_c, tl.sum(acc_g_res, axis=0), mask=c_ok)
         else:
-            part_off = pid_t.to(tl.int64) * C + offs_c
             tl.store(part_ptr + part_off, tl.sum(acc_g, axis=0), mask=c_ok)
             tl.store(part_ptr + T * C + part_off, tl.sum(acc_gv, axis=0), mask=c_ok)
             tl.store(part_ptr + 2 * T * C + part_off, tl.sum(acc_gr, axis=0), mask=c_ok)
+            if GATE and SUM_G:
+                tl.store(part_ptr + 3 * T * C + part_off, tl.sum(acc_g_res, axis=0), mask=c_ok)
             # The last run of this channel block to finish sums every run's partials, in
             # run order: one launch, the same bits whichever run arrives last.
             if last_arrival(counter_ptr + tl.program_id(1), T):
                 tot_g = tl.zeros((BLOCK_C,), dtype=tl.float32)
                 tot_gv = tl.zeros((BLOCK_C,), dtype=tl.float32)
                 tot_gr = tl.zeros((BLOCK_C,), dtype=tl.float32)
+                tot_g_res = tl.zeros((BLOCK_C,), dtype=tl.float32)
                 for t0 in range(0, T, BLOCK_T):
                     offs_t = t0 + tl.arange(0, BLOCK_T)
                     ok_t = (offs_t < T)[:, None] & c_ok[None, :]
@@ -205,9 +238,16 @@ def bn_backward_kernel(
                     if SUM_R:
                         tot_gr += tl.sum(tl.load(part_ptr + 2 * T * C + off_t, mask=ok_t, other=0.0,
                                                  cache_modifier=".cg"), axis=0)
+                    if GATE and SUM_G:
+                        tot_g_res += tl.sum(tl.load(part_ptr + 3 * T * C + off_t, mask=ok_t, other=0.0,
+                                                    cache_modifier=".cg"), axis=0)
                 tl.store(sums_ptr + offs_c, tot_g, mask=c_ok)
                 tl.store(sums_ptr + C + offs_c, tot_gv, mask=c_ok)
                 tl.store(sums_ptr + 2 * C + offs_c, tot_gr, mask=c_ok)
+                if GATE and SUM_G:
+                    tl.store(sums_ptr + 3 * C + offs_c, tot_g_res, mask=c_ok)
+    if DGATE:
+        tl.store(dgate_ptr + part_off, tl.sum(acc_du, axis=0), mask=c_ok)
 
 
 def launch_config(M: int, C: int) -> dict:
@@ -236,6 +276,21 @@ def _launch_config(M: int, C: int, TARGET_PROGRAMS: int, interpret: bool) -> dic
     runs = cdiv(max(M, 1), rows_per_prog)  # every program gets at least one row
     return dict(BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps, rows_per_prog=rows_per_prog,
                 grid=(runs, c_blocks))
+
+
+def image_launch_config(N: int, HW: int, C: int) -> dict:
+    """``launch_config`` with image-aligned programs (per-image sums, DGATE): ``progs_per_image``
+    programs per image, each a run of rows inside it; a function of (N, HW, C) only.  Half the
+    rows per tile on a GPU: the gated variant holds five accumulators (sm_90: 136 registers at
+    32 x 64, over the 128 that leave room for several blocks per SM)."""
+    cfg = launch_config(N * HW, C)
+    if not INTERPRET:
+        cfg["BLOCK_M"] = max(16, cfg["BLOCK_M"] // 2)
+    block_m, c_blocks = cfg["BLOCK_M"], cfg["grid"][1]
+    runs = max(1, min(cdiv(HW, block_m), cdiv(TARGET_PROGRAMS, c_blocks * max(N, 1))))
+    rows_per_prog = max(1, cdiv(cdiv(HW, runs), block_m)) * block_m
+    per_image = cdiv(max(HW, 1), rows_per_prog)
+    return dict(cfg, rows_per_prog=rows_per_prog, progs_per_image=per_image, grid=(N * per_image, c_blocks))
 
 
 def _rows(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -279,13 +334,17 @@ def bn_backward_impl(
     dshift: Optional[Tensor], gamma: Optional[Tensor], eps: float, res_scale: Optional[Tensor],
     v: Optional[Tensor], v_is_relu_src: bool, r: Optional[Tensor], sum_g: bool,
     dz_dtype: Optional[torch.dtype], dres_dtype: Optional[torch.dtype],
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    gate: Optional[Tensor] = None, gate_shift: Optional[Tensor] = None, image_add: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """See ``bn_backward``.  Returns (dz or empty, dres or empty, sums [3, C] fp32,
-    [d gamma, d beta] [2, C] fp32 or empty)."""
+    [d gamma, d beta] [2, C] fp32 or empty, d gate [N, C] fp32 or empty)."""
     shape, device = _shape_of(dy, relu_src, z, v, r)
     N, C, H, W = shape
     M = N * H * W
-    cfg = launch_config(M, C)
+    dgate_on = gate_shift is not None
+    if dgate_on and (gate is None or v is None or scale is None or z is not None):
+        raise ValueError("the gate's gradient needs the gate, v = the BN input, its scale and no statistics terms")
+    cfg = image_launch_config(N, H * W, C) if dgate_on else launch_config(M, C)
     runs = cfg["grid"][0]
     dz, dres = _new_grad(shape, device, dz_dtype), _new_grad(shape, device, dres_dtype)
     stats = z is not None
@@ -301,9 +360,11 @@ def bn_backward_impl(
     if v_is_relu_src and (relu_scale is None or relu_src is None):
         raise ValueError("v_is_relu_src needs the affine ReLU mask (relu_src, relu_scale, relu_shift)")
     any_sum = sum_g or sum_v != 0 or r is not None
-    # row-run partials (summed in the launch by the last run of each channel block)
-    part = torch.empty((3, runs, C) if any_sum and runs > 1 else (0,), device=device, dtype=torch.float32)
-    sums = torch.empty((3, C), device=device, dtype=torch.float32)  # every slot is written when asked
+    # row-run partials (summed in the launch by the last run of each channel block); a fourth
+    # slot, the sum of the un-gated g, with a gate
+    slots = 4 if gate is not None and sum_g else 3
+    part = torch.empty((slots, runs, C) if any_sum and runs > 1 else (0,), device=device, dtype=torch.float32)
+    sums = torch.empty((slots, C), device=device, dtype=torch.float32)  # every slot is written when asked
     dparam = torch.empty((2, C) if stat_daff else (0,), device=device, dtype=torch.float32)
     dy_strides = _matrix_strides(dy) if dy is not None else (0, 0)
     if dy_strides is None:
@@ -314,6 +375,16 @@ def bn_backward_impl(
     relu_mode = RELU_NONE if relu_src is None else RELU_AFFINE if relu_scale is not None else RELU_OUTPUT
     dummy = sums  # any pointer for operands a constexpr switches off
     pick = lambda t: dummy if t is None else t  # noqa: E731
+    dgate_part = torch.empty((runs, C) if dgate_on else (0,), device=device, dtype=torch.float32)
+    gate_args = {}
+    if gate is not None or image_add is not None:
+        gate2 = gate.reshape(gate.shape[0], -1) if gate is not None else None  # [N, C] or [N, 1]
+        gate_args = dict(
+            gate_ptr=pick(gate2), gate_sn=gate2.stride(0) if gate2 is not None else 0,
+            gate_sc=(gate2.stride(1) if gate2.shape[1] > 1 else 0) if gate2 is not None else 0,
+            shift_ptr=pick(_vec(gate_shift)), dgate_ptr=dgate_part if dgate_on else dummy,
+            img_ptr=pick(_vec(image_add)), HW=H * W, progs_per_image=cfg.get("progs_per_image", 1),
+            GATE=gate is not None, DGATE=dgate_on, IMG_ADD=image_add is not None)
     if M > 0:
         bn_backward_kernel[cfg["grid"]](
             dz if dz_dtype is not None else dummy, dres if dres_dtype is not None else dummy,
@@ -333,12 +404,19 @@ def bn_backward_impl(
             # (counters passed even when unused: one pointer type, so one binary for every batch size)
             sums_ptr=sums, counter_ptr=arrival_counters(device, cfg["grid"][1]),
             dy_stride_m=dy_strides[0], dy_stride_c=dy_strides[1],
+            **gate_args,
         )
     elif any_sum:
         sums.zero_()
     if stat_daff and M == 0:
         dparam.zero_()
-    return dz, dres, sums, dparam
+    if dgate_on:  # per-image programs -> [N, C], in a fixed order
+        per_image = cfg["progs_per_image"]
+        dgate = dgate_part.new_zeros((N, C)) if M == 0 else dgate_part.view(N, C) if per_image == 1 \
+            else dgate_part.view(N, per_image, C).sum(dim=1)
+    else:
+        dgate = torch.empty(0, device=device, dtype=torch.float32)
+    return dz, dres, sums, dparam, dgate
 
 
 # The operator is the plain implementation registered with torch.library (for torch.compile).
@@ -347,12 +425,14 @@ bn_backward_op = torch.library.custom_op("resnext::bn_backward", bn_backward_imp
 
 @bn_backward_op.register_fake
 def _(dy, relu_src, relu_scale, relu_shift, scale, z, mean, var, dmean, dvar, dscale, dshift, gamma, eps,
-      res_scale, v, v_is_relu_src, r, sum_g, dz_dtype, dres_dtype):
+      res_scale, v, v_is_relu_src, r, sum_g, dz_dtype, dres_dtype, gate=None, gate_shift=None, image_add=None):
     shape, device = _shape_of(dy, relu_src, z, v, r)
     daff = z is not None and (dscale is not None or dshift is not None)
     return (_new_grad(shape, device, dz_dtype), _new_grad(shape, device, dres_dtype),
-            torch.empty((3, shape[1]), device=device, dtype=torch.float32),
-            torch.empty((2, shape[1]) if daff else (0,), device=device, dtype=torch.float32))
+            torch.empty((4 if gate is not None and sum_g else 3, shape[1]), device=device, dtype=torch.float32),
+            torch.empty((2, shape[1]) if daff else (0,), device=device, dtype=torch.float32),
+            torch.empty((shape[0], shape[1]) if gate_shift is not None else (0,), device=device,
+                        dtype=torch.float32))
 
 
 class BNBackward(NamedTuple):
@@ -363,6 +443,8 @@ class BNBackward(NamedTuple):
     sum_gr: Optional[Tensor]  # [C] fp32: sum of g*r
     dgamma: Optional[Tensor]  # [C] fp32 (stats with dscale/dshift): the BN weight's gradient
     dbeta: Optional[Tensor]  # [C] fp32: the BN bias's gradient
+    dgate: Optional[Tensor] = None  # [N, C] fp32 (gate_shift given): sum over H, W of g * (v*scale + gate_shift)
+    sum_g_ungated: Optional[Tensor] = None  # [C] fp32 (gate and sum_g): sum of g without the gate
 
 
 class StatsGrad(NamedTuple):
@@ -390,6 +472,7 @@ def bn_backward(
     dres_dtype: Optional[torch.dtype] = None, res_scale: Optional[Tensor] = None,
     sum_g: bool = False, sum_gv: Optional[Tensor] = None, sum_gv_is_relu_in: bool = False,
     sum_gr: Optional[Tensor] = None,
+    gate: Optional[Tensor] = None, gate_shift: Optional[Tensor] = None, image_add: Optional[Tensor] = None,
 ) -> BNBackward:
     """The elementwise BN/ReLU backward step in one pass (Triton; see the module docstring).
 
@@ -406,6 +489,12 @@ def bn_backward(
     dz_dtype / dres_dtype: write dz / dres = g*res_scale (or g) in that dtype; None: not written.
     sum_g, sum_gv (a tensor v, or ``sum_gv_is_relu_in`` for v = relu_in), sum_gr (a tensor r):
         per-channel fp32 sums of g, g*v, g*r.
+    gate ([N, C] or [N, 1], any float dtype): a per-(image, channel) factor of the BN branch
+        (a squeeze-excite gate, a drop-path mask): dz and sum_g, sum_gv use g*gate, dres, sum_gr
+        and sum_g_ungated (returned with sum_g) use g.
+    gate_shift ([C]): also return dgate[n, c] = sum over H, W of g * (v*scale + gate_shift),
+        the gradient of the gate (v = sum_gv = the BN input z).
+    image_add ([N, C] fp32): added to dy per (image, channel) before anything else.
     """
     if relu_out is not None and relu_in is not None:
         raise ValueError("one ReLU mask at a time")
@@ -415,13 +504,15 @@ def bn_backward(
     if stats is not None and sum_gv is not None:
         raise ValueError("sum_gv cannot be combined with the statistics terms")
     relu_src = relu_out if relu_out is not None else relu_in
-    dz, dres, sums, dparam = eager_or_op(bn_backward_op, bn_backward_impl)(
+    dz, dres, sums, dparam, dgate = eager_or_op(bn_backward_op, bn_backward_impl)(
         dy, relu_src, relu_in_scale, relu_in_shift, scale, st.z, st.mean, st.var, st.dmean, st.dvar,
         st.dscale, st.dshift, st.gamma, st.eps, res_scale, sum_gv, sum_gv_is_relu_in, sum_gr, sum_g,
-        dz_dtype, dres_dtype)
+        dz_dtype, dres_dtype, gate, gate_shift, image_add)
     want_v = sum_gv is not None or sum_gv_is_relu_in
     daff = stats is not None and (st.dscale is not None or st.dshift is not None)
     return BNBackward(dz if dz_dtype is not None else None, dres if dres_dtype is not None else None,
                       sums[0] if sum_g else None, sums[1] if want_v else None,
                       sums[2] if sum_gr is not None else None,
-                      dparam[0] if daff else None, dparam[1] if daff else None)
+                      dparam[0] if daff else None, dparam[1] if daff else None,
+                      dgate if gate_shift is not None else None,
+                      sums[3] if gate is not None and sum_g else None)

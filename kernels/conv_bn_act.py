@@ -105,6 +105,9 @@ def conv_bn_act_fwd_kernel(
     # element strides of w along (tap, ci, co): the packed layout (Cin_g*Cout, Cout, 1) or
     # the weight's own [Cout, Cin_g, k, k] storage (see ``weight_strides``)
     w_stride_tap, w_stride_ci, w_stride_co,
+    sq_part_ptr=None,  # [cdiv(M, BLOCK_M), sq_slots, Cout] fp32 out (SQUEEZE): per-image sums of y
+    sq_slots=1,  # images one row block can touch: (BLOCK_M - 1) // (Ho*Wo) + 2, at most N
+    SQUEEZE: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -188,6 +191,16 @@ def conv_bn_act_fwd_kernel(
         y += tl.load(res_ptr + out_off, mask=out_ok, other=0.0).to(tl.float32)
     if OUT_RELU:
         y = tl.where(y < 0.0, 0.0, y)  # keeps NaN, like torch.relu
+    if SQUEEZE:
+        # Per-(image, channel) sums of y as stored, for a squeeze-excite's mean: a row block
+        # may span several images, so one sum per image it touches (slot k = image - the
+        # block's first image; every slot written, 0 if untouched), merged in a fixed order
+        # by squeeze_excite.squeeze_sum_kernel.  No atomics.
+        yq = tl.where(out_ok, y.to(out_ptr.dtype.element_ty).to(tl.float32), 0.0)
+        img_local = offs_m // (Ho * Wo) - (pid_m * BLOCK_M) // (Ho * Wo)
+        for k in range(0, sq_slots):
+            sq = tl.sum(tl.where((img_local == k)[:, None], yq, 0.0), axis=0)
+            tl.store(sq_part_ptr + (pid_m * sq_slots + k) * Cout + offs_n, sq, mask=n_ok)
     tl.store(out_ptr + out_off, y.to(out_ptr.dtype.element_ty), mask=out_ok)
 
 
@@ -258,6 +271,7 @@ def conv_bn_act_forward(
     out_relu: bool, stats: bool, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
     running_mean: Optional[Tensor], running_var: Optional[Tensor], num_batches_tracked: Optional[Tensor],
     momentum: Optional[float], eps: float, group_name: Optional[str] = None,
+    squeeze_sums: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Launch the Triton kernels (or run the reference on a plain CPU tensor).
 
@@ -265,6 +279,8 @@ def conv_bn_act_forward(
     batch statistics of y (the raw convolution output) and the BN's scale/shift from them,
     with the running statistics (when given) updated in place: one finalize launch.
     ``group_name``: the statistics are those of that process group's ranks (``kernels.sync_bn``).
+    ``squeeze_sums`` ([N, Cout] fp32, optional): filled with the per-(image, channel) sums of
+    y over H, W (the squeeze of a squeeze-excite; one more small launch).
     """
     if not use_triton(x) or x.dtype == torch.float64:  # float64: reference (for gradcheck)
         y, mean, var = reference.conv_bn_act_reference(
@@ -281,6 +297,8 @@ def conv_bn_act_forward(
                 num_batches_tracked, momentum, eps)
         else:
             scale, shift = mean.new_empty(0), mean.new_empty(0)
+        if squeeze_sums is not None:
+            squeeze_sums.copy_(y.to(reference.acc_dtype(y)).sum(dim=(2, 3)))
         return _channels_last(y), mean, var, scale, shift
 
     N, Cin, H, W = x.shape
@@ -300,6 +318,9 @@ def conv_bn_act_forward(
     in_scale, in_shift, out_scale, out_shift = map(_f32, (in_scale, in_shift, out_scale, out_shift))
     w = weight_operand(weight, packed, x.dtype)
     grid = (n_row_blocks, cdiv(Cout, cfg["BLOCK_N"]))
+    sq_slots = min(N, (cfg["BLOCK_M"] - 1) // (Ho * Wo) + 2)
+    sq_part = torch.empty((n_row_blocks, sq_slots, Cout), device=x.device, dtype=torch.float32) \
+        if squeeze_sums is not None else None
     conv_bn_act_fwd_kernel[grid](
         y, part_mean, part_m2, x, w,
         in_scale if in_scale is not None else y, in_shift if in_shift is not None else y,
@@ -312,7 +333,11 @@ def conv_bn_act_forward(
         STATS=stats, ALLOW_TF32=allow_tf32(x.dtype),
         **cfg,
         **dict(zip(("w_stride_tap", "w_stride_ci", "w_stride_co"), weight_strides(w))),
+        **(dict(sq_part_ptr=sq_part, sq_slots=sq_slots, SQUEEZE=True) if sq_part is not None else {}),
     )
+    if sq_part is not None:
+        from .squeeze_excite import merge_squeeze_sums
+        merge_squeeze_sums(squeeze_sums, sq_part, Ho * Wo, cfg["BLOCK_M"])
     if stats:
         return (y, *bn_finalize(part_mean, part_m2, M, cfg["BLOCK_M"], bn_weight, bn_bias, running_mean,
                                 running_var, num_batches_tracked, momentum, eps, group_name))
@@ -333,7 +358,7 @@ conv_bn_act_op = torch.library.custom_op(
 @conv_bn_act_op.register_fake
 def _(x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu,
       out_scale, out_shift, residual, out_relu, stats, bn_weight, bn_bias, running_mean, running_var,
-      num_batches_tracked, momentum, eps, group_name=None):
+      num_batches_tracked, momentum, eps, group_name=None, squeeze_sums=None):
     N, _, H, W = x.shape
     Cout, _, ksize, _ = weight.shape
     Ho, Wo = out_size(H, ksize, stride, padding), out_size(W, ksize, stride, padding)
@@ -434,7 +459,9 @@ def _stats_grads_reference(mean, var, count, gamma, eps, dmean, dvar, dscale, ds
     return dmean, dvar, dgamma, dbeta
 
 
-def _backward(ctx, dy, dmean, dvar, dscale, dshift):
+def _backward(ctx, dy, dmean, dvar, dscale, dshift, image_grad=None):
+    """``image_grad`` ([N, Cout] or None): a gradient added to dy per (image, channel), that
+    of the squeeze sums (``squeeze_excite.ConvSqueezeFn``), applied in the same pass."""
     x, weight, packed, in_scale, in_shift, out_scale, out_shift, y, mean, var, bn_weight = ctx.saved_tensors
     stride, padding, groups, in_relu, has_res, out_relu, stats, eps = ctx.conf
     need = ctx.needs_input_grad
@@ -464,7 +491,8 @@ def _backward(ctx, dy, dmean, dvar, dscale, dshift):
 
     d_res = d_out_scale = d_out_shift = d_gamma = d_beta = None
     if fused:
-        if dy is not None and not out_relu and out_scale is None and not stats_terms and not (has_res and need[_RES]):
+        if dy is not None and not out_relu and out_scale is None and not stats_terms and not (has_res and need[_RES]) \
+                and image_grad is None:
             dz = dy  # nothing to do between y and z
         else:
             # Recompute z rather than keep it; then one pass: ReLU mask from y, scale,
@@ -475,13 +503,15 @@ def _backward(ctx, dy, dmean, dvar, dscale, dshift):
                 dy, relu_out=y if out_relu else None, scale=out_scale,
                 stats=StatsGrad(y, mean, var, dmean, dvar, dscale, dshift, bn_weight, eps) if stats_terms else None,
                 dz_dtype=a.dtype, dres_dtype=y.dtype if has_res and need[_RES] else None,
-                sum_g=out_scale is not None and need[_OUT_SHIFT], sum_gv=z)
+                sum_g=out_scale is not None and need[_OUT_SHIFT], sum_gv=z, image_add=image_grad)
             dz, d_res = ep.dz, ep.dres
             d_gamma, d_beta = ep.dgamma, ep.dbeta
             d_out_scale = ep.sum_gv if need_z else None
             d_out_shift = ep.sum_g if out_scale is not None and need[_OUT_SHIFT] else None
     else:
         du = dy.to(acc) if dy is not None else torch.zeros_like(y, dtype=acc)
+        if image_grad is not None:
+            du = du + image_grad.to(acc)[:, :, None, None]
         if out_relu:
             du = du * (y > 0)
         d_res = du.to(y.dtype) if has_res and need[_RES] else None

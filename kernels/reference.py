@@ -71,12 +71,16 @@ def bn_act_reference(
     res_scale: Optional[torch.Tensor] = None,
     res_shift: Optional[torch.Tensor] = None,
     relu: bool = False,
+    gate: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Reference of ``kernels.bn_act``: act(z * scale + shift + (residual * res_scale + res_shift))."""
+    """Reference of ``kernels.bn_act``: act(gate * (z * scale + shift) + (residual * res_scale + res_shift)),
+    gate [N, C] or [N, 1] (per image and channel: a squeeze-excite gate, a drop-path mask)."""
     acc = acc_dtype(z)
     u = z.to(acc)
     if scale is not None:
         u = u * _per_channel(scale.to(acc)) + _per_channel(shift.to(acc))
+    if gate is not None:
+        u = u * gate.to(acc).reshape(gate.shape[0], -1, 1, 1)
     if residual is not None:
         r = residual.to(acc)
         if res_scale is not None:

@@ -10,6 +10,10 @@ Train mode (batch statistics), four convolutions and one elementwise pass::
 
 Eval mode folds each BN into its convolution's epilogue; conv3 adds the identity
 (or the downsample output) and applies the final ReLU in its epilogue.
+
+timm's SE / ECA module and drop_path (in training) join the final pass as a per-(image,
+channel) gate, the squeeze coming from conv3's epilogue; an active drop_block runs the
+block on PyTorch (see resnext/gates.py).
 """
 from typing import Optional
 
@@ -18,9 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 
+from . import gates
 from .modules import FusedSequential, conv_bn_stage, finish, fusable, like_input, runs_eager
 
-_EXTRAS = ("se", "drop_path", "drop_block", "aa")  # timm's optional pieces: fused only when absent
+_EXTRAS = ("se", "drop_path", "drop_block", "aa")  # timm's optional pieces: see gates.extra_is_fusable
 _ACTS = ("relu", "act1", "act2", "act3")
 
 
@@ -39,7 +44,7 @@ def is_fusable_bottleneck(block: nn.Module) -> bool:
         return False
     if block.conv1.stride != (1, 1) or block.conv3.stride != (1, 1):
         return False
-    if not all(_is_noop(getattr(block, n, None)) for n in _EXTRAS):
+    if not all(gates.extra_is_fusable(n, getattr(block, n, None)) for n in _EXTRAS):
         return False
     acts = [getattr(block, n) for n in _ACTS if hasattr(block, n)]
     if not acts or not all(type(a) is nn.ReLU for a in acts):
@@ -55,7 +60,8 @@ class FusedBottleneck(nn.Module):
         super().__init__()
         if not is_fusable_bottleneck(block):
             raise ValueError(f"cannot fuse {type(block).__name__}: expected a Bottleneck with bias-free 1x1/3x3/1x1 "
-                             f"convolutions, BatchNorm2d, ReLU and no dilation/SE/drop-path/anti-aliasing")
+                             f"convolutions, BatchNorm2d, ReLU, no dilation/anti-aliasing, and as SE / drop-path "
+                             f"only timm's SEModule, EcaModule, DropPath, DropBlock2d")
         for name, m in block.named_children():
             self.add_module(name, m)
         self.stride = self.conv2.stride[0]
@@ -70,26 +76,35 @@ class FusedBottleneck(nn.Module):
     def _eager_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The unconverted Bottleneck's computation on PyTorch's own ops (no Triton here)."""
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
-        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
+        out = self.bn2(self.conv2(out))
+        if getattr(self, "drop_block", None) is not None:  # timm's order: drop_block, act2, ..., se, drop_path
+            out = self.drop_block(out)
+        out = F.relu(out, inplace=True)
         out = self.bn3(self.conv3(out))
+        for extra in ("se", "drop_path"):
+            if getattr(self, extra, None) is not None:
+                out = getattr(self, extra)(out)
         ds = self.downsample if hasattr(self, "downsample") else None
         out += ds(x) if ds is not None else x
         return F.relu(out, inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if runs_eager(x, self.conv1.weight):
+        if runs_eager(x, self.conv1.weight) or gates.drop_block_active(self):  # drop_block: a spatial mask
             return self._eager_forward(x)
         out = conv_bn_stage(x, self.conv1, self.bn1, relu=True)
         out = conv_bn_stage(out, self.conv2, self.bn2, relu=True)
         ds = self.downsample if hasattr(self, "downsample") else None
         fused_ds = self._fused_downsample()
-        if fused_ds is not None:
-            identity = conv_bn_stage(x, *fused_ds, relu=False)  # pending in train mode: BN joins bn_act
-        elif ds is not None:
-            identity = ds(x)
+
+        def make_identity():
+            if fused_ds is not None:
+                return conv_bn_stage(x, *fused_ds, relu=False)  # pending in train mode: BN joins bn_act
+            return ds(x) if ds is not None else x
+
+        if gates.has_gate(self):  # SE / ECA, drop_path in training: the gate joins the final pass
+            out = gates.gated_final(self, out, make_identity)
         else:
-            identity = x
-        out = conv_bn_stage(out, self.conv3, self.bn3, relu=True, residual=identity)
+            out = conv_bn_stage(out, self.conv3, self.bn3, relu=True, residual=make_identity())
         return like_input(finish(out), x, self.conv1.weight, self.conv2.weight, self.conv3.weight)
 
 

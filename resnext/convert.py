@@ -19,7 +19,8 @@ def convert(model: nn.Module) -> nn.Module:
 
     Parameters, buffers and ``state_dict`` keys are unchanged (the same tensors: optimizers
     keep working).  Anything else (the 7x7 stem, dilated or biased convs, timm's
-    SyncBatchNormAct, blocks with SE / drop-path / anti-aliasing) is left as it was.
+    SyncBatchNormAct, blocks with anti-aliasing or attention other than timm's SE/ECA) is left
+    as it was.
     """
     if type(model) is nn.SyncBatchNorm:
         return SyncBatchNorm2d.from_sync_batchnorm(model)

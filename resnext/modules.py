@@ -74,13 +74,15 @@ def _compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
 
 
 def conv_bn_stage(inp: Union[Tensor, Pending], conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool,
-                  residual: Union[Tensor, Pending, None] = None) -> Union[Tensor, Pending]:
+                  residual: Union[Tensor, Pending, None] = None, squeeze: bool = False):
     """``act(bn(conv(inp)) [+ residual])``; returns a ``Pending`` when BN uses batch statistics.
 
     ``inp`` may itself be pending: its scale/shift/ReLU is then applied in the prologue.
     A pending result carries no residual: pass it to ``finish``.  Inputs are checked here,
     once; the autograd Function below is called directly (``kernels.conv_bn_act`` would
     check them again).
+    ``squeeze=True`` (no residual): returns ``(Pending, m)`` in either BN mode, m [N, Cout] fp32
+    the mean over H, W of the BN's output (a squeeze-excite's squeeze, resnext.gates).
     """
     x, in_scale, in_shift, in_relu = (inp.z, inp.scale, inp.shift, inp.relu) if isinstance(inp, Pending) \
         else (inp, None, None, False)
@@ -100,6 +102,19 @@ def conv_bn_stage(inp: Union[Tensor, Pending], conv: nn.Conv2d, bn: nn.BatchNorm
                  out_size(x.shape[3], k, stride, padding)]
     if isinstance(residual, torch.Tensor) and list(residual.shape) != out_shape:
         raise ValueError(f"residual must have shape {out_shape}, got {list(residual.shape)}")
+    if squeeze:  # raw z + the squeeze mean; BN (batch or folded) is applied by the consumer
+        from kernels.squeeze_excite import ConvSqueezeFn
+        batch = uses_batch_stats(bn)
+        if batch:
+            check_batch_stats(bn, out_shape[0] * out_shape[2] * out_shape[3])
+        running_mean, running_var, nbt = running_stats(bn)
+        folded = (None, None) if batch else folded_scale_shift(bn)
+        z, _, _, scale, shift, m = ConvSqueezeFn.apply(
+            x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu, None, None, None, False, batch,
+            bn.weight, bn.bias, running_mean, running_var, nbt, bn.momentum, bn.eps, *folded)
+        if not batch:
+            scale, shift = folded
+        return Pending(z, scale, shift, relu), m
     if uses_batch_stats(bn):
         group_name = sync_bn.group_name(bn)  # SyncBatchNorm: the statistics of the group's ranks
         # (across ranks only nn.SyncBatchNorm's eps check applies: a rank may hold one value or none)

@@ -406,6 +406,13 @@ VARIANTS = {
                           RES_SCALE=False, SUM_G=True, SUM_V=1, SUM_R=False),
     "prologue": dict(HAS_DY=True, RELU_MODE=2, SCALE=True, STATS=False, WRITE_DZ=True, WRITE_DRES=False,
                      RES_SCALE=False, SUM_G=True, SUM_V=2, SUM_R=False),
+    # squeeze-excite: the gated final pass with the gate's per-image gradient, conv3's stats pass with
+    # the squeeze gradient added per image (kernels/squeeze_excite.py)
+    "bn_act_gated": dict(HAS_DY=True, RELU_MODE=1, SCALE=True, STATS=False, WRITE_DZ=True, WRITE_DRES=True,
+                         RES_SCALE=True, SUM_G=True, SUM_V=1, SUM_R=True, GATE=True, DGATE=True),
+    "epilogue_stats_squeeze": dict(HAS_DY=True, RELU_MODE=0, SCALE=False, STATS=True, STAT_DMV=True,
+                                   STAT_DAFF=True, STAT_GAMMA=True, WRITE_DZ=True, WRITE_DRES=False,
+                                   RES_SCALE=False, SUM_G=False, SUM_V=0, SUM_R=False, IMG_ADD=True),
 }
 rows = []
 # the configurations the launcher picks: ResNeXt channel counts at batch 64 (and a narrow layer)
@@ -414,13 +421,15 @@ configs = {(c["BLOCK_M"], c["BLOCK_C"], c["num_warps"])
 for dtype in ("float32", "float16", "bfloat16"):
     for block_m, block_c, num_warps in sorted(configs):
         for mode, flags in VARIANTS.items():
-            const = dict(dict(STAT_DMV=False, STAT_DAFF=False, STAT_GAMMA=False), **flags, BLOCK_M=block_m,
-                         BLOCK_C=block_c, BLOCK_T=32, dy_stride_c=1)  # dy channels_last: stride 1, as the JIT
-            sig = {n: "constexpr" if n in const else PTR[dtype] if n in ACT else "*i32" if n == "counter_ptr"
-                   else "*fp32" if n.endswith("_ptr")
+            bm = max(16, block_m // 2) if flags.get("DGATE") else block_m  # image_launch_config: half the rows
+            const = dict(dict(STAT_DMV=False, STAT_DAFF=False, STAT_GAMMA=False, GATE=False, DGATE=False,
+                              IMG_ADD=False), **flags, BLOCK_M=bm, BLOCK_C=block_c,
+                         BLOCK_T=32, dy_stride_c=1)  # dy channels_last: stride 1, as the JIT
+            sig = {n: "constexpr" if n in const else PTR[dtype] if n in ACT | {"gate_ptr"}
+                   else "*i32" if n == "counter_ptr" else "*fp32" if n.endswith("_ptr")
                    else "fp32" if n in ("count", "eps") else "i32" for n in bn_backward_kernel.arg_names}
             k = compile_for_hopper(bn_backward_kernel, sig, const, num_warps=num_warps)
-            rows.append(dict(mode=mode, dtype=dtype, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
+            rows.append(dict(mode=mode, dtype=dtype, BLOCK_M=bm, BLOCK_C=block_c, num_warps=num_warps,
                              **resource_usage(k)))
 json.dump(rows, open(sys.argv[1], "w"))
 """

@@ -1,0 +1,306 @@
+"""Squeeze-excite / ECA gates and drop-path masks, fused into a bottleneck's last two passes.
+
+timm's ResNet Bottleneck ends ``bn3 -> se -> drop_path -> += shortcut -> act3``.  With
+z3 = conv3's raw output and (scale, shift) bn3's affine map (batch statistics or folded
+running statistics), the fused block computes::
+
+    S[n, c]  = sum_hw z3[n, c]                        conv3's epilogue (per-image partials)
+    m[n, c]  = scale[c] * S[n, c] / HW + shift[c]     = mean_hw bn3(z3): BN is affine
+    g[n, c]  = excite(m)                              the SE module's own layers (PyTorch, [N, C])
+    g        = g * mask[n]                            drop_path in training (its own RNG calls)
+    y        = relu(g[n, c] * (scale z3 + shift) + shortcut)    one bn_act pass
+
+so the SE's pool (a read of the block's output), multiply (a read and a write) and the
+separate add and ReLU passes disappear.  Backward, with v = g * u + shortcut, u = bn3(z3):
+``dg[n, c] = sum_hw (dv * u)`` is a per-image reduction in the final pass's backward
+(``bn_backward`` with ``gate_shift``: image-aligned programs); autograd through the excite
+gives dm, hence ``dS = dm * scale / HW``, which conv3's backward adds to its incoming
+gradient in its existing BN-backward pass (``image_grad`` of ``conv_bn_act._backward``).
+
+Row blocks of the convolution may span several images (HW < BLOCK_M, or a block across an
+image boundary): the epilogue writes one partial sum per image a block touches and
+``squeeze_sum_kernel`` merges them in a fixed order, exactly.
+"""
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+from ._runtime import cdiv, eager_or_op, next_power_of_2, use_triton
+from .batchnorm import run_bn_act
+from .bn_backward import bn_backward
+from .conv_bn_act import _backward, conv_bn_act_forward, out_size
+
+Tensor = torch.Tensor
+
+
+@triton.jit
+def squeeze_sum_kernel(
+    out_ptr,  # [N, C] fp32 out: sum over H, W of the convolution output
+    part_ptr,  # [T, SLOTS, C] fp32: per row block, one partial sum per image the block touches
+    C, HW,  # channels, rows per image
+    ROWS, SLOTS,  # rows per block (the conv's BLOCK_M), slots per block
+    BLOCK_C: tl.constexpr,
+):
+    """One program per (image, channel block): the row blocks covering the image, in order."""
+    n = tl.program_id(0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for t in range((n * HW) // ROWS, ((n + 1) * HW - 1) // ROWS + 1):
+        k = n - (t * ROWS) // HW  # this image's slot in block t
+        acc += tl.load(part_ptr + (t * SLOTS + k) * C + offs_c, mask=c_ok, other=0.0)
+    tl.store(out_ptr + n * C + offs_c, acc, mask=c_ok)
+
+
+@triton.jit(do_not_specialize=["N"])
+def squeeze_backward_kernel(
+    dsums_ptr,  # [N, C] fp32 out: dm * scale / HW, the gradient of S (added per image in conv3's backward)
+    dscale_ptr, dshift_ptr,  # [C] fp32 out: dscale_in + sum_n dm * S / HW, dshift_in + sum_n dm
+    dm_ptr,  # [N, C] fp32: the gradient of the squeeze mean m = S * scale / HW + shift
+    sums_ptr,  # [N, C] fp32: S
+    scale_ptr,  # [C] fp32
+    dscale_in_ptr, dshift_in_ptr,  # [C] fp32 (HAS_DSCALE / HAS_DSHIFT): what reached scale and shift otherwise
+    N, C, inv_hw,
+    HAS_DSCALE: tl.constexpr, HAS_DSHIFT: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The backward of m = S * scale / HW + shift on [N, C] in one launch (a fixed-order sum over n)."""
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    s = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0)
+    acc_s = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for n in range(0, N):
+        dm = tl.load(dm_ptr + n * C + offs_c, mask=c_ok, other=0.0)
+        acc_s += dm * tl.load(sums_ptr + n * C + offs_c, mask=c_ok, other=0.0)
+        acc_b += dm
+        tl.store(dsums_ptr + n * C + offs_c, dm * s * inv_hw, mask=c_ok)
+    d_scale = acc_s * inv_hw
+    if HAS_DSCALE:
+        d_scale += tl.load(dscale_in_ptr + offs_c, mask=c_ok, other=0.0)
+    if HAS_DSHIFT:
+        acc_b += tl.load(dshift_in_ptr + offs_c, mask=c_ok, other=0.0)
+    tl.store(dscale_ptr + offs_c, d_scale, mask=c_ok)
+    tl.store(dshift_ptr + offs_c, acc_b, mask=c_ok)
+
+
+def squeeze_backward_impl(dm: Tensor, sums: Tensor, scale: Tensor, hw: int, dscale: Optional[Tensor],
+                          dshift: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dS, dscale + the squeeze's share, dshift + the squeeze's share) for m = S * scale / HW + shift."""
+    if not use_triton(dm) or dm.dtype == torch.float64:  # PyTorch formulas: the reference
+        acc = reference.acc_dtype(dm)
+        dm, sums, scale = dm.to(acc), sums.to(acc), scale.to(acc)
+        d_scale = (dm * sums).sum(dim=0) / hw
+        d_shift = dm.sum(dim=0)
+        d_scale = d_scale + dscale.to(acc) if dscale is not None else d_scale
+        d_shift = d_shift + dshift.to(acc) if dshift is not None else d_shift
+        return dm * (scale / hw), d_scale, d_shift
+    N, C = dm.shape
+    f32 = lambda t: t.detach().float().contiguous()  # noqa: E731
+    dsums = torch.empty((N, C), device=dm.device, dtype=torch.float32)
+    d_scale, d_shift = (torch.empty(C, device=dm.device, dtype=torch.float32) for _ in range(2))
+    block_c = min(64, next_power_of_2(max(C, 1)))
+    squeeze_backward_kernel[(cdiv(C, block_c),)](
+        dsums, d_scale, d_shift, f32(dm), f32(sums), f32(scale),
+        f32(dscale) if dscale is not None else d_scale, f32(dshift) if dshift is not None else d_shift,
+        N, C, 1.0 / hw, HAS_DSCALE=dscale is not None, HAS_DSHIFT=dshift is not None, BLOCK_C=block_c)
+    return dsums, d_scale, d_shift
+
+
+squeeze_backward_op = torch.library.custom_op("resnext::squeeze_backward", squeeze_backward_impl, mutates_args=())
+
+
+@squeeze_backward_op.register_fake
+def _(dm, sums, scale, hw, dscale, dshift):
+    acc = reference.acc_dtype(dm)
+    return (torch.empty(dm.shape, device=dm.device, dtype=acc),
+            *(torch.empty(dm.shape[1], device=dm.device, dtype=acc) for _ in range(2)))
+
+
+def squeeze_backward(dm, sums, scale, hw, dscale, dshift):
+    return eager_or_op(squeeze_backward_op, squeeze_backward_impl)(dm, sums, scale, hw, dscale, dshift)
+
+
+def merge_squeeze_sums(out: Tensor, part: Tensor, hw: int, rows_per_block: int):
+    """[T, SLOTS, C] per-block partials of the conv epilogue (SQUEEZE) -> ``out`` [N, C], in place."""
+    N, C = out.shape
+    block_c = min(64, next_power_of_2(max(C, 1)))
+    squeeze_sum_kernel[(N, cdiv(C, block_c))](out, part, C, hw, rows_per_block, part.shape[1], BLOCK_C=block_c)
+
+
+# --------------------------------------------------------------------------------------
+# conv3 with the squeeze sums: the operator and its autograd
+# --------------------------------------------------------------------------------------
+def conv_bn_squeeze_forward(
+    x: Tensor, weight: Tensor, packed: Optional[Tensor], stride: int, padding: int, groups: int,
+    in_scale: Optional[Tensor], in_shift: Optional[Tensor], in_relu: bool,
+    out_scale: Optional[Tensor], out_shift: Optional[Tensor], residual: Optional[Tensor],
+    out_relu: bool, stats: bool, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+    running_mean: Optional[Tensor], running_var: Optional[Tensor], num_batches_tracked: Optional[Tensor],
+    momentum: Optional[float], eps: float, sq_scale: Optional[Tensor], sq_shift: Optional[Tensor],
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``conv_bn_act_forward`` that also returns the squeeze mean m [N, Cout] = mean over H, W
+    of y * s + b, with (s, b) = (sq_scale, sq_shift), or the BN's own scale/shift of this
+    call (``stats``), and S [N, Cout], the sums of y over H, W (fp32; float64 for float64)."""
+    N, Cout = x.shape[0], weight.shape[0]
+    sums = torch.empty((N, Cout), device=x.device, dtype=reference.acc_dtype(x))
+    y, mean, var, scale, shift = conv_bn_act_forward(
+        x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu, out_scale, out_shift, residual,
+        out_relu, stats, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+        squeeze_sums=sums)
+    s, b = (scale, shift) if sq_scale is None else (sq_scale, sq_shift)
+    m = torch.addcmul(b.to(sums.dtype), sums, s.to(sums.dtype), value=1.0 / (y.shape[2] * y.shape[3]))
+    return y, mean, var, scale, shift, m, sums
+
+
+conv_bn_squeeze_op = torch.library.custom_op(
+    "resnext::conv_bn_squeeze", conv_bn_squeeze_forward,
+    mutates_args=("running_mean", "running_var", "num_batches_tracked"))
+
+
+@conv_bn_squeeze_op.register_fake
+def _(x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu,
+      out_scale, out_shift, residual, out_relu, stats, bn_weight, bn_bias, running_mean, running_var,
+      num_batches_tracked, momentum, eps, sq_scale, sq_shift):
+    N, _, H, W = x.shape
+    Cout, _, ksize, _ = weight.shape
+    Ho, Wo = out_size(H, ksize, stride, padding), out_size(W, ksize, stride, padding)
+    y = torch.empty((N, Cout, Ho, Wo), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    n_stats, stat_dtype = (Cout if stats else 0), reference.acc_dtype(x)
+    return (y, *(x.new_empty(n_stats, dtype=stat_dtype) for _ in range(4)),
+            *(x.new_empty((N, Cout), dtype=stat_dtype) for _ in range(2)))
+
+
+class _ConvCtx:
+    """What ``conv_bn_act._backward`` reads of a ConvBNActFn context."""
+
+    def __init__(self, saved_tensors, conf, needs_input_grad):
+        self.saved_tensors, self.conf, self.needs_input_grad = saved_tensors, conf, needs_input_grad
+
+
+class ConvSqueezeFn(torch.autograd.Function):
+    """``ConvBNActFn``'s arguments, then ``sq_scale, sq_shift`` (None: the BN's own scale/shift
+    of this call, ``stats``); a sixth output, the squeeze mean m [N, Cout] = mean over H, W of
+    y * s + b.  Backward: m's gradient becomes S's (one small launch, which also adds m's share
+    to the gradients of s and b) and is added to y's inside conv3's usual backward pass."""
+
+    @staticmethod
+    def forward(ctx, x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu,
+                out_scale, out_shift, residual, out_relu, stats, bn_weight, bn_bias,
+                running_mean, running_var, num_batches_tracked, momentum, eps, sq_scale, sq_shift):
+        if sq_scale is None and not stats:
+            raise ValueError("the squeeze needs sq_scale/sq_shift or the batch statistics (stats=True)")
+        y, mean, var, scale, shift, m, sums = eager_or_op(conv_bn_squeeze_op, conv_bn_squeeze_forward)(
+            x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu,
+            out_scale, out_shift, residual, out_relu, stats,
+            bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps, sq_scale, sq_shift)
+        ctx.save_for_backward(x, weight, packed, in_scale, in_shift, out_scale, out_shift, y, mean, var,
+                              bn_weight, sums, scale if sq_scale is None else sq_scale)
+        ctx.conf = (stride, padding, groups, in_relu, residual is not None, out_relu, stats, eps)
+        ctx.own_affine = sq_scale is None
+        ctx.set_materialize_grads(False)
+        if not stats:
+            ctx.mark_non_differentiable(mean, var, scale, shift)
+        return y, mean, var, scale, shift, m
+
+    @staticmethod
+    def backward(ctx, dy, dmean, dvar, dscale, dshift, dm):
+        sums, sq_scale = ctx.saved_tensors[-2:]
+        d_sq_scale = d_sq_shift = dsums = None
+        if dm is not None:
+            hw = ctx.saved_tensors[7].shape[2] * ctx.saved_tensors[7].shape[3]
+            if ctx.own_affine:  # m's share joins what reached the BN's scale/shift
+                dsums, dscale, dshift = squeeze_backward(dm, sums, sq_scale, hw, dscale, dshift)
+            else:
+                dsums, d_sq_scale, d_sq_shift = squeeze_backward(dm, sums, sq_scale, hw, None, None)
+                d_sq_scale = d_sq_scale.to(sq_scale.dtype)
+                d_sq_shift = d_sq_shift.to(sq_scale.dtype)
+        conv_ctx = _ConvCtx(ctx.saved_tensors[:-2], ctx.conf, ctx.needs_input_grad)  # ConvBNActFn's
+        grads = _backward(conv_ctx, dy, dmean, dvar, dscale, dshift, image_grad=dsums)
+        return (*grads, d_sq_scale, d_sq_shift)
+
+
+# --------------------------------------------------------------------------------------
+# The gated final pass: relu(gate * bn(z) + residual), and its autograd
+# --------------------------------------------------------------------------------------
+class GatedBNActFn(torch.autograd.Function):
+    """``BNActFn`` with a per-(image, channel) ``gate`` ([N, C, 1, 1] or [N, 1, 1, 1], z's
+    or any float dtype) multiplying bn(z) before the residual: ``act(gate * (z*scale + shift)
+    + residual')``, residual' = residual [* res_scale + res_shift]."""
+
+    @staticmethod
+    def forward(ctx, z, scale, shift, residual, res_scale, res_shift, relu, gate):
+        y = run_bn_act(z, scale, shift, residual, res_scale, res_shift, relu, gate)
+        ctx.save_for_backward(z, scale, shift, residual, res_scale, y, gate)
+        ctx.relu = relu
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        z, scale, shift, residual, res_scale, y, gate = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        need_gate = need[7]
+        res_affine = residual is not None and res_scale is not None
+        if use_triton(z) and z.dtype != torch.float64:
+            # One pass: ReLU mask, gate, scale; dres; the sums of scale/shift (gated) and of
+            # the residual's BN (un-gated); the gate's per-image sums.
+            o = bn_backward(
+                dy, relu_out=y if ctx.relu else None, scale=scale,
+                dz_dtype=z.dtype if need[0] else None,
+                dres_dtype=residual.dtype if residual is not None and need[3] else None,
+                res_scale=res_scale if res_affine else None,
+                sum_g=need[2] or (res_affine and need[5]), sum_gv=z if need[1] or need_gate else None,
+                sum_gr=residual if res_affine and need[4] else None,
+                gate=gate, gate_shift=shift if need_gate else None)
+            dres_shift = o.sum_g_ungated if res_affine and need[5] else None
+            dgate = None
+            if need_gate:  # [N, C] fp32; a per-image gate [N, 1] sums its channels
+                dgate = o.dgate if gate.shape[1] > 1 else o.dgate.sum(dim=1, keepdim=True)
+                dgate = dgate.view(gate.shape).to(gate.dtype)
+            return (o.dz, o.sum_gv if need[1] else None, o.sum_g if need[2] else None, o.dres,
+                    o.sum_gr if res_affine and need[4] else None, dres_shift, None, dgate)
+        # PyTorch formulas: the reference (float64, plain CPU tensors)
+        pc = reference._per_channel
+        acc = reference.acc_dtype(z)
+        dv = dy.to(acc)
+        if ctx.relu:
+            dv = dv * (y > 0)
+        gt = gate.to(acc).reshape(gate.shape[0], -1, 1, 1)
+        du = dv * gt
+        sum_c = lambda t: t.sum(dim=(0, 2, 3))  # noqa: E731
+        dz = (du * pc(scale.to(acc))).to(z.dtype) if need[0] else None
+        dscale = sum_c(du * z.to(acc)).to(scale.dtype) if need[1] else None
+        dshift = sum_c(du).to(scale.dtype) if need[2] else None
+        dgate = None
+        if need_gate:
+            u = z.to(acc) * pc(scale.to(acc)) + pc(shift.to(acc))
+            dgate = (dv * u).sum(dim=(2, 3), keepdim=True)
+            dgate = dgate if gate.shape[1] > 1 else dgate.sum(dim=1, keepdim=True)
+            dgate = dgate.reshape(gate.shape).to(gate.dtype)
+        dres = dres_scale = dres_shift = None
+        if residual is not None:
+            if res_scale is not None:
+                dres = (dv * pc(res_scale.to(acc))).to(residual.dtype) if need[3] else None
+                dres_scale = sum_c(dv * residual.to(acc)).to(res_scale.dtype) if need[4] else None
+                dres_shift = sum_c(dv).to(res_scale.dtype) if need[5] else None
+            elif need[3]:
+                dres = dv.to(residual.dtype)
+        return dz, dscale, dshift, dres, dres_scale, dres_shift, None, dgate
+
+
+def gated_bn_act(z: Tensor, scale: Tensor, shift: Tensor, gate: Tensor, residual: Optional[Tensor] = None,
+                 res_scale: Optional[Tensor] = None, res_shift: Optional[Tensor] = None,
+                 relu: bool = False) -> Tensor:
+    """``act(gate * (z*scale + shift) + residual)``; gate [N, C, 1, 1] or [N, 1, 1, 1]; channels_last out."""
+    if z.dim() != 4:
+        raise ValueError(f"expected a 4-D input (N, C, H, W), got shape {list(z.shape)}")
+    N, C = z.shape[:2]
+    if gate.dim() != 4 or gate.shape[0] != N or gate.shape[1] not in (1, C) or gate.shape[2:] != (1, 1):
+        raise ValueError(f"gate must have shape [{N}, {C} or 1, 1, 1], got {list(gate.shape)}")
+    if not gate.is_floating_point():
+        raise TypeError(f"gate must be a floating-point tensor, got {gate.dtype}")
+    if gate.device != z.device:
+        raise ValueError(f"gate is on {gate.device} but the input is on {z.device}")
+    return GatedBNActFn.apply(z, scale, shift, residual, res_scale, res_shift, relu, gate)
