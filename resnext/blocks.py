@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 
+from kernels import sync_bn
+
 from . import gates
 from .modules import FusedSequential, conv_bn_stage, finish, fusable, like_input, runs_eager
 
@@ -91,6 +93,8 @@ class FusedBottleneck(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if runs_eager(x, self.conv1.weight) or gates.drop_block_active(self):  # drop_block: a spatial mask
             return self._eager_forward(x)
+        if gates.has_gate(self) and sync_bn.group_name(self.bn3) is not None:
+            return self._eager_forward(x)  # the squeeze path has no cross-rank statistics (yet)
         out = conv_bn_stage(x, self.conv1, self.bn1, relu=True)
         out = conv_bn_stage(out, self.conv2, self.bn2, relu=True)
         ds = self.downsample if hasattr(self, "downsample") else None
