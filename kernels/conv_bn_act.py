@@ -437,7 +437,7 @@ class ConvBNActFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dmean, dvar, dscale, dshift):
-        return _backward(ctx, dy, dmean, dvar, dscale, dshift)
+        return (*_backward(ctx, dy, dmean, dvar, dscale, dshift), None)  # None: group_name
 
 
 def _stats_grads_reference(mean, var, count, gamma, eps, dmean, dvar, dscale, dshift, acc):
@@ -461,7 +461,8 @@ def _stats_grads_reference(mean, var, count, gamma, eps, dmean, dvar, dscale, ds
 
 def _backward(ctx, dy, dmean, dvar, dscale, dshift, image_grad=None):
     """``image_grad`` ([N, Cout] or None): a gradient added to dy per (image, channel), that
-    of the squeeze sums (``squeeze_excite.ConvSqueezeFn``), applied in the same pass."""
+    of the squeeze sums (``squeeze_excite.ConvSqueezeFn``), applied in the same pass.
+    Returns the gradients of ConvBNActFn's first 21 arguments (all but ``group_name``)."""
     x, weight, packed, in_scale, in_shift, out_scale, out_shift, y, mean, var, bn_weight = ctx.saved_tensors
     stride, padding, groups, in_relu, has_res, out_relu, stats, eps = ctx.conf
     need = ctx.needs_input_grad
@@ -568,7 +569,7 @@ def _backward(ctx, dy, dmean, dvar, dscale, dshift, image_grad=None):
     return (dx, dw, None, None, None, None, cast(d_in_scale, in_scale), cast(d_in_shift, in_shift), None,
             cast(d_out_scale, out_scale), cast(d_out_shift, out_shift), d_res, None, None,
             cast(d_gamma, bn_weight) if need[_GAMMA] else None, cast(d_beta, bn_weight) if need[_BETA] else None,
-            None, None, None, None, None, None)
+            None, None, None, None, None)
 
 
 # --------------------------------------------------------------------------------------

@@ -175,6 +175,7 @@ def _(x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu,
 
 class _ConvCtx:
     """What ``conv_bn_act._backward`` reads of a ConvBNActFn context."""
+    group_name = None  # the squeeze path merges no statistics across ranks
 
     def __init__(self, saved_tensors, conf, needs_input_grad):
         self.saved_tensors, self.conf, self.needs_input_grad = saved_tensors, conf, needs_input_grad
