@@ -9,8 +9,10 @@ from .convert import convert
 from .cuda_graphs import graph_inference, graph_train_step
 from .models import Bottleneck, ResNet, resnet50, resnet101, resnext50_32x4d, resnext101_32x4d
 from .modules import ConvBNAct, FusedSequential
+from .regnet import FusedConvNormAct, FusedRegNetBottleneck
 
 __all__ = [
     "convert", "graph_inference", "graph_train_step", "ConvBNAct", "FusedSequential", "FusedBottleneck", "is_fusable_bottleneck",
+    "FusedRegNetBottleneck", "FusedConvNormAct",
     "Bottleneck", "ResNet", "resnet50", "resnet101", "resnext50_32x4d", "resnext101_32x4d",
 ]
