@@ -121,9 +121,11 @@ def test_full_size_model_matches_unconverted(name, full_size_models):
     assert count_blocks(fused) == (left, total - left), why
     assert list(fused.state_dict()) == list(ref.state_dict())
 
-    # 32x32: layer4 at 1x1; two images so that train-mode BN there has two values per channel
-    # (the detection backbone's norms are frozen: one image)
-    x = torch.randn(1 if name.startswith("fpn") else 2, 3, 32, 32, dtype=torch.float64, device=DEVICE)
+    # Two 64x64 images: 8 values per channel for layer4's train-mode BN (at 1x1 the two values
+    # a channel would have make the gradients ill-conditioned: 1e7 in float64).  The detection
+    # backbone's norms are frozen: one 32x32 image.
+    x = torch.randn(*((1, 3, 32, 32) if name.startswith("fpn") else (2, 3, 64, 64)), dtype=torch.float64,
+                    device=DEVICE)
     with torch.no_grad():
         y_ref, y = flat(ref.eval()(x)), flat(fused.eval()(x))
     assert max_err(y, y_ref) <= 1e-9 * y_ref.abs().max().item(), "eval output"
@@ -335,3 +337,22 @@ def test_timm_bottleneck_extras(piece, fused):
     for name, m in piece.items():
         setattr(block, name, m)
     assert isinstance(resnext.convert(nn.Sequential(block))[0], resnext.FusedBottleneck) is fused
+
+
+@pytest.mark.parametrize("block", ["tv_frozen", "regnetx"])
+def test_compile_fullgraph(block, fresh_dynamo):
+    """The new blocks and norm views trace with torch.compile(fullgraph=True): a frozen-BN
+    torchvision block and a RegNet block, train mode, output and input gradient as eager."""
+    torch.manual_seed(0)
+    ref = randomize_norms(tv_frozen_backbone()[1] if block == "tv_frozen" else small_regnet().s2.b1).to(DEVICE).train()
+    fused = resnext.convert(nn.Sequential(copy.deepcopy(ref)))[0]
+    assert type(fused) in (resnext.FusedBottleneck, resnext.FusedRegNetBottleneck)
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, ref.conv1.in_channels if block == "tv_frozen" else ref.conv1.conv.in_channels, 6, 6,
+                    device=DEVICE)
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    ys = [compiled(xs[0]), ref(xs[1])]
+    for y in ys:
+        (y * torch.arange(y.numel(), device=DEVICE).reshape(y.shape).sin()).sum().backward()
+    torch.testing.assert_close(ys[0], ys[1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-4, atol=1e-4)
