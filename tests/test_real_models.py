@@ -356,3 +356,27 @@ def test_compile_fullgraph(block, fresh_dynamo):
         (y * torch.arange(y.numel(), device=DEVICE).reshape(y.shape).sin()).sum().backward()
     torch.testing.assert_close(ys[0], ys[1], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.no_poison  # the NaN fill would add a fill_ per allocation to the count
+@pytest.mark.parametrize("block", ["tv_frozen", "regnetx"])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_device_ops_not_above_eager(block, train):
+    """Eval: one launch per convolution, nothing per norm (the FrozenBatchNorm2d / BatchNormAct2d
+    fold is cached).  Training step: within tests/test_device_ops.py's limit of eager."""
+    from benchmarks import workloads
+    from test_device_ops import TRAIN_LIMIT
+    torch.manual_seed(0)
+    eager = randomize_norms(tv_frozen_backbone()[1] if block == "tv_frozen" else small_regnet().s2.b1).to(DEVICE)
+    eager = eager.to(memory_format=torch.channels_last)
+    fused = resnext.convert(nn.Sequential(copy.deepcopy(eager)))[0]
+    cin = eager.conv1.in_channels if block == "tv_frozen" else eager.conv1.conv.in_channels
+    x = torch.randn(2, cin, 8, 8, device=DEVICE).to(memory_format=torch.channels_last).requires_grad_(train)
+    e = workloads.steady_device_ops(eager, x, train)
+    f = workloads.steady_device_ops(fused, x, train)
+    convs = sum(isinstance(m, nn.Conv2d) for m in eager.modules())
+    print(f"\n{block} {'train' if train else 'eval'}: eager {e.total}, fused {f.total} ({f.triton} Triton)")
+    if train:
+        assert f.total <= TRAIN_LIMIT * e.total, f"fused training step: {f.total} device ops, eager {e.total}\n{f}\n{e}"
+    else:
+        assert (f.triton, f.aten) == (convs, 0), f"fused eval forward: want {convs} launches, no aten op\n{f}"
