@@ -189,8 +189,9 @@ class ConvBNAct(nn.Module):
         """Wrap existing modules (their tensors are shared, not copied)."""
         if not fusable(conv, bn):
             raise ValueError(f"cannot fuse {conv} -> {bn}: needs a bias-free 1x1 or 3x3 Conv2d with equal "
-                             f"strides and paddings, dilation 1, zero padding, and a BatchNorm2d (or FrozenBatchNorm2d, timm's "
-                             f"BatchNormAct2d with ReLU or no activation) of {conv.out_channels} features")
+                             f"strides and paddings, dilation 1, zero padding, and a BatchNorm2d (or "
+                             f"FrozenBatchNorm2d, timm's BatchNormAct2d with ReLU or no activation) of "
+                             f"{conv.out_channels} features")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.conv, self.bn, self.relu = conv, bn, relu
