@@ -288,10 +288,16 @@ class RenamedFrozen(FrozenBatchNorm2d):
     pass  # FrozenBatchNorm2d's forward: fused
 
 
+class ShiftedBN(nn.BatchNorm2d):
+    def forward(self, x):
+        return super().forward(x) + 1
+
+
 @pytest.mark.parametrize("norm, fused", [
     (lambda: nn.BatchNorm2d(8), True),
     (lambda: nn.SyncBatchNorm(8), False),
     (lambda: nn.BatchNorm1d(8), False),
+    (lambda: ShiftedBN(8), False),
     (lambda: FrozenBatchNorm2d(8), True),
     (lambda: FrozenBatchNorm2d(8, eps=0.0), True),
     (lambda: RenamedFrozen(8), True),
@@ -304,7 +310,7 @@ class RenamedFrozen(FrozenBatchNorm2d):
     (lambda: BatchNormAct2d(8, drop_layer=lambda: DropBlock2d(0.0)), True),
     (lambda: FrozenBatchNormAct2d(8), True),
     (lambda: FrozenBatchNormAct2d(8, act_layer=nn.SiLU), False),
-], ids=["bn", "syncbn", "bn1d", "frozen", "frozen-eps0", "frozen-subclass", "frozen-own-forward", "bnact-relu",
+], ids=["bn", "syncbn", "bn1d", "bn-own-forward", "frozen", "frozen-eps0", "frozen-subclass", "frozen-own-forward", "bnact-relu",
         "bnact-relu-not-inplace", "bnact-identity", "bnact-gelu", "bnact-dropblock", "bnact-dropblock-p0",
         "frozenact-relu", "frozenact-silu"])
 def test_norm_layers_accepted(norm, fused):
