@@ -9,9 +9,11 @@ from .convert import convert
 from .cuda_graphs import graph_inference, graph_train_step
 from .models import Bottleneck, ResNet, resnet50, resnet101, resnext50_32x4d, resnext101_32x4d
 from .modules import ConvBNAct, FusedSequential
+from .regnet import FusedConvNormAct, FusedRegNetBottleneck
 from .sync_batchnorm import SyncBatchNorm2d
 
 __all__ = [
-    "convert", "graph_inference", "graph_train_step", "ConvBNAct", "FusedSequential", "FusedBottleneck", "is_fusable_bottleneck", "SyncBatchNorm2d",
+    "convert", "graph_inference", "graph_train_step", "ConvBNAct", "FusedSequential", "FusedBottleneck", "is_fusable_bottleneck",
+    "FusedRegNetBottleneck", "FusedConvNormAct", "SyncBatchNorm2d",
     "Bottleneck", "ResNet", "resnet50", "resnet101", "resnext50_32x4d", "resnext101_32x4d",
 ]

@@ -26,13 +26,43 @@ from kernels import sync_bn
 
 from . import gates
 from .modules import FusedSequential, conv_bn_stage, finish, fusable, like_input, runs_eager
+from .norms import conv_norm_pair, is_noop, norm_act
 
-_EXTRAS = ("se", "drop_path", "drop_block", "aa")  # timm's optional pieces: see gates.extra_is_fusable
+# timm's optional pieces: each is fused when it is a no-op or one the fused path applies
+# (gates.extra_is_fusable: an SE/ECA gate before the residual add, drop_path, an inactive drop_block).
+_EXTRAS = ("se", "drop_path", "drop_block", "aa")
 _ACTS = ("relu", "act1", "act2", "act3")
 
 
-def _is_noop(m: Optional[nn.Module]) -> bool:
-    return m is None or type(m) is nn.Identity
+def split_downsample(ds: Optional[nn.Module]):
+    """``(pre, conv, norm)`` of a downsample whose conv + norm we fuse, else None.
+
+    torchvision's and timm's ``Sequential(conv, norm)``, timm's avg_down ``Sequential(pool, conv,
+    norm)`` (``pre`` is the pool, left to PyTorch), and timm RegNet's ``ConvNormAct`` or
+    ``Sequential(pool, ConvNormAct)``.  ``pre`` is None when there is nothing before the conv.
+    """
+    mods = list(ds) if type(ds) is nn.Sequential else [ds] if ds is not None else []
+    pre = mods.pop(0) if len(mods) in (2, 3) and not isinstance(mods[0], nn.Conv2d) else None
+    if len(mods) == 1:
+        pair = conv_norm_pair(mods[0])
+        if pair is None or not is_noop(getattr(mods[0], "aa", None)):
+            return None
+        mods = list(pair)
+    if len(mods) == 2 and fusable(*mods):
+        return pre, mods[0], mods[1]
+    return None
+
+
+def downsample_stage(x: torch.Tensor, ds: Optional[nn.Module]):
+    """The shortcut of a block: ``x``, ``ds(x)`` on PyTorch, or its conv + norm fused (pending in
+    train mode, so that its BatchNorm joins the block's final pass)."""
+    if ds is None:
+        return x
+    split = split_downsample(ds)
+    if split is None:
+        return ds(x)
+    pre, conv, norm = split
+    return conv_bn_stage(pre(x) if pre is not None else x, conv, norm, relu=False)
 
 
 def is_fusable_bottleneck(block: nn.Module) -> bool:
@@ -47,6 +77,8 @@ def is_fusable_bottleneck(block: nn.Module) -> bool:
     if block.conv1.stride != (1, 1) or block.conv3.stride != (1, 1):
         return False
     if not all(gates.extra_is_fusable(n, getattr(block, n, None)) for n in _EXTRAS):
+        return False
+    if norm_act(block.bn3):  # bn3's own ReLU would precede the residual add
         return False
     acts = [getattr(block, n) for n in _ACTS if hasattr(block, n)]
     if not acts or not all(type(a) is nn.ReLU for a in acts):
@@ -68,12 +100,6 @@ class FusedBottleneck(nn.Module):
             self.add_module(name, m)
         self.stride = self.conv2.stride[0]
         self.train(block.training)
-
-    def _fused_downsample(self):
-        ds = self.downsample if hasattr(self, "downsample") else None
-        if isinstance(ds, nn.Sequential) and len(ds) == 2 and fusable(ds[0], ds[1]):
-            return ds[0], ds[1]
-        return None
 
     def _eager_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The unconverted Bottleneck's computation on PyTorch's own ops (no Triton here)."""
@@ -97,13 +123,9 @@ class FusedBottleneck(nn.Module):
             return self._eager_forward(x)  # the squeeze path has no cross-rank statistics (yet)
         out = conv_bn_stage(x, self.conv1, self.bn1, relu=True)
         out = conv_bn_stage(out, self.conv2, self.bn2, relu=True)
-        ds = self.downsample if hasattr(self, "downsample") else None
-        fused_ds = self._fused_downsample()
 
-        def make_identity():
-            if fused_ds is not None:
-                return conv_bn_stage(x, *fused_ds, relu=False)  # pending in train mode: BN joins bn_act
-            return ds(x) if ds is not None else x
+        def make_identity():  # pending in train mode when fused: its BN joins the final pass
+            return downsample_stage(x, getattr(self, "downsample", None))
 
         if gates.has_gate(self):  # SE / ECA, drop_path in training: the gate joins the final pass
             out = gates.gated_final(self, out, make_identity)

@@ -4,12 +4,19 @@ from torch import nn
 from .blocks import FusedBottleneck, is_fusable_bottleneck
 from .modules import FusedSequential
 from .sync_batchnorm import SyncBatchNorm2d
+from .regnet import FusedConvNormAct, FusedRegNetBottleneck, is_fusable_conv_norm_act, is_fusable_regnet_bottleneck
+
+_FUSED = (FusedBottleneck, FusedRegNetBottleneck, FusedConvNormAct, FusedSequential)
 
 
 def convert(model: nn.Module) -> nn.Module:
     """Fuse ``model`` in place and return it (use the return value: a root Sequential is replaced).
 
-    * every torchvision/timm-style ``Bottleneck`` becomes a ``FusedBottleneck``;
+    * every torchvision/timm-style ``Bottleneck`` becomes a ``FusedBottleneck``, every timm
+      RegNet ``Bottleneck`` a ``FusedRegNetBottleneck`` (norms: BatchNorm2d, FrozenBatchNorm2d,
+      timm's BatchNormAct2d / FrozenBatchNormAct2d with ReLU or no activation);
+    * every other timm ``ConvNormAct`` with a ReLU (a stem, a conv inside a block left to
+      PyTorch) becomes a ``FusedConvNormAct``;
     * every ``Conv2d -> BatchNorm2d [-> ReLU]`` run inside an ``nn.Sequential`` is fused
       (the Sequential becomes a ``FusedSequential`` with the same children).
 
@@ -25,10 +32,14 @@ def convert(model: nn.Module) -> nn.Module:
     if type(model) is nn.SyncBatchNorm:
         return SyncBatchNorm2d.from_sync_batchnorm(model)
     _replace_sync_batchnorm(model)  # first, so that the blocks holding them can be fused
-    if isinstance(model, (FusedBottleneck, FusedSequential)):
+    if isinstance(model, _FUSED):
         return model
     if is_fusable_bottleneck(model):
         return FusedBottleneck(model)
+    if is_fusable_regnet_bottleneck(model):
+        return FusedRegNetBottleneck(model)
+    if is_fusable_conv_norm_act(model):
+        return FusedConvNormAct(model)
     for name, child in list(model.named_children()):
         new = convert(child)  # a plain Sequential child comes back fused (see below)
         if new is not child:

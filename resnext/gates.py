@@ -19,12 +19,9 @@ from torch import nn
 from kernels.squeeze_excite import GatedBNActFn
 
 from .modules import Pending, conv_bn_stage, materialize
+from .norms import is_noop as _is_noop
 
 Tensor = torch.Tensor
-
-
-def _is_noop(m: Optional[nn.Module]) -> bool:
-    return m is None or type(m) is nn.Identity
 
 
 def excite_of(se: Optional[nn.Module]) -> Optional[Callable[[Tensor], Tensor]]:

@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from kernels import sync_bn, use_triton
-from kernels.batchnorm import BNActFn, check_batch_stats, folded_scale_shift, running_stats, uses_batch_stats
+from kernels.batchnorm import BNActFn, check_batch_stats, folded_scale_shift
 from kernels.conv_bn_act import ConvBNActFn, check_conv_inputs, out_size, packed_weight
-from .sync_batchnorm import SyncBatchNorm2d
+
+from .norms import norm_act, norm_features, norm_view
 
 Tensor = torch.Tensor
 
@@ -38,16 +39,20 @@ def materialize(t: Union[Tensor, Pending]) -> Tensor:
 
 
 def fusable(conv: nn.Module, bn: nn.Module) -> bool:
-    """Whether ``conv -> bn`` maps onto the fused kernels (else it is left to PyTorch)."""
+    """Whether ``conv -> bn`` maps onto the fused kernels (else it is left to PyTorch).
+
+    ``bn``: a norm layer of ``resnext.norms`` (BatchNorm2d, FrozenBatchNorm2d, timm's
+    BatchNormAct2d with ReLU or no activation, ``SyncBatchNorm2d``: convert replaces
+    nn.SyncBatchNorm by it)."""
     return (
-        type(conv) is nn.Conv2d and type(bn) in (nn.BatchNorm2d, SyncBatchNorm2d)  # (convert replaces nn.SyncBatchNorm)
+        type(conv) is nn.Conv2d and norm_act(bn) is not None
         and conv.kernel_size in ((1, 1), (3, 3))
         and conv.stride[0] == conv.stride[1]
         and isinstance(conv.padding, tuple) and conv.padding[0] == conv.padding[1]
         and conv.dilation == (1, 1)
         and conv.padding_mode == "zeros"
         and conv.bias is None
-        and bn.num_features == conv.out_channels
+        and norm_features(bn) == conv.out_channels
     )
 
 
@@ -73,9 +78,12 @@ def _compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def conv_bn_stage(inp: Union[Tensor, Pending], conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool,
+def conv_bn_stage(inp: Union[Tensor, Pending], conv: nn.Conv2d, bn: nn.Module, relu: bool,
                   residual: Union[Tensor, Pending, None] = None, squeeze: bool = False):
     """``act(bn(conv(inp)) [+ residual])``; returns a ``Pending`` when BN uses batch statistics.
+
+    ``bn`` is any norm that ``fusable`` accepts; its own trailing ReLU (timm's BatchNormAct2d)
+    counts as ``relu`` and comes before a residual in its forward, so it cannot take one.
 
     ``inp`` may itself be pending: its scale/shift/ReLU is then applied in the prologue.
     A pending result carries no residual: pass it to ``finish``.  Inputs are checked here,
@@ -97,6 +105,10 @@ def conv_bn_stage(inp: Union[Tensor, Pending], conv: nn.Conv2d, bn: nn.BatchNorm
     packed = packed_weight(weight, dtype) if use_triton(x) and dtype != torch.float64 else None
     if packed is None and weight.dtype != dtype:
         weight = weight.to(dtype)  # the reference path computes in x's dtype
+    norm = norm_view(bn)
+    if norm.relu and residual is not None:
+        raise ValueError("a norm with its own ReLU applies it before the residual add: finish the stage first")
+    relu = relu or norm.relu
     k = conv.kernel_size[0]
     out_shape = [x.shape[0], conv.out_channels, out_size(x.shape[2], k, stride, padding),
                  out_size(x.shape[3], k, stride, padding)]
@@ -104,33 +116,32 @@ def conv_bn_stage(inp: Union[Tensor, Pending], conv: nn.Conv2d, bn: nn.BatchNorm
         raise ValueError(f"residual must have shape {out_shape}, got {list(residual.shape)}")
     if squeeze:  # raw z + the squeeze mean; BN (batch or folded) is applied by the consumer
         from kernels.squeeze_excite import ConvSqueezeFn
-        batch = uses_batch_stats(bn)
-        if batch:
+        if norm.batch_stats:
             check_batch_stats(bn, out_shape[0] * out_shape[2] * out_shape[3])
-        running_mean, running_var, nbt = running_stats(bn)
-        folded = (None, None) if batch else folded_scale_shift(bn)
+        folded = (None, None) if norm.batch_stats else folded_scale_shift(bn)
         z, _, _, scale, shift, m = ConvSqueezeFn.apply(
-            x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu, None, None, None, False, batch,
-            bn.weight, bn.bias, running_mean, running_var, nbt, bn.momentum, bn.eps, *folded)
-        if not batch:
+            x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu, None, None, None, False,
+            norm.batch_stats, norm.weight, norm.bias, norm.running_mean, norm.running_var, norm.num_batches_tracked,
+            norm.momentum, norm.eps, *folded)
+        if not norm.batch_stats:
             scale, shift = folded
         return Pending(z, scale, shift, relu), m
-    if uses_batch_stats(bn):
+    if norm.batch_stats:
         group_name = sync_bn.group_name(bn)  # SyncBatchNorm: the statistics of the group's ranks
         # (across ranks only nn.SyncBatchNorm's eps check applies: a rank may hold one value or none)
         check_batch_stats(bn, out_shape[0] * out_shape[2] * out_shape[3] if group_name is None else None)
-        running_mean, running_var, nbt = running_stats(bn)
         z, _, _, scale, shift = ConvBNActFn.apply(
             x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu, None, None, None, False, True,
-            bn.weight, bn.bias, running_mean, running_var, nbt, bn.momentum, bn.eps, group_name)
+            norm.weight, norm.bias, norm.running_mean, norm.running_var, norm.num_batches_tracked, norm.momentum,
+            norm.eps, group_name)
         out = Pending(z, scale, shift, relu)
         return out if residual is None else finish(out, residual)
-    scale, shift = folded_scale_shift(bn)
+    scale, shift = folded_scale_shift(bn)  # FrozenBatchNorm2d too: its buffers carry the same names
     residual = materialize(residual) if residual is not None else None
     if residual is not None and residual.dtype != dtype:
         residual = residual.to(dtype)
     return ConvBNActFn.apply(x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu, scale, shift,
-                           residual, relu, False, None, None, None, None, None, None, bn.eps)[0]
+                           residual, relu, False, None, None, None, None, None, None, norm.eps)[0]
 
 
 def finish(main: Union[Tensor, Pending], residual: Union[Tensor, Pending, None] = None,
@@ -195,7 +206,8 @@ class ConvBNAct(nn.Module):
         """Wrap existing modules (their tensors are shared, not copied)."""
         if not fusable(conv, bn):
             raise ValueError(f"cannot fuse {conv} -> {bn}: needs a bias-free 1x1 or 3x3 Conv2d with equal "
-                             f"strides and paddings, dilation 1, zero padding, and a BatchNorm2d of "
+                             f"strides and paddings, dilation 1, zero padding, and a BatchNorm2d (or "
+                             f"FrozenBatchNorm2d, timm's BatchNormAct2d with ReLU or no activation) of "
                              f"{conv.out_channels} features")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
@@ -207,6 +219,9 @@ class ConvBNAct(nn.Module):
         if runs_eager(x, self.conv.weight):  # PyTorch's own ops, as the unconverted modules
             y = self.bn(self.conv(x))
             y = y + residual if residual is not None else y
+            return torch.relu(y) if self.relu else y
+        if residual is not None and norm_act(self.bn):  # the norm's ReLU comes before the add
+            y = like_input(finish(conv_bn_stage(x, self.conv, self.bn, relu=False)), x, self.conv.weight) + residual
             return torch.relu(y) if self.relu else y
         out = conv_bn_stage(x, self.conv, self.bn, self.relu, residual)
         return like_input(finish(out), x, self.conv.weight)

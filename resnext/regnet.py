@@ -1,0 +1,138 @@
+"""The fused RegNet bottleneck (timm's ``timm.models.regnet.Bottleneck``) and timm's ``ConvNormAct``.
+
+timm's RegNet block, with ``ConvNormAct`` children (``.conv``, ``.bn`` = ``BatchNormAct2d``)::
+
+    x1 = conv1(x)            1x1, norm + ReLU
+    x2 = conv2(x1)           grouped 3x3, norm + ReLU
+    x2 = se(x2)              RegNetY: a squeeze-excite gate; RegNetX: Identity
+    x3 = conv3(x2)           1x1, norm without activation
+    y  = act3(drop_path(x3) + downsample(x))   (no shortcut at all when downsample is None;
+                                                act3 is Identity with linear_out)
+
+Fused like the ResNet bottleneck: conv1 -> conv2 -> conv3 with each norm applied on load by
+the next convolution, the downsample's conv + norm pending until the final pass (or folded
+in eval).  The SE gate between conv2 and conv3 is a step of its own in ``forward``; while the
+fused path has no gate for it, a block whose ``se`` is not a no-op is left to PyTorch.
+"""
+import sys
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .blocks import downsample_stage, split_downsample
+from .modules import conv_bn_stage, finish, fusable, like_input, runs_eager
+from .norms import conv_norm_pair, is_noop, norm_act
+
+_CHILDREN = ("conv1", "conv2", "se", "conv3", "act3", "downsample", "drop_path")
+
+
+def _regnet_bottleneck_forward():
+    regnet = sys.modules.get("timm.models.regnet")
+    return regnet.Bottleneck.forward if regnet is not None else None
+
+
+def _stage(m: nn.Module, kernel_size, relu: Optional[bool]):
+    """(conv, norm) of a ConvNormAct child we fuse with this kernel size, 1x1 stride 1 unless 3x3,
+    and this trailing activation (None: either); else None."""
+    pair = conv_norm_pair(m) if isinstance(m, nn.Module) else None
+    if pair is None or not is_noop(getattr(m, "aa", None)) or not fusable(*pair):
+        return None
+    conv, bn = pair
+    if conv.kernel_size != kernel_size or (kernel_size == (1, 1) and conv.stride != (1, 1)):
+        return None
+    return pair if relu is None or norm_act(bn) is relu else None
+
+
+def is_fusable_regnet_bottleneck(block: nn.Module) -> bool:
+    """timm's RegNet ``Bottleneck`` (its forward, not a subclass's) whose computation we reproduce."""
+    if _regnet_bottleneck_forward() is None or type(block).forward is not _regnet_bottleneck_forward():
+        return False
+    if any(name not in _CHILDREN for name, _ in block.named_children()):
+        return False
+    get = lambda name: getattr(block, name, None)  # noqa: E731
+    if (_stage(get("conv1"), (1, 1), True) is None or _stage(get("conv2"), (3, 3), True) is None
+            or _stage(get("conv3"), (1, 1), False) is None):
+        return False
+    if type(get("act3")) not in (nn.ReLU, nn.Identity) or not is_noop(get("drop_path")):
+        return False
+    if not is_noop(get("se")):  # RegNetY: no fused SE gate yet (see forward)
+        return False
+    ds = get("downsample")
+    return ds is None or type(ds) is nn.Identity or split_downsample(ds) is not None
+
+
+class FusedRegNetBottleneck(nn.Module):
+    """Drop-in replacement of timm's RegNet ``Bottleneck`` (same children, same state_dict)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        if not is_fusable_regnet_bottleneck(block):
+            raise ValueError(f"cannot fuse {type(block).__name__}: expected timm's RegNet Bottleneck with bias-free "
+                             f"1x1/3x3/1x1 ConvNormAct (BatchNorm + ReLU), no dilation, SE, drop-path or "
+                             f"anti-aliasing, and a 1x1 conv + norm (or no) shortcut")
+        for name, m in block.named_children():
+            self.add_module(name, m)
+        for name in _CHILDREN:  # timm stores an absent shortcut as downsample = None
+            if name not in self._modules:
+                setattr(self, name, getattr(block, name, None))
+        self.train(block.training)
+
+    def _eager_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's forward on PyTorch's own ops (no Triton here)."""
+        shortcut = x
+        x = self.conv3(self.se(self.conv2(self.conv1(x))))
+        if self.downsample is not None:
+            x = self.drop_path(x) + self.downsample(shortcut)
+        return self.act3(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if runs_eager(x, self.conv1.conv.weight):
+            return self._eager_forward(x)
+        out = conv_bn_stage(x, self.conv1.conv, self.conv1.bn, relu=True)
+        out = conv_bn_stage(out, self.conv2.conv, self.conv2.bn, relu=True)
+        # se: a no-op in every block fused today (is_fusable_regnet_bottleneck).  A fused SE gate
+        # is a step of its own here, on conv2's (pending) output, applied in conv3's prologue.
+        relu = type(self.act3) is nn.ReLU
+        residual = downsample_stage(x, self.downsample) if self.downsample is not None else None
+        out = conv_bn_stage(out, self.conv3.conv, self.conv3.bn, relu=relu, residual=residual)
+        return like_input(finish(out), x, self.conv1.conv.weight, self.conv2.conv.weight, self.conv3.conv.weight)
+
+
+class FusedConvNormAct(nn.Module):
+    """timm's ``ConvNormAct`` (conv -> norm [-> act] [-> aa]) with conv + norm (+ ReLU) fused;
+    ``aa`` (anti-aliasing), when present, runs on PyTorch after it.  Same children."""
+
+    def __init__(self, m: nn.Module):
+        super().__init__()
+        pair = conv_norm_pair(m)
+        if pair is None or not fusable(*pair):
+            raise ValueError(f"cannot fuse {type(m).__name__}: expected timm's ConvNormAct with a bias-free 1x1 "
+                             f"or 3x3 Conv2d (no dilation) and a BatchNorm with ReLU or no activation")
+        for name, child in m.named_children():
+            self.add_module(name, child)
+        self.train(m.training)
+
+    @property
+    def in_channels(self) -> int:
+        return self.conv.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.conv.out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if runs_eager(x, self.conv.weight):
+            y = self.bn(self.conv(x))
+        else:
+            y = like_input(finish(conv_bn_stage(x, self.conv, self.bn, relu=False)), x, self.conv.weight)
+        aa = getattr(self, "aa", None)
+        return aa(y) if aa is not None else y
+
+
+def is_fusable_conv_norm_act(m: nn.Module) -> bool:
+    """A timm ConvNormAct that ``convert`` fuses on its own: with a ReLU.  Without one its output
+    may be modified in place by the caller (timm's SK block: ``x += shortcut``), which eager BN
+    allows but the fused ops' saved output does not."""
+    pair = conv_norm_pair(m)
+    return pair is not None and fusable(*pair) and norm_act(pair[1]) is True
