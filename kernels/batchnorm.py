@@ -126,19 +126,13 @@ def bn_finalize_kernel(
         if ROW_COUNTS:  # an all-empty group leaves the statistics alone, as an empty batch below
             _update_running(run_mean_ptr, run_var_ptr, offs_c, c_ok & (count > 0), mean_a, var, count, factor)
         elif M > 0:  # an empty batch is counted but leaves the statistics alone (as PyTorch)
-            rm = tl.load(run_mean_ptr + offs_c, mask=c_ok, other=0.0)
-            rv = tl.load(run_var_ptr + offs_c, mask=c_ok, other=0.0)
-            # As torch.lerp_(running, batch statistic rounded to the buffer's dtype, factor)
-            new_mean = _lerp(rm.to(tl.float32), mean_a.to(rm.dtype).to(tl.float32), factor)
-            unbiased = (var * (M / (M - 1.0))).to(rv.dtype).to(tl.float32)
-            new_var = _lerp(rv.to(tl.float32), unbiased, factor)
-            tl.store(run_mean_ptr + offs_c, new_mean.to(rm.dtype), mask=c_ok)
-            tl.store(run_var_ptr + offs_c, new_var.to(rv.dtype), mask=c_ok)
+            _update_running(run_mean_ptr, run_var_ptr, offs_c, c_ok, mean_a, var, M * 1.0, factor)
 
 
 @triton.jit
 def _update_running(run_mean_ptr, run_var_ptr, offs_c, ok, mean, var, count, factor):
-    """The running-statistics update above with a per-channel count (a vector)."""
+    """As torch.lerp_(running, batch statistic rounded to the buffer's dtype, factor), the
+    variance unbiased with ``count`` (a scalar, or a per-channel vector across ranks)."""
     rm = tl.load(run_mean_ptr + offs_c, mask=ok, other=0.0)
     rv = tl.load(run_var_ptr + offs_c, mask=ok, other=0.0)
     new_mean = _lerp(rm.to(tl.float32), mean.to(rm.dtype).to(tl.float32), factor)

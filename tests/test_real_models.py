@@ -40,8 +40,8 @@ BLOCKS = (tv_resnet.Bottleneck, timm_resnet.Bottleneck, timm_regnet.Bottleneck,
 EXPECTED = {
     "tv_resnext50_32x4d": (16, 0, "torchvision's own classification model"),
     "fpn_resnext101_32x8d": (33, 0, "torchvision detection backbone, FrozenBatchNorm2d"),
-    "seresnext50_32x4d": (16, 16, "SE after bn3: no fused gate yet"),
-    "ecaresnext26t_32x4d": (8, 8, "ECA after bn3: no fused gate yet"),
+    "seresnext50_32x4d": (16, 0, "SE after bn3: squeeze in conv3's epilogue, gate in the final pass"),
+    "ecaresnext26t_32x4d": (8, 0, "ECA after bn3: as SE"),
     "regnety_016": (27, 27, "SE after conv2: no fused gate yet"),
     "regnetx_016": (18, 0, "ConvNormAct + BatchNormAct2d"),
     "resnext50d_32x4d": (16, 0, "avg_down shortcut: the pool on PyTorch, conv + BN fused"),
@@ -213,8 +213,8 @@ def small_regnet(**cfg):
 SMALL = {
     "tv_frozen": (tv_frozen_backbone, 2, 0),
     "timm_resnext_d": (lambda: small_timm_resnet("resnext50d_32x4d"), 4, 0),  # avg_down, deep stem
-    "timm_seresnext": (lambda: small_timm_resnet("seresnext50_32x4d"), 4, 4),
-    "timm_ecaresnext": (lambda: small_timm_resnet("ecaresnext26t_32x4d"), 4, 4),
+    "timm_seresnext": (lambda: small_timm_resnet("seresnext50_32x4d"), 4, 0),
+    "timm_ecaresnext": (lambda: small_timm_resnet("ecaresnext26t_32x4d"), 4, 0),
     "regnetx": (lambda: small_regnet(), 4, 0),
     "regnetx_avg_linear_frozen": (lambda: freeze_batch_norm_2d(small_regnet(downsample="avg", linear_out=True)), 4, 0),
     "regnety": (lambda: small_regnet(se_ratio=0.25), 4, 4),
@@ -333,12 +333,12 @@ def test_norm_layers_accepted(norm, fused):
 @pytest.mark.parametrize("piece, fused", [
     (dict(drop_path=None), True),
     (dict(drop_path=DropPath(0.0)), True),
-    (dict(drop_path=DropPath(0.2)), False),
+    (dict(drop_path=DropPath(0.2)), True),  # its mask joins the final pass
     (dict(drop_block=DropBlock2d(0.0)), True),
-    (dict(drop_block=DropBlock2d(0.1)), False),
+    (dict(drop_block=DropBlock2d(0.1)), True),  # fused; a call with an active mask runs on PyTorch
 ], ids=["no-drop-path", "drop-path-p0", "drop-path", "drop-block-p0", "drop-block"])
 def test_timm_bottleneck_extras(piece, fused):
-    """timm's optional pieces: a block is fused while each is a no-op (probability 0 included)."""
+    """timm's optional pieces: a block with drop_path or drop_block (any probability) is fused."""
     block = timm_resnet.Bottleneck(32, 8, cardinality=4, base_width=32)
     for name, m in piece.items():
         setattr(block, name, m)
