@@ -312,6 +312,7 @@ def conv_kernel_flags(c: shapes.ConvShape, mode: str, dtype: str) -> dict:
         IN_AFFINE=train and c.role in ("conv2", "conv3"), IN_RELU=train and c.role in ("conv2", "conv3"),
         OUT_AFFINE=not train, HAS_RESIDUAL=(not train) and c.residual, OUT_RELU=(not train) and c.relu,
         STATS=train, ALLOW_TF32=dtype == "fp32" and torch.backends.cudnn.allow_tf32,
+        SQUEEZE=False,  # the squeeze-excite variant (conv3 of an SE block) is in kernels/_compile.py
     )
 
 
@@ -497,6 +498,7 @@ def _report_from_json(req: dict) -> List[dict]:
 
 def _triton_kernel_report_here(conv_list, batch, dtype, mode, compile_offline, image) -> List[dict]:
     try:
+        from kernels._compile import weight_operand_strides
         from kernels._runtime import conv_config
     except ImportError as err:
         return [dict(error=f"kernels._runtime.conv_config unavailable: {err}")]
@@ -514,7 +516,10 @@ def _triton_kernel_report_here(conv_list, batch, dtype, mode, compile_offline, i
                    config=cfg, flags={k: v for k, v in flags.items() if v not in (False,)},
                    grid=[-(-M // cfg["BLOCK_M"]), -(-c.cout // cfg["BLOCK_N"])])
         ints = dict(N=batch, H=c.h, W=c.w, Cin=c.cin, Ho=c.ho, Wo=c.wo, Cout=c.cout, CIN_G=c.cin_per_group,
-                    COUT_G=c.cout_per_group, stride=c.stride, padding=c.padding)
+                    COUT_G=c.cout_per_group, stride=c.stride, padding=c.padding, sq_slots=1)
+        long_dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
+        ints.update(zip(("w_stride_tap", "w_stride_ci", "w_stride_co"),
+                        weight_operand_strides(c.cout, c.cin_per_group, c.ksize, long_dtype)))
         requests.append(dict(constexprs={**flags, **blocks}, num_warps=cfg.get("num_warps", 4),
                              num_stages=cfg.get("num_stages", 3), dtype=dtype, int_args=ints, capability=90))
         kmode = "eval" if mode == "eval" else "train"
