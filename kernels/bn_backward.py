@@ -93,6 +93,9 @@ def bn_backward_kernel(
     HW=1,  # rows per image (GATE, DGATE, IMG_ADD)
     progs_per_image=1,  # (DGATE) programs per image: program t covers part of image t // progs_per_image
     GATE: tl.constexpr = False, DGATE: tl.constexpr = False, IMG_ADD: tl.constexpr = False,
+    img_src_ptr=None,  # [M, C] (IMG_MASK, without STATS; with STATS the z of v_ptr): the mask's source
+    img_scale_ptr=None, img_shift_ptr=None,  # [C] fp32 (IMG_MASK): the image add only where src*scale + shift > 0
+    IMG_MASK: tl.constexpr = False,
 ):
     pid_t = tl.program_id(0)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -107,6 +110,9 @@ def bn_backward_kernel(
         relu_b = tl.load(relu_shift_ptr + offs_c, mask=c_ok, other=0.0)
     if RES_SCALE:
         res_s = tl.load(res_scale_ptr + offs_c, mask=c_ok, other=0.0)
+    if IMG_MASK:
+        img_s = tl.load(img_scale_ptr + offs_c, mask=c_ok, other=0.0)
+        img_b = tl.load(img_shift_ptr + offs_c, mask=c_ok, other=0.0)
     if STATS:
         mean = tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0)
         d_mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
@@ -158,8 +164,23 @@ def bn_backward_kernel(
             g = tl.load(dy_ptr + dy_off, mask=ok, other=0.0).to(tl.float32)
         else:
             g = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+        if STATS:  # z of the statistics terms, also the v of sum(g*v) if asked
+            v = tl.load(v_ptr + off, mask=ok, other=0.0).to(tl.float32)
+        elif SUM_V == 1:
+            v = tl.load(v_ptr + off, mask=ok, other=0.0).to(tl.float32)
         if IMG_ADD:
-            g += tl.load(img_ptr + (offs_m // HW)[:, None] * C + offs_c[None, :], mask=ok, other=0.0)
+            img_g = tl.load(img_ptr + (offs_m // HW)[:, None] * C + offs_c[None, :], mask=ok, other=0.0)
+            if IMG_MASK:
+                # The gradient of a squeeze over relu(src*scale + shift) (a RegNetY SE after conv2):
+                # the ReLU mask of the activation as the forward rounded it; NaN passes, as in
+                # RELU_MODE 2.  With STATS, src is the z already loaded.
+                if STATS:
+                    src = v
+                else:
+                    src = tl.load(img_src_ptr + off, mask=ok, other=0.0).to(tl.float32)
+                pre = (src * img_s[None, :] + img_b[None, :]).to(img_src_ptr.dtype.element_ty)
+                img_g = tl.where(pre <= 0.0, 0.0, img_g)
+            g += img_g
         # ReLU backward as torch's threshold_backward: 0 where the ReLU output is <= 0, else
         # g.  A NaN activation passes g (NaN <= 0 is false), a NaN g is zeroed where masked.
         if RELU_MODE == 1:
@@ -179,16 +200,15 @@ def bn_backward_kernel(
             acc_g += gb
             if GATE:
                 acc_g_res += g
-        if STATS:  # z of the statistics terms, also the v of sum(g*v) if asked
-            v = tl.load(v_ptr + off, mask=ok, other=0.0).to(tl.float32)
-        elif SUM_V == 1:
-            v = tl.load(v_ptr + off, mask=ok, other=0.0).to(tl.float32)
         if SUM_V == 1:
             acc_gv += gb * v
         elif SUM_V == 2:
             acc_gv += gb * x.to(tl.float32)
         if DGATE:  # the gate's gradient: g times the BN output u it multiplied
-            acc_du += g * (v * s[None, :] + b_shift[None, :])
+            if RELU_MODE == 2:  # u = relu(x*scale + shift), g masked already: x*scale + shift will do
+                acc_du += g * (x.to(tl.float32) * s[None, :] + b_shift[None, :])
+            else:
+                acc_du += g * (v * s[None, :] + b_shift[None, :])
         if SUM_R:
             acc_gr += g * tl.load(r_ptr + off, mask=ok, other=0.0).to(tl.float32)
         if WRITE_DZ:
@@ -335,6 +355,8 @@ def bn_backward_impl(
     v: Optional[Tensor], v_is_relu_src: bool, r: Optional[Tensor], sum_g: bool,
     dz_dtype: Optional[torch.dtype], dres_dtype: Optional[torch.dtype],
     gate: Optional[Tensor] = None, gate_shift: Optional[Tensor] = None, image_add: Optional[Tensor] = None,
+    image_mask_src: Optional[Tensor] = None, image_mask_scale: Optional[Tensor] = None,
+    image_mask_shift: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """See ``bn_backward``.  Returns (dz or empty, dres or empty, sums [3, C] fp32,
     [d gamma, d beta] [2, C] fp32 or empty, d gate [N, C] fp32 or empty)."""
@@ -342,7 +364,7 @@ def bn_backward_impl(
     N, C, H, W = shape
     M = N * H * W
     dgate_on = gate_shift is not None
-    if dgate_on and (gate is None or v is None or scale is None or z is not None):
+    if dgate_on and (gate is None or (v is None and relu_scale is None) or scale is None or z is not None):
         raise ValueError("the gate's gradient needs the gate, v = the BN input, its scale and no statistics terms")
     cfg = image_launch_config(N, H * W, C) if dgate_on else launch_config(M, C)
     runs = cfg["grid"][0]
@@ -370,7 +392,7 @@ def bn_backward_impl(
     if dy_strides is None:
         dy = _rows(dy)
         dy_strides = (C, 1)
-    relu_src, z, v, r = map(_rows, (relu_src, z, v, r))
+    relu_src, z, v, r, image_mask_src = map(_rows, (relu_src, z, v, r, image_mask_src))
     v = z if stats else v  # the kernel reads z through v_ptr
     relu_mode = RELU_NONE if relu_src is None else RELU_AFFINE if relu_scale is not None else RELU_OUTPUT
     dummy = sums  # any pointer for operands a constexpr switches off
@@ -385,6 +407,11 @@ def bn_backward_impl(
             shift_ptr=pick(_vec(gate_shift)), dgate_ptr=dgate_part if dgate_on else dummy,
             img_ptr=pick(_vec(image_add)), HW=H * W, progs_per_image=cfg.get("progs_per_image", 1),
             GATE=gate is not None, DGATE=dgate_on, IMG_ADD=image_add is not None)
+    if image_mask_src is not None:
+        if image_add is None or image_mask_scale is None or image_mask_shift is None:
+            raise ValueError("the image add's mask needs image_add, image_mask_scale and image_mask_shift")
+        gate_args.update(img_src_ptr=image_mask_src, img_scale_ptr=_vec(image_mask_scale),
+                         img_shift_ptr=_vec(image_mask_shift), IMG_MASK=True)
     if M > 0:
         bn_backward_kernel[cfg["grid"]](
             dz if dz_dtype is not None else dummy, dres if dres_dtype is not None else dummy,
@@ -425,7 +452,8 @@ bn_backward_op = torch.library.custom_op("resnext::bn_backward", bn_backward_imp
 
 @bn_backward_op.register_fake
 def _(dy, relu_src, relu_scale, relu_shift, scale, z, mean, var, dmean, dvar, dscale, dshift, gamma, eps,
-      res_scale, v, v_is_relu_src, r, sum_g, dz_dtype, dres_dtype, gate=None, gate_shift=None, image_add=None):
+      res_scale, v, v_is_relu_src, r, sum_g, dz_dtype, dres_dtype, gate=None, gate_shift=None, image_add=None,
+      image_mask_src=None, image_mask_scale=None, image_mask_shift=None):
     shape, device = _shape_of(dy, relu_src, z, v, r)
     daff = z is not None and (dscale is not None or dshift is not None)
     return (_new_grad(shape, device, dz_dtype), _new_grad(shape, device, dres_dtype),
@@ -473,6 +501,7 @@ def bn_backward(
     sum_g: bool = False, sum_gv: Optional[Tensor] = None, sum_gv_is_relu_in: bool = False,
     sum_gr: Optional[Tensor] = None,
     gate: Optional[Tensor] = None, gate_shift: Optional[Tensor] = None, image_add: Optional[Tensor] = None,
+    image_mask: Optional[Tuple[Tensor, Tensor, Tensor]] = None,
 ) -> BNBackward:
     """The elementwise BN/ReLU backward step in one pass (Triton; see the module docstring).
 
@@ -493,8 +522,12 @@ def bn_backward(
         (a squeeze-excite gate, a drop-path mask): dz and sum_g, sum_gv use g*gate, dres, sum_gr
         and sum_g_ungated (returned with sum_g) use g.
     gate_shift ([C]): also return dgate[n, c] = sum over H, W of g * (v*scale + gate_shift),
-        the gradient of the gate (v = sum_gv = the BN input z).
+        the gradient of the gate (v = sum_gv = the BN input z, or relu_in with the affine ReLU
+        mask: then g is masked and the sum is that of g * relu(relu_in*scale + gate_shift)).
     image_add ([N, C] fp32): added to dy per (image, channel) before anything else.
+    image_mask ((src [N, C, H, W], scale [C], shift [C])): image_add only where src*scale + shift
+        (rounded to src's dtype) is > 0 or NaN: the gradient of a squeeze taken after a ReLU.  src is
+        read in the same pass (with ``stats``, pass their z: it is read once).
     """
     if relu_out is not None and relu_in is not None:
         raise ValueError("one ReLU mask at a time")
@@ -507,7 +540,7 @@ def bn_backward(
     dz, dres, sums, dparam, dgate = eager_or_op(bn_backward_op, bn_backward_impl)(
         dy, relu_src, relu_in_scale, relu_in_shift, scale, st.z, st.mean, st.var, st.dmean, st.dvar,
         st.dscale, st.dshift, st.gamma, st.eps, res_scale, sum_gv, sum_gv_is_relu_in, sum_gr, sum_g,
-        dz_dtype, dres_dtype, gate, gate_shift, image_add)
+        dz_dtype, dres_dtype, gate, gate_shift, image_add, *(image_mask if image_mask is not None else (None,) * 3))
     want_v = sum_gv is not None or sum_gv_is_relu_in
     daff = stats is not None and (st.dscale is not None or st.dshift is not None)
     return BNBackward(dz if dz_dtype is not None else None, dres if dres_dtype is not None else None,

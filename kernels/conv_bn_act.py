@@ -47,8 +47,10 @@ Tensor = torch.Tensor
 @triton.jit
 def _input_tile(x_ptr, in_scale_ptr, in_shift_ptr, img, oh, ow, m_ok, offs_k, k_ok, tap,
                 H, W, Cin, stride, padding,
-                KSIZE: tl.constexpr, IN_AFFINE: tl.constexpr, IN_RELU: tl.constexpr):
-    """[BLOCK_M, BLOCK_K] input tile under one tap, with the optional BN + ReLU prologue."""
+                KSIZE: tl.constexpr, IN_AFFINE: tl.constexpr, IN_RELU: tl.constexpr,
+                in_gate_ptr, IN_GATE: tl.constexpr):
+    """[BLOCK_M, BLOCK_K] input tile under one tap, with the optional BN + ReLU prologue and,
+    after the ReLU, a per-(image, channel) gate (IN_GATE: RegNetY's SE between conv2 and conv3)."""
     ih = oh * stride - padding + tap // KSIZE
     iw = ow * stride - padding + tap % KSIZE
     pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
@@ -65,6 +67,8 @@ def _input_tile(x_ptr, in_scale_ptr, in_shift_ptr, img, oh, ow, m_ok, offs_k, k_
         af = a.to(tl.float32) * s[None, :] + b[None, :]
         if IN_RELU:
             af = tl.where(af < 0.0, 0.0, af)  # keeps NaN, like torch.relu
+        if IN_GATE:  # x * gate after the activation, as timm's SEModule (NaN/Inf propagate as there)
+            af = af * tl.load(in_gate_ptr + img[:, None] * Cin + offs_k[None, :], mask=a_ok, other=0.0)
         # zero padding applies to the normalised activation, not to x
         a = tl.where(a_ok, af, 0.0).to(x_ptr.dtype.element_ty)
     return a
@@ -108,6 +112,8 @@ def conv_bn_act_fwd_kernel(
     sq_part_ptr=None,  # [cdiv(M, BLOCK_M), sq_slots, Cout] fp32 out (SQUEEZE): per-image sums of y
     sq_slots=1,  # images one row block can touch: (BLOCK_M - 1) // (Ho*Wo) + 2, at most N
     SQUEEZE: tl.constexpr = False,
+    in_gate_ptr=None,  # [N, Cin] fp32 (IN_GATE, with IN_AFFINE): multiplies the prologue's output
+    IN_GATE: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -143,7 +149,7 @@ def conv_bn_act_fwd_kernel(
         offs_k = k_base + kc * BLOCK_K + tl.arange(0, BLOCK_K)
         k_ok = (offs_k >= ci_start) & (offs_k < ci_end)
         a = _input_tile(x_ptr, in_scale_ptr, in_shift_ptr, img, oh, ow, m_ok, offs_k, k_ok, tap,
-                        H, W, Cin, stride, padding, KSIZE, IN_AFFINE, IN_RELU)
+                        H, W, Cin, stride, padding, KSIZE, IN_AFFINE, IN_RELU, in_gate_ptr, IN_GATE)
         wt = _weight_tile(w_ptr, offs_k, k_ok, tap, offs_n, n_ok, group_n, CIN_G,
                           w_stride_tap, w_stride_ci, w_stride_co)
         acc = mma(a, wt, acc, ALLOW_TF32)
@@ -168,7 +174,7 @@ def conv_bn_act_fwd_kernel(
                 offs_k = g * CIN_G + (it % num_kg) * BLOCK_K + tl.arange(0, BLOCK_K)
                 k_ok = offs_k < (g + 1) * CIN_G
                 a = _input_tile(x_ptr, in_scale_ptr, in_shift_ptr, img, oh, ow, m_ok, offs_k, k_ok, tap,
-                                H, W, Cin, stride, padding, KSIZE, IN_AFFINE, IN_RELU)
+                                H, W, Cin, stride, padding, KSIZE, IN_AFFINE, IN_RELU, in_gate_ptr, IN_GATE)
                 wt = _weight_tile(w_ptr, offs_k, k_ok, tap, offs_n, n_ok, group_n, CIN_G,
                                   w_stride_tap, w_stride_ci, w_stride_co)
                 acc = tl.where((group_n == g)[None, :], mma(a, wt, acc, ALLOW_TF32), acc)
@@ -271,7 +277,7 @@ def conv_bn_act_forward(
     out_relu: bool, stats: bool, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
     running_mean: Optional[Tensor], running_var: Optional[Tensor], num_batches_tracked: Optional[Tensor],
     momentum: Optional[float], eps: float, group_name: Optional[str] = None,
-    squeeze_sums: Optional[Tensor] = None,
+    squeeze_sums: Optional[Tensor] = None, in_gate: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Launch the Triton kernels (or run the reference on a plain CPU tensor).
 
@@ -281,8 +287,13 @@ def conv_bn_act_forward(
     ``group_name``: the statistics are those of that process group's ranks (``kernels.sync_bn``).
     ``squeeze_sums`` ([N, Cout] fp32, optional): filled with the per-(image, channel) sums of
     y over H, W (the squeeze of a squeeze-excite; one more small launch).
+    ``in_gate`` ([N, Cin] or [N, Cin, 1, 1], with in_scale): the prologue's output is multiplied by
+    it per (image, channel), after the ReLU (``squeeze_excite.GatedConvFn``).
     """
     if not use_triton(x) or x.dtype == torch.float64:  # float64: reference (for gradcheck)
+        if in_gate is not None:
+            x = reference.input_prologue(x, in_scale, in_shift, in_relu, in_gate)
+            in_scale = in_shift = None
         y, mean, var = reference.conv_bn_act_reference(
             x, weight, stride, padding, groups, in_scale, in_shift, in_relu,
             out_scale, out_shift, residual, out_relu, stats)
@@ -334,6 +345,7 @@ def conv_bn_act_forward(
         **cfg,
         **dict(zip(("w_stride_tap", "w_stride_ci", "w_stride_co"), weight_strides(w))),
         **(dict(sq_part_ptr=sq_part, sq_slots=sq_slots, SQUEEZE=True) if sq_part is not None else {}),
+        **(dict(in_gate_ptr=_f32(in_gate.reshape(N, Cin)), IN_GATE=True) if in_gate is not None else {}),
     )
     if sq_part is not None:
         from .squeeze_excite import merge_squeeze_sums
@@ -358,7 +370,7 @@ conv_bn_act_op = torch.library.custom_op(
 @conv_bn_act_op.register_fake
 def _(x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu,
       out_scale, out_shift, residual, out_relu, stats, bn_weight, bn_bias, running_mean, running_var,
-      num_batches_tracked, momentum, eps, group_name=None, squeeze_sums=None):
+      num_batches_tracked, momentum, eps, group_name=None, squeeze_sums=None, in_gate=None):
     N, _, H, W = x.shape
     Cout, _, ksize, _ = weight.shape
     Ho, Wo = out_size(H, ksize, stride, padding), out_size(W, ksize, stride, padding)
@@ -369,22 +381,23 @@ def _(x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu,
 
 def conv_grads_impl(dz: Tensor, a: Tensor, weight: Tensor, packed: Optional[Tensor], stride: int,
                     padding: int, groups: int, need_input: bool, need_weight: bool,
-                    in_scale: Optional[Tensor], in_shift: Optional[Tensor], in_relu: bool) -> Tuple[Tensor, Tensor]:
+                    in_scale: Optional[Tensor], in_shift: Optional[Tensor], in_relu: bool,
+                    in_gate: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Data and weight gradients of the convolution (Triton dgrad / wgrad kernels).
 
     Returns (da [N, Cin, H, W] channels_last in dz's dtype, dw fp32 in the weight's memory
     layout); an output that is not needed comes back empty; both needed: one launch.
     ``packed``: the forward's packed weight in dz's dtype, or None.
     ``in_scale/in_shift/in_relu``: a is x, and the weight gradient applies the forward's
-    prologue to it on load.
+    prologue to it on load (``in_gate``: and the prologue's gate after it).
     """
     if need_input and need_weight:
         return conv_grads(dz, a, weight, stride, padding, groups, packed=packed, in_scale=in_scale,
-                          in_shift=in_shift, in_relu=in_relu)
+                          in_shift=in_shift, in_relu=in_relu, in_gate=in_gate)
     da = conv_dgrad(dz, weight, a.shape[2:], stride, padding, groups, packed=packed) if need_input \
         else dz.new_empty(0)
     dw = conv_wgrad(dz, a, weight.shape, stride, padding, groups, in_scale=in_scale, in_shift=in_shift,
-                    in_relu=in_relu, layout_like=weight) if need_weight \
+                    in_relu=in_relu, layout_like=weight, in_gate=in_gate) if need_weight \
         else dz.new_empty(0, dtype=torch.float32)
     return da, dw
 
@@ -393,7 +406,8 @@ conv_grads_op = torch.library.custom_op("resnext::conv_grads", conv_grads_impl, 
 
 
 @conv_grads_op.register_fake
-def _(dz, a, weight, packed, stride, padding, groups, need_input, need_weight, in_scale, in_shift, in_relu):
+def _(dz, a, weight, packed, stride, padding, groups, need_input, need_weight, in_scale, in_shift, in_relu,
+      in_gate=None):
     da = torch.empty(a.shape, device=a.device, dtype=dz.dtype, memory_format=torch.channels_last) if need_input \
         else dz.new_empty(0)
     dw_dtype = reference.acc_dtype(dz)
@@ -459,10 +473,14 @@ def _stats_grads_reference(mean, var, count, gamma, eps, dmean, dvar, dscale, ds
     return dmean, dvar, dgamma, dbeta
 
 
-def _backward(ctx, dy, dmean, dvar, dscale, dshift, image_grad=None):
+def _backward(ctx, dy, dmean, dvar, dscale, dshift, image_grad=None, image_mask=None, in_gate=None):
     """``image_grad`` ([N, Cout] or None): a gradient added to dy per (image, channel), that
-    of the squeeze sums (``squeeze_excite.ConvSqueezeFn``), applied in the same pass.
-    Returns the gradients of ConvBNActFn's first 21 arguments (all but ``group_name``)."""
+    of the squeeze sums (``squeeze_excite.ConvSqueezeFn``), applied in the same pass;
+    ``image_mask`` ((scale, shift) [Cout]): only where y*scale + shift > 0, a squeeze after a
+    ReLU (``squeeze_excite.ConvReluSqueezeFn``).  ``in_gate`` ([N, Cin] fp32): the forward's
+    prologue gate (``squeeze_excite.GatedConvFn``).
+    Returns the gradients of ConvBNActFn's first 21 arguments (all but ``group_name``), then
+    with ``in_gate`` the gate's ([N, Cin] fp32)."""
     x, weight, packed, in_scale, in_shift, out_scale, out_shift, y, mean, var, bn_weight = ctx.saved_tensors
     stride, padding, groups, in_relu, has_res, out_relu, stats, eps = ctx.conf
     need = ctx.needs_input_grad
@@ -483,8 +501,8 @@ def _backward(ctx, dy, dmean, dvar, dscale, dshift, image_grad=None):
         dmean, dvar, dscale, dshift = sync_bn.sum_stats_grads([dmean, dvar, dscale, dshift],
                                                               y.numel() // max(y.shape[1], 1), ctx.group_name)
 
-    if not fused:
-        a = reference.input_prologue(x, in_scale, in_shift, in_relu)
+    if not fused or (in_gate is not None and need_z):  # (the gated one: bn_act gates before its ReLU)
+        a = reference.input_prologue(x, in_scale, in_shift, in_relu, in_gate)
     elif in_scale is not None and need_z:
         a = run_bn_act(x, in_scale, in_shift, None, None, None, in_relu)  # one Triton pass
     else:
@@ -504,7 +522,8 @@ def _backward(ctx, dy, dmean, dvar, dscale, dshift, image_grad=None):
                 dy, relu_out=y if out_relu else None, scale=out_scale,
                 stats=StatsGrad(y, mean, var, dmean, dvar, dscale, dshift, bn_weight, eps) if stats_terms else None,
                 dz_dtype=a.dtype, dres_dtype=y.dtype if has_res and need[_RES] else None,
-                sum_g=out_scale is not None and need[_OUT_SHIFT], sum_gv=z, image_add=image_grad)
+                sum_g=out_scale is not None and need[_OUT_SHIFT], sum_gv=z, image_add=image_grad,
+                image_mask=(y, *image_mask) if image_mask is not None and image_grad is not None else None)
             dz, d_res = ep.dz, ep.dres
             d_gamma, d_beta = ep.dgamma, ep.dbeta
             d_out_scale = ep.sum_gv if need_z else None
@@ -512,7 +531,10 @@ def _backward(ctx, dy, dmean, dvar, dscale, dshift, image_grad=None):
     else:
         du = dy.to(acc) if dy is not None else torch.zeros_like(y, dtype=acc)
         if image_grad is not None:
-            du = du + image_grad.to(acc)[:, :, None, None]
+            img = image_grad.to(acc)[:, :, None, None]
+            if image_mask is not None:  # NaN passes, as the kernel's mask
+                img = img * ~(y.to(acc) * pc(image_mask[0].to(acc)) + pc(image_mask[1].to(acc)) <= 0)
+            du = du + img
         if out_relu:
             du = du * (y > 0)
         d_res = du.to(y.dtype) if has_res and need[_RES] else None
@@ -532,29 +554,36 @@ def _backward(ctx, dy, dmean, dvar, dscale, dshift, image_grad=None):
                                                              dmean, dvar, dscale, dshift, acc)
             dz = dz + pc(dm) / count + pc(dv) * (2.0 / count) * (y.to(acc) - pc(mean.to(acc)))
 
-    need_da = need[_X] or need[_IN_SCALE] or need[_IN_SHIFT]
+    need_da = need[_X] or need[_IN_SCALE] or need[_IN_SHIFT] or in_gate is not None
     if packed is not None and packed.dtype != compute_dtype:
         packed = None
     wgrad_prologue = fused and in_scale is not None and a is x
     da, dw = eager_or_op(conv_grads_op, conv_grads_impl)(
         dz.to(compute_dtype), a, weight, packed, stride, padding, groups, need_da, need[_W],
-        in_scale if wgrad_prologue else None, in_shift if wgrad_prologue else None, in_relu and wgrad_prologue)
+        in_scale if wgrad_prologue else None, in_shift if wgrad_prologue else None, in_relu and wgrad_prologue,
+        in_gate if wgrad_prologue else None)
     da = da if need_da else None
-    dx = d_in_scale = d_in_shift = None
+    dx = d_in_scale = d_in_shift = d_in_gate = None
     if in_scale is not None and da is not None and fused:
         # One pass: ReLU mask recomputed from x (a is not kept), scale, sums for gamma and beta.
         pr = bn_backward(
             da, relu_in=x if in_relu else None, relu_in_scale=in_scale if in_relu else None,
             relu_in_shift=in_shift if in_relu else None, scale=in_scale,
             dz_dtype=x.dtype if need[_X] else None, sum_g=need[_IN_SHIFT],
-            sum_gv=x if need[_IN_SCALE] and not in_relu else None, sum_gv_is_relu_in=need[_IN_SCALE] and in_relu)
-        dx = pr.dz
+            sum_gv=x if (need[_IN_SCALE] or in_gate is not None) and not in_relu else None,
+            sum_gv_is_relu_in=need[_IN_SCALE] and in_relu, gate=in_gate,
+            gate_shift=in_shift if in_gate is not None else None)
+        dx, d_in_gate = pr.dz, pr.dgate
         d_in_scale = pr.sum_gv if need[_IN_SCALE] else None
         d_in_shift = pr.sum_g if need[_IN_SHIFT] else None
     elif in_scale is not None and da is not None:
         da = da.to(acc)
+        if in_gate is not None:  # d gate = sum over H, W of da * the prologue's pre-gate output
+            d_in_gate = (da * reference.input_prologue(x.to(acc), in_scale, in_shift, in_relu)).sum(dim=(2, 3))
+            da = da * in_gate.to(acc).reshape(in_gate.shape[0], -1, 1, 1)
         if in_relu:
-            da = da * (a > 0)
+            da = da * (a > 0) if in_gate is None else \
+                da * ~(x.to(acc) * pc(in_scale.to(acc)) + pc(in_shift.to(acc)) <= 0)
         dx = (da * pc(in_scale.to(acc))).to(x.dtype) if need[_X] else None
         d_in_scale = _channel_sum(da * x.to(acc)).to(in_scale.dtype) if need[_IN_SCALE] else None
         d_in_shift = _channel_sum(da).to(in_shift.dtype) if need[_IN_SHIFT] else None
@@ -566,10 +595,11 @@ def _backward(ctx, dy, dmean, dvar, dscale, dshift, image_grad=None):
     def cast(g, like):
         return None if g is None or like is None else g if g.dtype == like.dtype else g.to(like.dtype)
 
-    return (dx, dw, None, None, None, None, cast(d_in_scale, in_scale), cast(d_in_shift, in_shift), None,
-            cast(d_out_scale, out_scale), cast(d_out_shift, out_shift), d_res, None, None,
-            cast(d_gamma, bn_weight) if need[_GAMMA] else None, cast(d_beta, bn_weight) if need[_BETA] else None,
-            None, None, None, None, None)
+    grads = (dx, dw, None, None, None, None, cast(d_in_scale, in_scale), cast(d_in_shift, in_shift), None,
+             cast(d_out_scale, out_scale), cast(d_out_shift, out_shift), d_res, None, None,
+             cast(d_gamma, bn_weight) if need[_GAMMA] else None, cast(d_beta, bn_weight) if need[_BETA] else None,
+             None, None, None, None, None)
+    return grads if in_gate is None else (*grads, d_in_gate)
 
 
 # --------------------------------------------------------------------------------------

@@ -302,6 +302,8 @@ def _wgrad_program(
     dw_ptr,  # [Cout, Cin_g, KSIZE, KSIZE] fp32 out, at the strides below (the weight's layout)
     counter_ptr,  # int32 [grid[0] * KSIZE * KSIZE], zero (_runtime.arrival_counters): splits arrived
     dw_stride_co, dw_stride_ci, dw_stride_kh, dw_stride_kw,
+    in_gate_ptr,  # [N, Cin] fp32 (IN_GATE): the forward prologue's gate, after its ReLU
+    IN_GATE: tl.constexpr,
 ):
     pid_co = pid_c // n_ci_blocks
     pid_ci = pid_c % n_ci_blocks
@@ -353,6 +355,8 @@ def _wgrad_program(
             af = a.to(tl.float32) * in_s[None, :] + in_b[None, :]
             if IN_RELU:
                 af = tl.where(af < 0.0, 0.0, af)  # keeps NaN, like torch.relu
+            if IN_GATE:
+                af = af * tl.load(in_gate_ptr + img[:, None] * Cin + offs_ci[None, :], mask=a_ok, other=0.0)
             # zero padding applies to the normalised activation; rounded as the forward's a
             a = tl.where(a_ok, af, 0.0).to(a_ptr.dtype.element_ty)
         if ALLOW_TF32:
@@ -402,12 +406,14 @@ def conv_wgrad_kernel(
     dw_ptr,  # [Cout, Cin_g, KSIZE, KSIZE] fp32 out, at the strides below (the weight's layout)
     counter_ptr,  # int32 [grid[0] * KSIZE * KSIZE], zero (_runtime.arrival_counters): splits arrived
     dw_stride_co, dw_stride_ci, dw_stride_kh, dw_stride_kw,
+    in_gate_ptr=None,  # [N, Cin] fp32 (IN_GATE, with IN_AFFINE): the forward prologue's gate
+    IN_GATE: tl.constexpr = False,
 ):
     _wgrad_program(tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(2),
                    part_ptr, dz_ptr, a_ptr, in_scale_ptr, in_shift_ptr, N, H, W, Cin, Ho, Wo, Cout, CIN_G, COUT_G,
                    stride, padding, rows_per_split, n_ci_blocks, KSIZE, ALLOW_TF32, IN_AFFINE, IN_RELU,
                    BLOCK_M, BLOCK_CO, BLOCK_CI, dw_ptr, counter_ptr, dw_stride_co, dw_stride_ci, dw_stride_kh,
-                   dw_stride_kw)
+                   dw_stride_kw, in_gate_ptr, IN_GATE)
 
 
 _WGRAD_TARGET_PROGRAMS = 1024  # ~8 per SM of an H100: enough to hide load latency
@@ -474,7 +480,7 @@ def wgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dty
 def conv_wgrad(dz: Tensor, a: Tensor, weight_shape: Sequence[int], stride: int, padding: int,
                groups: int, deterministic: bool = True, in_scale: Optional[Tensor] = None,
                in_shift: Optional[Tensor] = None, in_relu: bool = False,
-               layout_like: Optional[Tensor] = None) -> Tensor:
+               layout_like: Optional[Tensor] = None, in_gate: Optional[Tensor] = None) -> Tensor:
     """Gradient of ``conv2d(a, w, stride, padding, groups=groups)`` with respect to w.
 
     dz: [N, Cout, Ho, Wo] and a: [N, Cin, H, W] (the convolution's input), any memory
@@ -482,7 +488,8 @@ def conv_wgrad(dz: Tensor, a: Tensor, weight_shape: Sequence[int], stride: int, 
     ([Cout, Cin/groups, k, k]) in fp32 (float64 for float64 inputs); the caller casts.
 
     ``in_scale, in_shift, in_relu``: a is given as x, and the convolution's input is
-    ``act(x * in_scale + in_shift)`` (the forward's prologue, recomputed on load).
+    ``act(x * in_scale + in_shift)`` (the forward's prologue, recomputed on load), times
+    ``in_gate`` [N, Cin] per (image, channel) when given.
 
     ``layout_like``: a tensor of ``weight_shape`` (the weight) whose memory layout dw takes
     on the Triton path, so that AccumulateGrad keeps it without a copy.
@@ -500,7 +507,7 @@ def conv_wgrad(dz: Tensor, a: Tensor, weight_shape: Sequence[int], stride: int, 
     _check_shapes(dz, weight_shape, a.shape[2], a.shape[3], stride, padding, groups)
     if not use_triton(dz) or dz.dtype == torch.float64:  # plain CPU, or float64 for gradcheck
         from .reference import input_prologue
-        a = input_prologue(a, in_scale, in_shift, in_relu)
+        a = input_prologue(a, in_scale, in_shift, in_relu, in_gate)
         w_shape = dz.new_empty(1).expand(*weight_shape)  # only its shape is read
         dw = torch.ops.aten.convolution_backward(
             dz, a.to(dz.dtype), w_shape, None, [stride] * 2, [padding] * 2, [1, 1],
@@ -527,8 +534,10 @@ def conv_wgrad(dz: Tensor, a: Tensor, weight_shape: Sequence[int], stride: int, 
                       dtype=torch.float32)
     vec = lambda t: t.detach().float().contiguous() if affine else dw  # noqa: E731
     counters = arrival_counters(dz.device, grid[0] * grid[1])  # (also unused: one pointer type, one binary)
+    gate = {} if in_gate is None or not affine else \
+        dict(in_gate_ptr=in_gate.detach().float().reshape(N, Cin).contiguous(), IN_GATE=True)
     conv_wgrad_kernel[grid](partials if grid[2] > 1 else dw, dz, a, vec(in_scale), vec(in_shift), **sizes, **meta,
-                            dw_ptr=dw, counter_ptr=counters)
+                            dw_ptr=dw, counter_ptr=counters, **gate)
     return dw
 
 
@@ -558,6 +567,8 @@ def conv_grads_kernel(
     IN_AFFINE: tl.constexpr, IN_RELU: tl.constexpr,
     D_BLOCK_M: tl.constexpr, D_BLOCK_N: tl.constexpr, D_BLOCK_K: tl.constexpr, MULTI_GROUP: tl.constexpr,
     W_BLOCK_M: tl.constexpr, W_BLOCK_CO: tl.constexpr, W_BLOCK_CI: tl.constexpr,
+    in_gate_ptr=None,  # [N, Cin] fp32 (IN_GATE, with IN_AFFINE): the forward prologue's gate
+    IN_GATE: tl.constexpr = False,
 ):
     """``conv_dgrad_kernel`` and ``conv_wgrad_kernel`` in one launch: a 1-D grid whose first
     ``dgrad_programs`` programs are the data gradient's grid and the rest the weight
@@ -577,7 +588,7 @@ def conv_grads_kernel(
                        part_ptr, dz_ptr, a_ptr, in_scale_ptr, in_shift_ptr, N, H, W, Cin, Ho, Wo, Cout, CIN_G, COUT_G,
                        stride, padding, rows_per_split, n_ci_blocks, KSIZE, ALLOW_TF32, IN_AFFINE, IN_RELU,
                        W_BLOCK_M, W_BLOCK_CO, W_BLOCK_CI, dw_ptr, counter_ptr, dw_stride_co, dw_stride_ci,
-                       dw_stride_kh, dw_stride_kw)
+                       dw_stride_kh, dw_stride_kw, in_gate_ptr, IN_GATE)
 
 
 _GRADS_LAUNCHES = {}
@@ -621,7 +632,7 @@ def _grads_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dt
 
 def conv_grads(dz: Tensor, a: Tensor, weight: Tensor, stride: int, padding: int, groups: int,
                packed: Optional[Tensor] = None, in_scale: Optional[Tensor] = None,
-               in_shift: Optional[Tensor] = None, in_relu: bool = False):
+               in_shift: Optional[Tensor] = None, in_relu: bool = False, in_gate: Optional[Tensor] = None):
     """(``conv_dgrad(...)``, ``conv_wgrad(..., layout_like=weight)``) in one launch.
 
     Arguments as those two: a is the convolution's input (x with ``in_scale/in_shift/in_relu``:
@@ -636,7 +647,7 @@ def conv_grads(dz: Tensor, a: Tensor, weight: Tensor, stride: int, padding: int,
     if not use_triton(dz) or dz.dtype == torch.float64 or dz.numel() == 0:  # the separate paths handle these
         return (conv_dgrad(dz, weight, (H, W), stride, padding, groups, packed=packed),
                 conv_wgrad(dz, a, weight.shape, stride, padding, groups, in_scale=in_scale, in_shift=in_shift,
-                           in_relu=in_relu, layout_like=weight))
+                           in_relu=in_relu, layout_like=weight, in_gate=in_gate))
     _check_shapes(dz, weight.shape, H, W, stride, padding, groups)
     from .conv_bn_act import weight_operand, weight_strides
     Cin = cin_g * groups
@@ -653,6 +664,8 @@ def conv_grads(dz: Tensor, a: Tensor, weight: Tensor, stride: int, padding: int,
                       dtype=torch.float32)
     vec = lambda t: t.detach().float().contiguous() if affine else dw  # noqa: E731
     counters = arrival_counters(dz.device, w_grid[0] * w_grid[1])  # (also unused: one pointer type, one binary)
+    gate = {} if in_gate is None or not affine else \
+        dict(in_gate_ptr=in_gate.detach().float().reshape(N, Cin).contiguous(), IN_GATE=True)
     conv_grads_kernel[grid](dx, partials if splits > 1 else dw, dw, counters, dz, w, a, vec(in_scale), vec(in_shift),
-                            **sizes, **meta)
+                            **sizes, **meta, **gate)
     return dx, dw

@@ -19,14 +19,17 @@ def acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def input_prologue(x, in_scale, in_shift, in_relu: bool):
-    """a = act(x * in_scale + in_shift): the previous layer's BatchNorm (+ReLU) applied on load."""
+def input_prologue(x, in_scale, in_shift, in_relu: bool, gate=None):
+    """a = act(x * in_scale + in_shift) [* gate]: the previous layer's BatchNorm (+ReLU) applied on
+    load, then a per-(image, channel) gate [N, C] or [N, C, 1, 1] (RegNetY's SE after conv2)."""
     if in_scale is None:
         return x
     acc = acc_dtype(x)
     a = x.to(acc) * _per_channel(in_scale.to(acc)) + _per_channel(in_shift.to(acc))
     if in_relu:
         a = torch.relu(a)
+    if gate is not None:
+        a = a * gate.to(acc).reshape(gate.shape[0], -1, 1, 1)
     return a.to(x.dtype)
 
 

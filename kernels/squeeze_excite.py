@@ -31,7 +31,7 @@ from . import reference
 from ._runtime import cdiv, eager_or_op, next_power_of_2, use_triton
 from .batchnorm import run_bn_act
 from .bn_backward import bn_backward
-from .conv_bn_act import _backward, conv_bn_act_forward, out_size
+from .conv_bn_act import _backward, conv_bn_act_forward, conv_bn_act_op, out_size
 
 Tensor = torch.Tensor
 
@@ -58,15 +58,18 @@ def squeeze_sum_kernel(
 @triton.jit(do_not_specialize=["N"])
 def squeeze_backward_kernel(
     dsums_ptr,  # [N, C] fp32 out: dm * scale / HW, the gradient of S (added per image in conv3's backward)
-    dscale_ptr, dshift_ptr,  # [C] fp32 out: dscale_in + sum_n dm * S / HW, dshift_in + sum_n dm
-    dm_ptr,  # [N, C] fp32: the gradient of the squeeze mean m = S * scale / HW + shift
+    dscale_ptr, dshift_ptr,  # [C] fp32 out: dscale_in + sum_n dm * S / HW, dshift_in + sum_n dm [* Q / HW]
+    dm_ptr,  # [N, C] fp32: the gradient of the squeeze mean m = S * scale / HW + shift [* Q / HW]
     sums_ptr,  # [N, C] fp32: S
     scale_ptr,  # [C] fp32
     dscale_in_ptr, dshift_in_ptr,  # [C] fp32 (HAS_DSCALE / HAS_DSHIFT): what reached scale and shift otherwise
     N, C, inv_hw,
     HAS_DSCALE: tl.constexpr, HAS_DSHIFT: tl.constexpr, BLOCK_C: tl.constexpr,
+    q_ptr=None,  # [N, C] fp32 (HAS_Q): the count of the ReLU mask (relu_squeeze_kernel), m = (s P + b Q) / HW
+    HAS_Q: tl.constexpr = False,
 ):
-    """The backward of m = S * scale / HW + shift on [N, C] in one launch (a fixed-order sum over n)."""
+    """The backward of m = S * scale / HW + shift (or of the after-ReLU squeeze m = (scale P +
+    shift Q) / HW, HAS_Q, S = P) on [N, C] in one launch (a fixed-order sum over n)."""
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
     s = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0)
@@ -75,9 +78,14 @@ def squeeze_backward_kernel(
     for n in range(0, N):
         dm = tl.load(dm_ptr + n * C + offs_c, mask=c_ok, other=0.0)
         acc_s += dm * tl.load(sums_ptr + n * C + offs_c, mask=c_ok, other=0.0)
-        acc_b += dm
+        if HAS_Q:
+            acc_b += dm * tl.load(q_ptr + n * C + offs_c, mask=c_ok, other=0.0)
+        else:
+            acc_b += dm
         tl.store(dsums_ptr + n * C + offs_c, dm * s * inv_hw, mask=c_ok)
     d_scale = acc_s * inv_hw
+    if HAS_Q:
+        acc_b = acc_b * inv_hw
     if HAS_DSCALE:
         d_scale += tl.load(dscale_in_ptr + offs_c, mask=c_ok, other=0.0)
     if HAS_DSHIFT:
@@ -87,13 +95,14 @@ def squeeze_backward_kernel(
 
 
 def squeeze_backward_impl(dm: Tensor, sums: Tensor, scale: Tensor, hw: int, dscale: Optional[Tensor],
-                          dshift: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
-    """(dS, dscale + the squeeze's share, dshift + the squeeze's share) for m = S * scale / HW + shift."""
+                          dshift: Optional[Tensor], q: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dS, dscale + the squeeze's share, dshift + the squeeze's share) for m = S * scale / HW + shift,
+    or with ``q`` for m = (scale * S + shift * q) / HW (S = P, the after-ReLU squeeze)."""
     if not use_triton(dm) or dm.dtype == torch.float64:  # PyTorch formulas: the reference
         acc = reference.acc_dtype(dm)
         dm, sums, scale = dm.to(acc), sums.to(acc), scale.to(acc)
         d_scale = (dm * sums).sum(dim=0) / hw
-        d_shift = dm.sum(dim=0)
+        d_shift = dm.sum(dim=0) if q is None else (dm * q.to(acc)).sum(dim=0) / hw
         d_scale = d_scale + dscale.to(acc) if dscale is not None else d_scale
         d_shift = d_shift + dshift.to(acc) if dshift is not None else d_shift
         return dm * (scale / hw), d_scale, d_shift
@@ -105,7 +114,8 @@ def squeeze_backward_impl(dm: Tensor, sums: Tensor, scale: Tensor, hw: int, dsca
     squeeze_backward_kernel[(cdiv(C, block_c),)](
         dsums, d_scale, d_shift, f32(dm), f32(sums), f32(scale),
         f32(dscale) if dscale is not None else d_scale, f32(dshift) if dshift is not None else d_shift,
-        N, C, 1.0 / hw, HAS_DSCALE=dscale is not None, HAS_DSHIFT=dshift is not None, BLOCK_C=block_c)
+        N, C, 1.0 / hw, HAS_DSCALE=dscale is not None, HAS_DSHIFT=dshift is not None, BLOCK_C=block_c,
+        **(dict(q_ptr=f32(q), HAS_Q=True) if q is not None else {}))
     return dsums, d_scale, d_shift
 
 
@@ -113,14 +123,14 @@ squeeze_backward_op = torch.library.custom_op("resnext::squeeze_backward", squee
 
 
 @squeeze_backward_op.register_fake
-def _(dm, sums, scale, hw, dscale, dshift):
+def _(dm, sums, scale, hw, dscale, dshift, q=None):
     acc = reference.acc_dtype(dm)
     return (torch.empty(dm.shape, device=dm.device, dtype=acc),
             *(torch.empty(dm.shape[1], device=dm.device, dtype=acc) for _ in range(2)))
 
 
-def squeeze_backward(dm, sums, scale, hw, dscale, dshift):
-    return eager_or_op(squeeze_backward_op, squeeze_backward_impl)(dm, sums, scale, hw, dscale, dshift)
+def squeeze_backward(dm, sums, scale, hw, dscale, dshift, q=None):
+    return eager_or_op(squeeze_backward_op, squeeze_backward_impl)(dm, sums, scale, hw, dscale, dshift, q)
 
 
 def merge_squeeze_sums(out: Tensor, part: Tensor, hw: int, rows_per_block: int):
@@ -305,3 +315,204 @@ def gated_bn_act(z: Tensor, scale: Tensor, shift: Tensor, gate: Tensor, residual
     if gate.device != z.device:
         raise ValueError(f"gate is on {gate.device} but the input is on {z.device}")
     return GatedBNActFn.apply(z, scale, shift, residual, res_scale, res_shift, relu, gate)
+
+
+# --------------------------------------------------------------------------------------
+# RegNetY: the SE between conv2 and conv3 (after bn2 + ReLU)
+# --------------------------------------------------------------------------------------
+# timm's RegNet Bottleneck: x2 = se(relu(bn2(z2))), x3 = conv3(x2).  With (s, b) bn2's
+# scale/shift, mask = (s z + b > 0) and a0 = relu(s z + b):
+#
+#     P[n, c] = sum_hw mask * z,  Q[n, c] = sum_hw mask      relu_squeeze_kernel (one read of z)
+#     m[n, c] = (s P + b Q) / HW = mean_hw a0                the squeeze, an output of conv2's Function
+#     g       = excite(m)                                    the SE's own layers, PyTorch on [N, C]
+#     a       = a0 * g[n, c]                                 conv3's prologue (IN_GATE), never stored
+#
+# Backward: conv3's prologue pass gives dz2 = mask s g da, the sums for s and b, and
+# dg = sum_hw da * a0 (bn_backward GATE + DGATE); autograd through the excite gives dm;
+# conv2's backward adds mask * s * dm / HW to dz2 inside its statistics pass (IMG_ADD with
+# IMG_MASK) and sum_n dm P / HW, sum_n dm Q / HW to the gradients of s and b
+# (squeeze_backward_kernel with Q).  P and Q are piecewise constant in s and b.
+@triton.jit
+def relu_squeeze_kernel(
+    m_ptr,  # [N, C] fp32 out: mean over H, W of relu(z * scale + shift)
+    p_ptr,  # [N, C] fp32 out: P, the sum over H, W of z where z * scale + shift > 0 (or NaN)
+    q_ptr,  # [N, C] fp32 out: Q, the count of those pixels
+    z_ptr,  # [N, H, W, C] NHWC: the raw convolution output
+    scale_ptr, shift_ptr,  # [C] fp32
+    C, HW,  # channels, pixels per image
+    BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One program per (image, channel block), its rows in order: fixed-order sums, no atomics.
+    The mask is that of the activation as rounded to z's dtype (as bn_backward's RELU_MODE 2);
+    a NaN pre-activation counts as on, so a NaN in z reaches m as in the eager mean."""
+    n = tl.program_id(0).to(tl.int64)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    s = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0)
+    b = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0)
+    acc_p = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)
+    acc_q = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)
+    base = z_ptr + n * HW * C
+    for r0 in range(0, HW, BLOCK_HW):
+        offs_r = r0 + tl.arange(0, BLOCK_HW)
+        ok = (offs_r < HW)[:, None] & c_ok[None, :]
+        z = tl.load(base + offs_r[:, None] * C + offs_c[None, :], mask=ok, other=0.0).to(tl.float32)
+        pre = (z * s[None, :] + b[None, :]).to(z_ptr.dtype.element_ty)
+        on = ok & ((pre > 0.0) | (pre != pre))
+        acc_p += tl.where(on, z, 0.0)
+        acc_q += tl.where(on, 1.0, 0.0)
+    p = tl.sum(acc_p, axis=0)
+    q = tl.sum(acc_q, axis=0)
+    tl.store(p_ptr + n * C + offs_c, p, mask=c_ok)
+    tl.store(q_ptr + n * C + offs_c, q, mask=c_ok)
+    tl.store(m_ptr + n * C + offs_c, (s * p + b * q) / HW, mask=c_ok)
+
+
+def relu_squeeze_config(HW: int, C: int) -> dict:
+    """Blocks of ``relu_squeeze_kernel``: a function of (HW, C) only (the summation order)."""
+    block_c = min(64, next_power_of_2(max(C, 1)))
+    block_hw = max(16, min(next_power_of_2(max(HW, 1)), 2048 // block_c))  # ~32 fp32 registers a thread
+    return dict(BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=4)
+
+
+def relu_squeeze(z: Tensor, scale: Tensor, shift: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """(m, P, Q) [N, C] fp32 (float64 for float64) of z [N, C, H, W] under relu(z * scale + shift)."""
+    N, C, H, W = z.shape
+    if not use_triton(z) or z.dtype == torch.float64:  # PyTorch formulas: the reference
+        acc = reference.acc_dtype(z)
+        zf = z.to(acc)
+        pre = zf * scale.to(acc).view(1, -1, 1, 1) + shift.to(acc).view(1, -1, 1, 1)
+        if acc != z.dtype:
+            pre = pre.to(z.dtype).to(acc)
+        on = ~(pre <= 0)
+        p = torch.where(on, zf, 0.0).sum(dim=(2, 3))
+        q = on.to(acc).sum(dim=(2, 3))
+        m = (scale.to(acc) * p + shift.to(acc) * q) / (H * W)
+        return m, p, q
+    z = z.contiguous(memory_format=torch.channels_last)
+    m, p, q = (torch.empty((N, C), device=z.device, dtype=torch.float32) for _ in range(3))
+    cfg = relu_squeeze_config(H * W, C)
+    if N > 0:
+        relu_squeeze_kernel[(N, cdiv(C, cfg["BLOCK_C"]))](
+            m, p, q, z, scale.detach().float().contiguous(), shift.detach().float().contiguous(), C, H * W, **cfg)
+    return m, p, q
+
+
+def conv_bn_relu_squeeze_forward(
+    x: Tensor, weight: Tensor, packed: Optional[Tensor], stride: int, padding: int, groups: int,
+    in_scale: Optional[Tensor], in_shift: Optional[Tensor], in_relu: bool,
+    stats: bool, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+    running_mean: Optional[Tensor], running_var: Optional[Tensor], num_batches_tracked: Optional[Tensor],
+    momentum: Optional[float], eps: float, sq_scale: Optional[Tensor], sq_shift: Optional[Tensor],
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The raw convolution z (``conv_bn_act_forward``, no epilogue), then one read of z after
+    the finalize: (z, mean, var, scale, shift, m, P, Q) with m [N, Cout] the mean over H, W of
+    relu(z * s + b), (s, b) = (sq_scale, sq_shift) or the BN's own scale/shift (``stats``)."""
+    z, mean, var, scale, shift = conv_bn_act_forward(
+        x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu, None, None, None,
+        False, stats, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps)
+    s, b = (scale, shift) if sq_scale is None else (sq_scale, sq_shift)
+    m, p, q = relu_squeeze(z, s, b)
+    return z, mean, var, scale, shift, m, p, q
+
+
+conv_bn_relu_squeeze_op = torch.library.custom_op(
+    "resnext::conv_bn_relu_squeeze", conv_bn_relu_squeeze_forward,
+    mutates_args=("running_mean", "running_var", "num_batches_tracked"))
+
+
+@conv_bn_relu_squeeze_op.register_fake
+def _(x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu, stats, bn_weight, bn_bias,
+      running_mean, running_var, num_batches_tracked, momentum, eps, sq_scale, sq_shift):
+    N, _, H, W = x.shape
+    Cout, _, ksize, _ = weight.shape
+    Ho, Wo = out_size(H, ksize, stride, padding), out_size(W, ksize, stride, padding)
+    z = torch.empty((N, Cout, Ho, Wo), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    n_stats, stat_dtype = (Cout if stats else 0), reference.acc_dtype(x)
+    return (z, *(x.new_empty(n_stats, dtype=stat_dtype) for _ in range(4)),
+            *(x.new_empty((N, Cout), dtype=stat_dtype) for _ in range(3)))
+
+
+class ConvReluSqueezeFn(torch.autograd.Function):
+    """conv2 of a RegNetY block: ``ConvBNActFn``'s arguments up to ``in_relu``, then ``stats``,
+    the BN's, and ``sq_scale, sq_shift`` (None: the BN's own scale/shift of this call, ``stats``).
+    Returns (z, mean, var, scale, shift, m), m [N, Cout] = mean over H, W of relu(z * s + b)
+    (fp32).  Backward: m's gradient joins z's inside conv2's usual BN-backward pass (masked
+    by the ReLU) and the gradients of s and b (one small launch)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu, stats, bn_weight,
+                bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps, sq_scale, sq_shift):
+        if sq_scale is None and not stats:
+            raise ValueError("the squeeze needs sq_scale/sq_shift or the batch statistics (stats=True)")
+        z, mean, var, scale, shift, m, p, q = eager_or_op(conv_bn_relu_squeeze_op, conv_bn_relu_squeeze_forward)(
+            x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu, stats, bn_weight, bn_bias,
+            running_mean, running_var, num_batches_tracked, momentum, eps, sq_scale, sq_shift)
+        s, b = (scale, shift) if sq_scale is None else (sq_scale, sq_shift)
+        ctx.save_for_backward(x, weight, packed, in_scale, in_shift, None, None, z, mean, var, bn_weight, p, q, s, b)
+        ctx.conf = (stride, padding, groups, in_relu, False, False, stats, eps)
+        ctx.own_affine = sq_scale is None
+        ctx.set_materialize_grads(False)
+        if not stats:
+            ctx.mark_non_differentiable(mean, var, scale, shift)
+        ctx.mark_non_differentiable(p, q)
+        return z, mean, var, scale, shift, m
+
+    @staticmethod
+    def backward(ctx, dz, dmean, dvar, dscale, dshift, dm):
+        p, q, s, b = ctx.saved_tensors[-4:]
+        d_sq_scale = d_sq_shift = dsums = None
+        if dm is not None:
+            z = ctx.saved_tensors[7]
+            hw = z.shape[2] * z.shape[3]
+            if ctx.own_affine:
+                dsums, dscale, dshift = squeeze_backward(dm, p, s, hw, dscale, dshift, q)
+            else:
+                dsums, d_sq_scale, d_sq_shift = squeeze_backward(dm, p, s, hw, None, None, q)
+                d_sq_scale, d_sq_shift = d_sq_scale.to(s.dtype), d_sq_shift.to(s.dtype)
+        # ConvBNActFn's argument positions: no epilogue (out_scale, out_shift, residual, out_relu)
+        need = ctx.needs_input_grad
+        conv_need = (*need[:9], False, False, False, False, need[9], *need[10:17])
+        conv_ctx = _ConvCtx(ctx.saved_tensors[:-4], ctx.conf, conv_need)
+        grads = _backward(conv_ctx, dz, dmean, dvar, dscale, dshift, image_grad=dsums,
+                          image_mask=(s, b) if dsums is not None else None)
+        return (*grads[:9], grads[13], *grads[14:21], d_sq_scale, d_sq_shift)
+
+
+class GatedConvFn(torch.autograd.Function):
+    """conv3 of a RegNetY block: ``ConvBNActFn``'s 22 arguments, then ``in_gate`` ([N, Cin, 1, 1]
+    or [N, Cin], any float dtype): the prologue computes ``act(x * in_scale + in_shift) * gate``
+    (the gate after the ReLU, as timm's SE), never stored.  Backward: the prologue's one
+    BN-backward pass also returns the gate's gradient (per-image sums of da * act(...)), and the
+    weight gradient applies the same gated prologue on load."""
+
+    @staticmethod
+    def forward(ctx, x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu,
+                out_scale, out_shift, residual, out_relu, stats, bn_weight, bn_bias,
+                running_mean, running_var, num_batches_tracked, momentum, eps, group_name, in_gate):
+        if in_scale is None:
+            raise ValueError("the gate multiplies the prologue's output: in_scale/in_shift needed")
+        y, mean, var, scale, shift = eager_or_op(conv_bn_act_op, conv_bn_act_forward)(
+            x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu,
+            out_scale, out_shift, residual, out_relu, stats,
+            bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps, group_name,
+            None, in_gate)
+        ctx.save_for_backward(x, weight, packed, in_scale, in_shift, out_scale, out_shift, y, mean, var,
+                              bn_weight, in_gate)
+        ctx.conf = (stride, padding, groups, in_relu, residual is not None, out_relu, stats, eps)
+        ctx.group_name = group_name
+        ctx.set_materialize_grads(False)
+        if not stats:
+            ctx.mark_non_differentiable(mean, var, scale, shift)
+        return y, mean, var, scale, shift
+
+    @staticmethod
+    def backward(ctx, dy, dmean, dvar, dscale, dshift):
+        gate = ctx.saved_tensors[-1]
+        conv_ctx = _ConvCtx(ctx.saved_tensors[:-1], ctx.conf, ctx.needs_input_grad)
+        conv_ctx.group_name = ctx.group_name
+        g2 = gate.detach().reshape(gate.shape[0], -1)
+        *grads, dgate = _backward(conv_ctx, dy, dmean, dvar, dscale, dshift, in_gate=g2)
+        dgate = dgate.reshape(gate.shape).to(gate.dtype) if ctx.needs_input_grad[22] else None
+        return (*grads, None, dgate)

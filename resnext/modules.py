@@ -25,16 +25,19 @@ Tensor = torch.Tensor
 
 
 class Pending(NamedTuple):
-    """A raw convolution output whose BatchNorm (+ ReLU) has not been applied yet."""
+    """A raw convolution output whose BatchNorm (+ ReLU) has not been applied yet; ``gate``
+    ([N, C, 1, 1], optional): then multiplied per (image, channel), after the ReLU (RegNetY's SE)."""
     z: Tensor
     scale: Tensor
     shift: Tensor
     relu: bool
+    gate: Optional[Tensor] = None
 
 
 def materialize(t: Union[Tensor, Pending]) -> Tensor:
     if isinstance(t, Pending):
-        return BNActFn.apply(t.z, t.scale, t.shift, None, None, None, t.relu)
+        y = BNActFn.apply(t.z, t.scale, t.shift, None, None, None, t.relu)
+        return y if t.gate is None else y * t.gate.to(y.dtype)
     return t
 
 
@@ -90,10 +93,13 @@ def conv_bn_stage(inp: Union[Tensor, Pending], conv: nn.Conv2d, bn: nn.Module, r
     once; the autograd Function below is called directly (``kernels.conv_bn_act`` would
     check them again).
     ``squeeze=True`` (no residual): returns ``(Pending, m)`` in either BN mode, m [N, Cout] fp32
-    the mean over H, W of the BN's output (a squeeze-excite's squeeze, resnext.gates).
+    the mean over H, W of the BN's output (a squeeze-excite's squeeze, resnext.gates);
+    ``squeeze="relu"``: of the ReLU's output (RegNetY's SE after conv2, resnext.regnet).
+    A pending ``inp`` with a gate goes through ``squeeze_excite.GatedConvFn``.
     """
     x, in_scale, in_shift, in_relu = (inp.z, inp.scale, inp.shift, inp.relu) if isinstance(inp, Pending) \
         else (inp, None, None, False)
+    gate = inp.gate if isinstance(inp, Pending) else None
     weight = conv.weight
     stride, padding, groups = conv.stride[0], conv.padding[0], conv.groups
     check_conv_inputs(x, weight, stride, padding, groups, same_dtype=False)
@@ -114,8 +120,27 @@ def conv_bn_stage(inp: Union[Tensor, Pending], conv: nn.Conv2d, bn: nn.Module, r
                  out_size(x.shape[3], k, stride, padding)]
     if isinstance(residual, torch.Tensor) and list(residual.shape) != out_shape:
         raise ValueError(f"residual must have shape {out_shape}, got {list(residual.shape)}")
+    if gate is not None:
+        from kernels.squeeze_excite import GatedConvFn
+        conv_fn = lambda *args: GatedConvFn.apply(*args, *((None,) * (22 - len(args))), gate)  # noqa: E731
+    else:
+        conv_fn = ConvBNActFn.apply
+    if squeeze == "relu":  # raw z + the mean of relu(bn(z)); BN + ReLU applied by the consumer
+        from kernels.squeeze_excite import ConvReluSqueezeFn
+        assert gate is None and relu, "the after-ReLU squeeze is of a stage with a ReLU and an ungated input"
+        if norm.batch_stats:
+            check_batch_stats(bn, out_shape[0] * out_shape[2] * out_shape[3])
+        folded = (None, None) if norm.batch_stats else folded_scale_shift(bn)
+        z, _, _, scale, shift, m = ConvReluSqueezeFn.apply(
+            x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu, norm.batch_stats,
+            norm.weight, norm.bias, norm.running_mean, norm.running_var, norm.num_batches_tracked,
+            norm.momentum, norm.eps, *folded)
+        if not norm.batch_stats:
+            scale, shift = folded
+        return Pending(z, scale, shift, relu), m
     if squeeze:  # raw z + the squeeze mean; BN (batch or folded) is applied by the consumer
         from kernels.squeeze_excite import ConvSqueezeFn
+        assert gate is None, "the squeeze path takes no gated input"
         if norm.batch_stats:
             check_batch_stats(bn, out_shape[0] * out_shape[2] * out_shape[3])
         folded = (None, None) if norm.batch_stats else folded_scale_shift(bn)
@@ -130,7 +155,7 @@ def conv_bn_stage(inp: Union[Tensor, Pending], conv: nn.Conv2d, bn: nn.Module, r
         group_name = sync_bn.group_name(bn)  # SyncBatchNorm: the statistics of the group's ranks
         # (across ranks only nn.SyncBatchNorm's eps check applies: a rank may hold one value or none)
         check_batch_stats(bn, out_shape[0] * out_shape[2] * out_shape[3] if group_name is None else None)
-        z, _, _, scale, shift = ConvBNActFn.apply(
+        z, _, _, scale, shift = conv_fn(
             x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu, None, None, None, False, True,
             norm.weight, norm.bias, norm.running_mean, norm.running_var, norm.num_batches_tracked, norm.momentum,
             norm.eps, group_name)
@@ -140,8 +165,8 @@ def conv_bn_stage(inp: Union[Tensor, Pending], conv: nn.Conv2d, bn: nn.Module, r
     residual = materialize(residual) if residual is not None else None
     if residual is not None and residual.dtype != dtype:
         residual = residual.to(dtype)
-    return ConvBNActFn.apply(x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu, scale, shift,
-                           residual, relu, False, None, None, None, None, None, None, norm.eps)[0]
+    return conv_fn(x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu, scale, shift,
+                   residual, relu, False, None, None, None, None, None, None, norm.eps)[0]
 
 
 def finish(main: Union[Tensor, Pending], residual: Union[Tensor, Pending, None] = None,

@@ -11,8 +11,15 @@ timm's RegNet block, with ``ConvNormAct`` children (``.conv``, ``.bn`` = ``Batch
 
 Fused like the ResNet bottleneck: conv1 -> conv2 -> conv3 with each norm applied on load by
 the next convolution, the downsample's conv + norm pending until the final pass (or folded
-in eval).  The SE gate between conv2 and conv3 is a step of its own in ``forward``; while the
-fused path has no gate for it, a block whose ``se`` is not a no-op is left to PyTorch.
+in eval).
+
+RegNetY's SE (timm ``SEModule``, recognised by ``gates.excite_of``) between conv2 and conv3,
+in train and eval alike (``kernels.squeeze_excite``, "RegNetY"): conv2 writes its raw output
+z2 and one more read of z2 after bn2's finalize gives the squeeze m = mean relu(bn2(z2))
+(an output of conv2's autograd Function); the excite runs the SE's own layers on [N, C]; conv3
+applies bn2 + ReLU and then the gate while loading z2 (its prologue), so neither the SE's input
+nor its output is ever stored.  Left to PyTorch: a synchronised bn2 (the squeeze has no
+cross-rank statistics) and an active drop_path (not reproduced here).
 """
 import sys
 from typing import Optional
@@ -20,7 +27,10 @@ from typing import Optional
 import torch
 from torch import nn
 
+from kernels import sync_bn
+
 from .blocks import downsample_stage, split_downsample
+from .gates import excite_of
 from .modules import conv_bn_stage, finish, fusable, like_input, runs_eager
 from .norms import conv_norm_pair, is_noop, norm_act
 
@@ -56,7 +66,7 @@ def is_fusable_regnet_bottleneck(block: nn.Module) -> bool:
         return False
     if type(get("act3")) not in (nn.ReLU, nn.Identity) or not is_noop(get("drop_path")):
         return False
-    if not is_noop(get("se")):  # RegNetY: no fused SE gate yet (see forward)
+    if not is_noop(get("se")) and excite_of(get("se")) is None:  # RegNetY: timm's SEModule only
         return False
     ds = get("downsample")
     return ds is None or type(ds) is nn.Identity or split_downsample(ds) is not None
@@ -69,8 +79,8 @@ class FusedRegNetBottleneck(nn.Module):
         super().__init__()
         if not is_fusable_regnet_bottleneck(block):
             raise ValueError(f"cannot fuse {type(block).__name__}: expected timm's RegNet Bottleneck with bias-free "
-                             f"1x1/3x3/1x1 ConvNormAct (BatchNorm + ReLU), no dilation, SE, drop-path or "
-                             f"anti-aliasing, and a 1x1 conv + norm (or no) shortcut")
+                             f"1x1/3x3/1x1 ConvNormAct (BatchNorm + ReLU), no dilation, drop-path or "
+                             f"anti-aliasing, no SE or timm's SEModule, and a 1x1 conv + norm (or no) shortcut")
         for name, m in block.named_children():
             self.add_module(name, m)
         for name in _CHILDREN:  # timm stores an absent shortcut as downsample = None
@@ -89,10 +99,17 @@ class FusedRegNetBottleneck(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if runs_eager(x, self.conv1.conv.weight):
             return self._eager_forward(x)
+        se = None if is_noop(self.se) else self.se
+        if se is not None and sync_bn.group_name(self.conv2.bn) is not None:
+            return self._eager_forward(x)  # the squeeze has no cross-rank statistics
         out = conv_bn_stage(x, self.conv1.conv, self.conv1.bn, relu=True)
-        out = conv_bn_stage(out, self.conv2.conv, self.conv2.bn, relu=True)
-        # se: a no-op in every block fused today (is_fusable_regnet_bottleneck).  A fused SE gate
-        # is a step of its own here, on conv2's (pending) output, applied in conv3's prologue.
+        if se is None:
+            out = conv_bn_stage(out, self.conv2.conv, self.conv2.bn, relu=True)
+        else:  # RegNetY: conv2 returns z2 pending (either BN mode) and the squeeze of relu(bn2(z2))
+            out, m = conv_bn_stage(out, self.conv2.conv, self.conv2.bn, relu=True, squeeze="relu")
+            z = out.z
+            gate = excite_of(se)(m.to(z.dtype).view(z.shape[0], z.shape[1], 1, 1))
+            out = out._replace(gate=gate)  # applied after bn2 + ReLU in conv3's prologue
         relu = type(self.act3) is nn.ReLU
         residual = downsample_stage(x, self.downsample) if self.downsample is not None else None
         out = conv_bn_stage(out, self.conv3.conv, self.conv3.bn, relu=relu, residual=residual)

@@ -42,7 +42,7 @@ EXPECTED = {
     "fpn_resnext101_32x8d": (33, 0, "torchvision detection backbone, FrozenBatchNorm2d"),
     "seresnext50_32x4d": (16, 0, "SE after bn3: squeeze in conv3's epilogue, gate in the final pass"),
     "ecaresnext26t_32x4d": (8, 0, "ECA after bn3: as SE"),
-    "regnety_016": (27, 27, "SE after conv2: no fused gate yet"),
+    "regnety_016": (27, 0, "SE after conv2: squeeze after bn2 + ReLU, gate in conv3's prologue"),
     "regnetx_016": (18, 0, "ConvNormAct + BatchNormAct2d"),
     "resnext50d_32x4d": (16, 0, "avg_down shortcut: the pool on PyTorch, conv + BN fused"),
     "skresnext50_32x4d": (16, 16, "selective kernel: out of scope (its 3x3 ConvNormActs are fused)"),
@@ -217,7 +217,7 @@ SMALL = {
     "timm_ecaresnext": (lambda: small_timm_resnet("ecaresnext26t_32x4d"), 4, 0),
     "regnetx": (lambda: small_regnet(), 4, 0),
     "regnetx_avg_linear_frozen": (lambda: freeze_batch_norm_2d(small_regnet(downsample="avg", linear_out=True)), 4, 0),
-    "regnety": (lambda: small_regnet(se_ratio=0.25), 4, 4),
+    "regnety": (lambda: small_regnet(se_ratio=0.25), 4, 0),
     "skresnext": (lambda: timm.create_model("skresnext50_32x4d", layers=(1, 1, 1, 1), channels=(8, 8, 16, 16),
                                             cardinality=4, base_width=32, stem_width=8, num_classes=5), 4, 4),
 }
