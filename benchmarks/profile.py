@@ -313,6 +313,7 @@ def conv_kernel_flags(c: shapes.ConvShape, mode: str, dtype: str) -> dict:
         OUT_AFFINE=not train, HAS_RESIDUAL=(not train) and c.residual, OUT_RELU=(not train) and c.relu,
         STATS=train, ALLOW_TF32=dtype == "fp32" and torch.backends.cudnn.allow_tf32,
         SQUEEZE=False,  # the squeeze-excite variant (conv3 of an SE block) is in kernels/_compile.py
+        IN_GATE=False,  # so is the gated prologue (conv3 of a RegNetY block)
     )
 
 

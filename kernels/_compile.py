@@ -87,13 +87,15 @@ def sass(compiled) -> str:
 
 
 def conv_launches(shapes: Iterable[Tuple[int, int, int, int, int, int, int, int]], dtype: str,
-                  modes=("eval", "train", "squeeze_train", "squeeze_eval")) -> List[dict]:
+                  modes=("eval", "train", "squeeze_train", "squeeze_eval", "gated_train", "gated_eval")) -> List[dict]:
     """The distinct compilations ``conv_bn_act`` performs for the given conv shapes, each
     specialised as the JIT would (``jit_specialization``).
 
     shapes: (N, Cin, H, W, Cout, groups, ksize, stride); mode "eval" = folded BN + residual +
     ReLU epilogue, "train" = prologue (BN + ReLU on load) + statistics; "squeeze_*" = conv3 of
-    an SE block (1x1 only): the per-image sums (SQUEEZE), with statistics or without an epilogue.
+    an SE block (1x1 only): the per-image sums (SQUEEZE), with statistics or without an epilogue;
+    "gated_*" = conv3 of a RegNetY block (1x1 only): the prologue's gate after its ReLU (IN_GATE),
+    with statistics or with the eval epilogue (folded BN + residual + ReLU).
     """
     from .conv_bn_act import conv_bn_act_fwd_kernel, out_size
     from ._runtime import conv_config
@@ -106,14 +108,14 @@ def conv_launches(shapes: Iterable[Tuple[int, int, int, int, int, int, int, int]
         ints.update(zip(("w_stride_tap", "w_stride_ci", "w_stride_co"),
                         weight_operand_strides(Cout, Cin // groups, ks, dtype)))
         for mode in modes:
-            squeeze = mode.startswith("squeeze")
-            if squeeze and (ks != 1 or stride != 1 or Cout < 2 * Cin):  # conv3 of a bottleneck
+            squeeze, gated = mode.startswith("squeeze"), mode.startswith("gated")
+            if (squeeze or gated) and (ks != 1 or stride != 1 or Cout < 2 * Cin):  # conv3 of a bottleneck
                 continue
-            train = mode in ("train", "squeeze_train")
-            flags = dict(KSIZE=ks, IN_AFFINE=train, IN_RELU=train,
+            train = mode in ("train", "squeeze_train", "gated_train")
+            flags = dict(KSIZE=ks, IN_AFFINE=train or gated, IN_RELU=train or gated,
                          OUT_AFFINE=not train and not squeeze, HAS_RESIDUAL=not train and not squeeze and ks == 1,
                          OUT_RELU=not train and not squeeze, STATS=train, ALLOW_TF32=dtype == "float32",
-                         SQUEEZE=squeeze)
+                         SQUEEZE=squeeze, IN_GATE=gated)
             const = dict(flags, **{k: v for k, v in cfg.items() if k.isupper()})
             pointers = {name: (_PTR[dtype] if name in ("out_ptr", "x_ptr", "w_ptr", "res_ptr") else "*fp32")
                         for name in conv_bn_act_fwd_kernel.arg_names if name.endswith("_ptr")}
@@ -159,7 +161,7 @@ def model_conv_shapes(batch: int = 64, image: int = 224):
 
 def elementwise_launches(dtype: str) -> List[dict]:
     from .batchnorm import bn_act_kernel, bn_finalize_kernel
-    from .squeeze_excite import squeeze_backward_kernel, squeeze_sum_kernel
+    from .squeeze_excite import relu_squeeze_config, relu_squeeze_kernel, squeeze_backward_kernel, squeeze_sum_kernel
     launches = []
     for res_affine, gate in ((False, False), (True, False), (False, True), (True, True)):
         const = dict(HAS_RESIDUAL=True, RES_AFFINE=res_affine, RELU=True, BLOCK_M=64, BLOCK_C=64, GATE=gate)
@@ -172,11 +174,19 @@ def elementwise_launches(dtype: str) -> List[dict]:
            for n in squeeze_sum_kernel.arg_names}
     launches.append(dict(kernel=squeeze_sum_kernel, signature=sig, constexprs=const, num_warps=4, num_stages=3,
                          mode="squeeze_sum"))
-    const = dict(HAS_DSCALE=True, HAS_DSHIFT=True, BLOCK_C=64)
-    sig = {n: "constexpr" if n in const else "*fp32" if n.endswith("_ptr") else "fp32" if n == "inv_hw" else "i32"
-           for n in squeeze_backward_kernel.arg_names}
-    launches.append(dict(kernel=squeeze_backward_kernel, signature=sig, constexprs=const, num_warps=4,
-                         num_stages=3, mode="squeeze_backward"))
+    for has_q in (False, True):  # with Q: the after-ReLU squeeze of a RegNetY block
+        const = dict(HAS_DSCALE=True, HAS_DSHIFT=True, BLOCK_C=64, HAS_Q=has_q)
+        sig = {n: "constexpr" if n in const else "*fp32" if n.endswith("_ptr") else "fp32" if n == "inv_hw" else "i32"
+               for n in squeeze_backward_kernel.arg_names}
+        launches.append(dict(kernel=squeeze_backward_kernel, signature=sig, constexprs=const, num_warps=4,
+                             num_stages=3, mode="squeeze_backward_relu" if has_q else "squeeze_backward"))
+    for hw, c in ((3136, 128), (49, 1024), (196, 48)):  # the configurations of a few RegNetY/ResNeXt layers
+        cfg = relu_squeeze_config(hw, c)
+        const = dict(BLOCK_HW=cfg["BLOCK_HW"], BLOCK_C=cfg["BLOCK_C"])
+        sig = {n: "constexpr" if n in const else _PTR[dtype] if n == "z_ptr" else "*fp32" if n.endswith("_ptr")
+               else "i32" for n in relu_squeeze_kernel.arg_names}
+        launches.append(dict(kernel=relu_squeeze_kernel, signature=sig, constexprs=const, num_warps=cfg["num_warps"],
+                             num_stages=3, mode="relu_squeeze"))
     # the two launches of a cross-rank merge (kernels.sync_bn): this rank's row, then the ranks' rows
     for update, sync in ((False, None), (True, None), (False, "MERGED_OUT"), (True, "ROW_COUNTS")):
         const = dict(AFFINE=update, UPDATE=update, CUMULATIVE=False, COUNT=update, BLOCK_T=32, BLOCK_C=64,

@@ -164,9 +164,7 @@ def bn_backward_kernel(
             g = tl.load(dy_ptr + dy_off, mask=ok, other=0.0).to(tl.float32)
         else:
             g = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-        if STATS:  # z of the statistics terms, also the v of sum(g*v) if asked
-            v = tl.load(v_ptr + off, mask=ok, other=0.0).to(tl.float32)
-        elif SUM_V == 1:
+        if STATS and IMG_MASK:  # z, loaded here for the mask below (else later: fewer live registers)
             v = tl.load(v_ptr + off, mask=ok, other=0.0).to(tl.float32)
         if IMG_ADD:
             img_g = tl.load(img_ptr + (offs_m // HW)[:, None] * C + offs_c[None, :], mask=ok, other=0.0)
@@ -200,6 +198,11 @@ def bn_backward_kernel(
             acc_g += gb
             if GATE:
                 acc_g_res += g
+        if STATS:  # z of the statistics terms, also the v of sum(g*v) if asked
+            if not IMG_MASK:
+                v = tl.load(v_ptr + off, mask=ok, other=0.0).to(tl.float32)
+        elif SUM_V == 1:
+            v = tl.load(v_ptr + off, mask=ok, other=0.0).to(tl.float32)
         if SUM_V == 1:
             acc_gv += gb * v
         elif SUM_V == 2:

@@ -454,7 +454,7 @@ def _wgrad_config(M: int, cout: int, cin_g: int, cout_g: int, ksize: int, interp
 
 
 def wgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype, in_affine=False,
-                 in_relu=False, dw_strides=None):
+                 in_relu=False, dw_strides=None, in_gate=False):
     """(grid, size arguments, constexprs and launch options) of ``conv_wgrad_kernel``.
 
     The number of splits (partial sums) is ``grid[2]``.  Shared with the offline
@@ -474,7 +474,7 @@ def wgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dty
     splits = cdiv(M, rows_per_split)  # none empty
     grid = (cdiv(Cout, meta["BLOCK_CO"]) * n_ci_blocks, ksize * ksize, splits)
     return grid, sizes, dict(KSIZE=ksize, ALLOW_TF32=allow_tf32(dtype), IN_AFFINE=in_affine,
-                             IN_RELU=in_relu, **meta)
+                             IN_RELU=in_relu, IN_GATE=in_gate and in_affine, **meta)
 
 
 def conv_wgrad(dz: Tensor, a: Tensor, weight_shape: Sequence[int], stride: int, padding: int,
@@ -527,15 +527,15 @@ def conv_wgrad(dz: Tensor, a: Tensor, weight_shape: Sequence[int], stride: int, 
     like = layout_like if layout_like is not None and tuple(layout_like.shape) == tuple(weight_shape) else None
     dw = torch.empty_like(like, dtype=torch.float32) if like is not None else \
         _empty(tuple(weight_shape), device=dz.device, dtype=torch.float32)
+    gated = affine and in_gate is not None
     grid, sizes, meta = wgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dz.dtype,
-                                     affine, in_relu and affine, dw.stride())
+                                     affine, in_relu and affine, dw.stride(), gated)
     # split partials, summed in the kernel by the last split of each tile (none with one split)
     partials = _empty((grid[2], Cout, cin_g, ksize, ksize) if grid[2] > 1 else (0,), device=dz.device,
                       dtype=torch.float32)
     vec = lambda t: t.detach().float().contiguous() if affine else dw  # noqa: E731
     counters = arrival_counters(dz.device, grid[0] * grid[1])  # (also unused: one pointer type, one binary)
-    gate = {} if in_gate is None or not affine else \
-        dict(in_gate_ptr=in_gate.detach().float().reshape(N, Cin).contiguous(), IN_GATE=True)
+    gate = dict(in_gate_ptr=in_gate.detach().float().reshape(N, Cin).contiguous()) if gated else {}
     conv_wgrad_kernel[grid](partials if grid[2] > 1 else dw, dz, a, vec(in_scale), vec(in_shift), **sizes, **meta,
                             dw_ptr=dw, counter_ptr=counters, **gate)
     return dw
@@ -595,33 +595,33 @@ _GRADS_LAUNCHES = {}
 
 
 def grads_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype, in_affine=False,
-                 in_relu=False, w_strides=None, dw_strides=None):
+                 in_relu=False, w_strides=None, dw_strides=None, in_gate=False):
     """(grid, size arguments, constexprs and launch options, wgrad grid) of
     ``conv_grads_kernel``: ``dgrad_launch`` and ``wgrad_launch`` side by side (the block
     sizes of each, the larger warp count).  Shared with the offline compilation test.
     Memoised (every training backward of every convolution builds it): do not edit the
     dicts it returns."""
     key = (N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype, in_affine, in_relu, w_strides,
-           dw_strides, _runtime.INTERPRET, torch.backends.cudnn.allow_tf32, wgrad_config, dgrad_config)
+           dw_strides, in_gate, _runtime.INTERPRET, torch.backends.cudnn.allow_tf32, wgrad_config, dgrad_config)
     launch = _GRADS_LAUNCHES.get(key)
     if launch is None:
         if len(_GRADS_LAUNCHES) > 4096:
             _GRADS_LAUNCHES.clear()
-        launch = _GRADS_LAUNCHES[key] = _grads_launch(*key[:16])
+        launch = _GRADS_LAUNCHES[key] = _grads_launch(*key[:17])
     return launch
 
 
 def _grads_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype, in_affine, in_relu,
-                  w_strides, dw_strides):
+                  w_strides, dw_strides, in_gate):
     d_grid, d_sizes, d_meta = dgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype,
                                            w_strides)
     w_grid, w_sizes, w_meta = wgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype,
-                                           in_affine, in_relu, dw_strides)
+                                           in_affine, in_relu, dw_strides, in_gate)
     dgrad_programs = d_grid[0] * d_grid[1] * d_grid[2]
     sizes = dict(d_sizes, **w_sizes, dgrad_m_blocks=d_grid[0], dgrad_n_blocks=d_grid[1],
                  dgrad_programs=dgrad_programs, wgrad_c_blocks=w_grid[0], wgrad_splits=w_grid[2])
     meta = dict(KSIZE=ksize, ALLOW_TF32=d_meta["ALLOW_TF32"], IN_AFFINE=w_meta["IN_AFFINE"],
-                IN_RELU=w_meta["IN_RELU"], D_BLOCK_M=d_meta["BLOCK_M"], D_BLOCK_N=d_meta["BLOCK_N"],
+                IN_RELU=w_meta["IN_RELU"], IN_GATE=w_meta["IN_GATE"], D_BLOCK_M=d_meta["BLOCK_M"], D_BLOCK_N=d_meta["BLOCK_N"],
                 D_BLOCK_K=d_meta["BLOCK_K"], MULTI_GROUP=d_meta["MULTI_GROUP"], W_BLOCK_M=w_meta["BLOCK_M"],
                 W_BLOCK_CO=w_meta["BLOCK_CO"], W_BLOCK_CI=w_meta["BLOCK_CI"],
                 num_warps=max(d_meta["num_warps"], w_meta["num_warps"]),
@@ -657,15 +657,15 @@ def conv_grads(dz: Tensor, a: Tensor, weight: Tensor, stride: int, padding: int,
     dx = _empty((N, Cin, H, W), device=dz.device, dtype=dz.dtype, memory_format=torch.channels_last)
     dw = torch.empty_like(weight, dtype=torch.float32)
     affine = in_scale is not None
+    gated = affine and in_gate is not None
     grid, sizes, meta, w_grid = grads_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dz.dtype,
-                                             affine, in_relu and affine, weight_strides(w), dw.stride())
+                                             affine, in_relu and affine, weight_strides(w), dw.stride(), gated)
     splits = w_grid[2]
     partials = _empty((splits, Cout, cin_g, ksize, ksize) if splits > 1 else (0,), device=dz.device,
                       dtype=torch.float32)
     vec = lambda t: t.detach().float().contiguous() if affine else dw  # noqa: E731
     counters = arrival_counters(dz.device, w_grid[0] * w_grid[1])  # (also unused: one pointer type, one binary)
-    gate = {} if in_gate is None or not affine else \
-        dict(in_gate_ptr=in_gate.detach().float().reshape(N, Cin).contiguous(), IN_GATE=True)
+    gate = dict(in_gate_ptr=in_gate.detach().float().reshape(N, Cin).contiguous()) if gated else {}
     conv_grads_kernel[grid](dx, partials if splits > 1 else dw, dw, counters, dz, w, a, vec(in_scale), vec(in_shift),
                             **sizes, **meta, **gate)
     return dx, dw

@@ -394,7 +394,7 @@ import torch
 from kernels._compile import compile_for_hopper, resource_usage
 from kernels.bn_backward import bn_backward_kernel, launch_config
 PTR = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16"}
-ACT = {"dz_ptr", "dres_ptr", "dy_ptr", "relu_src_ptr", "v_ptr", "r_ptr"}
+ACT = {"dz_ptr", "dres_ptr", "dy_ptr", "relu_src_ptr", "v_ptr", "r_ptr", "img_src_ptr"}
 # every constexpr combination the backward formulas launch, at their heaviest
 VARIANTS = {
     "bn_act": dict(HAS_DY=True, RELU_MODE=1, SCALE=True, STATS=False, WRITE_DZ=True, WRITE_DRES=True,
@@ -413,6 +413,14 @@ VARIANTS = {
     "epilogue_stats_squeeze": dict(HAS_DY=True, RELU_MODE=0, SCALE=False, STATS=True, STAT_DMV=True,
                                    STAT_DAFF=True, STAT_GAMMA=True, WRITE_DZ=True, WRITE_DRES=False,
                                    RES_SCALE=False, SUM_G=False, SUM_V=0, SUM_R=False, IMG_ADD=True),
+    # RegNetY's SE after conv2: conv3's gated prologue (the gate's gradient with the affine ReLU
+    # mask), conv2's stats pass with the squeeze gradient added under the ReLU mask
+    "prologue_gated": dict(HAS_DY=True, RELU_MODE=2, SCALE=True, STATS=False, WRITE_DZ=True, WRITE_DRES=False,
+                           RES_SCALE=False, SUM_G=True, SUM_V=2, SUM_R=False, GATE=True, DGATE=True),
+    "epilogue_stats_relu_squeeze": dict(HAS_DY=True, RELU_MODE=0, SCALE=False, STATS=True, STAT_DMV=True,
+                                        STAT_DAFF=True, STAT_GAMMA=True, WRITE_DZ=True, WRITE_DRES=False,
+                                        RES_SCALE=False, SUM_G=False, SUM_V=0, SUM_R=False, IMG_ADD=True,
+                                        IMG_MASK=True),
 }
 rows = []
 # the configurations the launcher picks: ResNeXt channel counts at batch 64 (and a narrow layer)
@@ -423,7 +431,7 @@ for dtype in ("float32", "float16", "bfloat16"):
         for mode, flags in VARIANTS.items():
             bm = max(16, block_m // 2) if flags.get("DGATE") else block_m  # image_launch_config: half the rows
             const = dict(dict(STAT_DMV=False, STAT_DAFF=False, STAT_GAMMA=False, GATE=False, DGATE=False,
-                              IMG_ADD=False), **flags, BLOCK_M=bm, BLOCK_C=block_c,
+                              IMG_ADD=False, IMG_MASK=False), **flags, BLOCK_M=bm, BLOCK_C=block_c,
                          BLOCK_T=32, dy_stride_c=1)  # dy channels_last: stride 1, as the JIT
             sig = {n: "constexpr" if n in const else PTR[dtype] if n in ACT | {"gate_ptr"}
                    else "*i32" if n == "counter_ptr" else "*fp32" if n.endswith("_ptr")

@@ -30,12 +30,14 @@ def compiled(tmp_path_factory):
 def test_every_variant_compiles(compiled):
     kinds = {(r["kernel"], r["mode"], r["dtype"]) for r in compiled}
     for dtype in ("bfloat16", "float16", "float32"):
-        for mode in ("eval", "train", "squeeze_train", "squeeze_eval"):
+        for mode in ("eval", "train", "squeeze_train", "squeeze_eval", "gated_train", "gated_eval"):
             assert ("conv_bn_act_fwd_kernel", mode, dtype) in kinds
         assert ("bn_act_kernel", "bn_act", dtype) in kinds
         assert ("bn_act_kernel", "bn_act_gated", dtype) in kinds
         assert ("squeeze_sum_kernel", "squeeze_sum", dtype) in kinds
         assert ("squeeze_backward_kernel", "squeeze_backward", dtype) in kinds
+        assert ("squeeze_backward_kernel", "squeeze_backward_relu", dtype) in kinds  # RegNetY's SE after conv2
+        assert ("relu_squeeze_kernel", "relu_squeeze", dtype) in kinds
         assert ("bn_finalize_kernel", "bn_finalize", dtype) in kinds
         for mode in ("bn_finalize_merged_out", "bn_finalize_row_counts"):  # SyncBatchNorm's cross-rank merge
             assert ("bn_finalize_kernel", mode, dtype) in kinds

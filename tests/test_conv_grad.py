@@ -284,13 +284,20 @@ def _resnext50_launches(dtype):
             for prologue in (False, True):  # the training backward recomputes the BN + ReLU prologue
                 _, sizes, meta = cg.wgrad_launch(*args, in_affine=prologue, in_relu=prologue, dw_strides=dw_strides)
                 yield cg.conv_wgrad_kernel, dict(part_ptr="*fp32", dz_ptr=ty, a_ptr=ty, in_scale_ptr="*fp32",
-                                                 in_shift_ptr="*fp32", dw_ptr="*fp32", counter_ptr="*i32"), sizes, meta
+                                                 in_shift_ptr="*fp32", dw_ptr="*fp32", counter_ptr="*i32",
+                                                 in_gate_ptr="*fp32"), sizes, meta
                 # both in one launch (what the training backward runs)
                 _, sizes, meta, _ = cg.grads_launch(*args, in_affine=prologue, in_relu=prologue,
                                                     w_strides=w_strides, dw_strides=dw_strides)
                 yield cg.conv_grads_kernel, dict(dx_ptr=ty, part_ptr="*fp32", dw_ptr="*fp32", counter_ptr="*i32",
                                                  dz_ptr=ty, w_ptr=ty, a_ptr=ty, in_scale_ptr="*fp32",
-                                                 in_shift_ptr="*fp32"), sizes, meta
+                                                 in_shift_ptr="*fp32", in_gate_ptr="*fp32"), sizes, meta
+            if k == 1 and s == 1:  # conv3 of a RegNetY block: the prologue's gate too (IN_GATE)
+                _, sizes, meta, _ = cg.grads_launch(*args, in_affine=True, in_relu=True, w_strides=w_strides,
+                                                    dw_strides=dw_strides, in_gate=True)
+                yield cg.conv_grads_kernel, dict(dx_ptr=ty, part_ptr="*fp32", dw_ptr="*fp32", counter_ptr="*i32",
+                                                 dz_ptr=ty, w_ptr=ty, a_ptr=ty, in_scale_ptr="*fp32",
+                                                 in_shift_ptr="*fp32", in_gate_ptr="*fp32"), sizes, meta
 
 
 def _compile_for_hopper(dtype_name):

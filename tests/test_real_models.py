@@ -345,12 +345,15 @@ def test_timm_bottleneck_extras(piece, fused):
     assert isinstance(resnext.convert(nn.Sequential(block))[0], resnext.FusedBottleneck) is fused
 
 
-@pytest.mark.parametrize("block", ["tv_frozen", "regnetx"])
+@pytest.mark.parametrize("block", ["tv_frozen", "regnetx", "regnety"])
 def test_compile_fullgraph(block, fresh_dynamo):
     """The new blocks and norm views trace with torch.compile(fullgraph=True): a frozen-BN
-    torchvision block and a RegNet block, train mode, output and input gradient as eager."""
+    torchvision block and a RegNet block (RegNetY: with its SE after conv2), train mode, output
+    and input gradient as eager."""
     torch.manual_seed(0)
-    ref = randomize_norms(tv_frozen_backbone()[1] if block == "tv_frozen" else small_regnet().s2.b1).to(DEVICE).train()
+    build = {"tv_frozen": lambda: tv_frozen_backbone()[1], "regnetx": lambda: small_regnet().s2.b1,
+             "regnety": lambda: small_regnet(se_ratio=0.25).s2.b1}[block]
+    ref = randomize_norms(build()).to(DEVICE).train()
     fused = resnext.convert(nn.Sequential(copy.deepcopy(ref)))[0]
     assert type(fused) in (resnext.FusedBottleneck, resnext.FusedRegNetBottleneck)
     compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
@@ -386,3 +389,33 @@ def test_device_ops_not_above_eager(block, train):
         assert f.total <= TRAIN_LIMIT * e.total, f"fused training step: {f.total} device ops, eager {e.total}\n{f}\n{e}"
     else:
         assert (f.triton, f.aten) == (convs, 0), f"fused eval forward: want {convs} launches, no aten op\n{f}"
+
+
+@pytest.mark.no_poison  # the NaN fill would add a fill_ per allocation to the count
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_regnety_block_device_ops(train):
+    """RegNetY's SE after conv2, fused vs eager (as tests/test_se_blocks.py does for the SE ResNet
+    block): fewer device ops than eager in eval (eager SE: mean, 2 convs, act, sigmoid, mul; fused:
+    one squeeze launch, the multiply in conv3's prologue) and in a training step, and the SE's own
+    share (vs the same block without SE) no larger than eager's."""
+    from benchmarks import workloads
+    from test_device_ops import TRAIN_LIMIT
+    counts = {}
+    for se in (0.25, 0.0):
+        torch.manual_seed(0)
+        eager = randomize_norms(small_regnet(se_ratio=se).s2.b1).to(DEVICE).to(memory_format=torch.channels_last)
+        fused = resnext.convert(nn.Sequential(copy.deepcopy(eager)))[0]
+        assert type(fused) is resnext.FusedRegNetBottleneck
+        x = torch.randn(2, eager.conv1.conv.in_channels, 8, 8, device=DEVICE)
+        x = x.to(memory_format=torch.channels_last).requires_grad_(train)
+        counts[se] = (workloads.steady_device_ops(eager, x, train), workloads.steady_device_ops(fused, x, train))
+        print(f"\nse_ratio {se} ({'train' if train else 'eval'}): eager {counts[se][0]}\nfused {counts[se][1]}")
+    (e_se, f_se), (e_plain, f_plain) = counts[0.25], counts[0.0]
+    print(f"the SE adds {f_se.total - f_plain.total} device ops fused, {e_se.total - e_plain.total} eager")
+    if train:
+        assert f_se.total <= TRAIN_LIMIT * e_se.total, f"fused RegNetY training step: {f_se.total}, eager {e_se.total}"
+    else:
+        assert f_se.total < e_se.total, f"fused RegNetY eval: {f_se.total} device ops, eager {e_se.total}"
+        assert f_se.triton == f_plain.triton + 1  # + the squeeze pass; the gate rides in conv3's prologue
+    assert f_se.total - f_plain.total <= e_se.total - e_plain.total, (
+        f"the fused SE adds {f_se.total - f_plain.total} device ops, eager's {e_se.total - e_plain.total}")
