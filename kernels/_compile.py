@@ -183,8 +183,8 @@ def elementwise_launches(dtype: str) -> List[dict]:
     for hw, c in ((3136, 128), (49, 1024), (196, 48)):  # the configurations of a few RegNetY/ResNeXt layers
         cfg = relu_squeeze_config(hw, c)
         const = dict(BLOCK_HW=cfg["BLOCK_HW"], BLOCK_C=cfg["BLOCK_C"])
-        sig = {n: "constexpr" if n in const else _PTR[dtype] if n == "z_ptr" else "*fp32" if n.endswith("_ptr")
-               else "i32" for n in relu_squeeze_kernel.arg_names}
+        sig = {n: "constexpr" if n in const else _PTR[dtype] if n == "z_ptr" else "*i32" if n == "counter_ptr"
+               else "*fp32" if n.endswith("_ptr") else "i32" for n in relu_squeeze_kernel.arg_names}
         launches.append(dict(kernel=relu_squeeze_kernel, signature=sig, constexprs=const, num_warps=cfg["num_warps"],
                              num_stages=3, mode="relu_squeeze"))
     # the two launches of a cross-rank merge (kernels.sync_bn): this rank's row, then the ranks' rows

@@ -28,7 +28,8 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._runtime import cdiv, eager_or_op, next_power_of_2, use_triton
+from ._runtime import arrival_counters, cdiv, eager_or_op, next_power_of_2, use_triton
+from ._triton_helpers import last_arrival
 from .batchnorm import run_bn_act
 from .bn_backward import bn_backward
 from .conv_bn_act import _backward, conv_bn_act_forward, conv_bn_act_op, out_size
@@ -333,20 +334,26 @@ def gated_bn_act(z: Tensor, scale: Tensor, shift: Tensor, gate: Tensor, residual
 # conv2's backward adds mask * s * dm / HW to dz2 inside its statistics pass (IMG_ADD with
 # IMG_MASK) and sum_n dm P / HW, sum_n dm Q / HW to the gradients of s and b
 # (squeeze_backward_kernel with Q).  P and Q are piecewise constant in s and b.
-@triton.jit
+@triton.jit(do_not_specialize=["splits"])
 def relu_squeeze_kernel(
     m_ptr,  # [N, C] fp32 out: mean over H, W of relu(z * scale + shift)
     p_ptr,  # [N, C] fp32 out: P, the sum over H, W of z where z * scale + shift > 0 (or NaN)
     q_ptr,  # [N, C] fp32 out: Q, the count of those pixels
+    part_ptr,  # [2, N * splits, C] fp32 scratch (splits > 1): each program's P and Q
+    counter_ptr,  # int32 [N * channel blocks], zero (_runtime.arrival_counters): splits arrived
     z_ptr,  # [N, H, W, C] NHWC: the raw convolution output
     scale_ptr, shift_ptr,  # [C] fp32
     C, HW,  # channels, pixels per image
+    rows_per_split, splits,  # each image's rows in ``splits`` runs of rows_per_split (a multiple of BLOCK_HW)
     BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """One program per (image, channel block), its rows in order: fixed-order sums, no atomics.
-    The mask is that of the activation as rounded to z's dtype (as bn_backward's RELU_MODE 2);
-    a NaN pre-activation counts as on, so a NaN in z reaches m as in the eager mean."""
-    n = tl.program_id(0).to(tl.int64)
+    """One program per (image, run of rows, channel block); the last run of an (image, channel
+    block) to finish sums the runs' partials in run order (``last_arrival``): fixed-order sums,
+    no float atomics, the same bits whichever run arrives last.  The mask is that of the
+    activation as rounded to z's dtype (as bn_backward's RELU_MODE 2); a NaN pre-activation
+    counts as on, so a NaN in z reaches m as in the eager mean."""
+    pid = tl.program_id(0)
+    n = (pid // splits).to(tl.int64)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
     s = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0)
@@ -354,9 +361,11 @@ def relu_squeeze_kernel(
     acc_p = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)
     acc_q = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)
     base = z_ptr + n * HW * C
-    for r0 in range(0, HW, BLOCK_HW):
+    row_start = (pid % splits) * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, HW)
+    for r0 in range(row_start, row_end, BLOCK_HW):
         offs_r = r0 + tl.arange(0, BLOCK_HW)
-        ok = (offs_r < HW)[:, None] & c_ok[None, :]
+        ok = (offs_r < row_end)[:, None] & c_ok[None, :]
         z = tl.load(base + offs_r[:, None] * C + offs_c[None, :], mask=ok, other=0.0).to(tl.float32)
         pre = (z * s[None, :] + b[None, :]).to(z_ptr.dtype.element_ty)
         on = ok & ((pre > 0.0) | (pre != pre))
@@ -364,16 +373,38 @@ def relu_squeeze_kernel(
         acc_q += tl.where(on, 1.0, 0.0)
     p = tl.sum(acc_p, axis=0)
     q = tl.sum(acc_q, axis=0)
-    tl.store(p_ptr + n * C + offs_c, p, mask=c_ok)
-    tl.store(q_ptr + n * C + offs_c, q, mask=c_ok)
-    tl.store(m_ptr + n * C + offs_c, (s * p + b * q) / HW, mask=c_ok)
+    if splits > 1:
+        T = tl.num_programs(0)
+        tl.store(part_ptr + pid.to(tl.int64) * C + offs_c, p, mask=c_ok)
+        tl.store(part_ptr + (T + pid).to(tl.int64) * C + offs_c, q, mask=c_ok)
+        if last_arrival(counter_ptr + n * tl.num_programs(1) + tl.program_id(1), splits):
+            p = tl.zeros((BLOCK_C,), dtype=tl.float32)
+            q = tl.zeros((BLOCK_C,), dtype=tl.float32)
+            for k in range(0, splits):
+                row = n * splits + k
+                p += tl.load(part_ptr + row * C + offs_c, mask=c_ok, other=0.0, cache_modifier=".cg")
+                q += tl.load(part_ptr + (T + row) * C + offs_c, mask=c_ok, other=0.0, cache_modifier=".cg")
+            tl.store(p_ptr + n * C + offs_c, p, mask=c_ok)
+            tl.store(q_ptr + n * C + offs_c, q, mask=c_ok)
+            tl.store(m_ptr + n * C + offs_c, (s * p + b * q) / HW, mask=c_ok)
+    else:
+        tl.store(p_ptr + n * C + offs_c, p, mask=c_ok)
+        tl.store(q_ptr + n * C + offs_c, q, mask=c_ok)
+        tl.store(m_ptr + n * C + offs_c, (s * p + b * q) / HW, mask=c_ok)
+
+
+RELU_SQUEEZE_MAX_SPLITS = 8  # runs of rows per image: enough programs at small batches
 
 
 def relu_squeeze_config(HW: int, C: int) -> dict:
-    """Blocks of ``relu_squeeze_kernel``: a function of (HW, C) only (the summation order)."""
+    """Blocks and row runs of ``relu_squeeze_kernel``: a function of (HW, C) only, so an image's
+    m has the same bits at any batch size and on any device."""
     block_c = min(64, next_power_of_2(max(C, 1)))
     block_hw = max(16, min(next_power_of_2(max(HW, 1)), 2048 // block_c))  # ~32 fp32 registers a thread
-    return dict(BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=4)
+    blocks = cdiv(max(HW, 1), block_hw)
+    rows_per_split = cdiv(blocks, RELU_SQUEEZE_MAX_SPLITS) * block_hw
+    return dict(BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=4, rows_per_split=rows_per_split,
+                splits=cdiv(max(HW, 1), rows_per_split))
 
 
 def relu_squeeze(z: Tensor, scale: Tensor, shift: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -393,9 +424,15 @@ def relu_squeeze(z: Tensor, scale: Tensor, shift: Tensor) -> Tuple[Tensor, Tenso
     z = z.contiguous(memory_format=torch.channels_last)
     m, p, q = (torch.empty((N, C), device=z.device, dtype=torch.float32) for _ in range(3))
     cfg = relu_squeeze_config(H * W, C)
+    splits = cfg["splits"]
+    c_blocks = cdiv(C, cfg["BLOCK_C"])
+    part = torch.empty((2, N * splits, C) if splits > 1 else (0,), device=z.device, dtype=torch.float32)
     if N > 0:
-        relu_squeeze_kernel[(N, cdiv(C, cfg["BLOCK_C"]))](
-            m, p, q, z, scale.detach().float().contiguous(), shift.detach().float().contiguous(), C, H * W, **cfg)
+        relu_squeeze_kernel[(N * splits, c_blocks)](
+            m, p, q, part if splits > 1 else m, arrival_counters(z.device, N * c_blocks), z,
+            scale.detach().float().contiguous(), shift.detach().float().contiguous(), C, H * W,
+            cfg["rows_per_split"], splits, BLOCK_HW=cfg["BLOCK_HW"], BLOCK_C=cfg["BLOCK_C"],
+            num_warps=cfg["num_warps"])
     return m, p, q
 
 

@@ -33,17 +33,17 @@ def _bn_affine(C):
     return torch.randn(C, device=DEVICE) * 0.8, torch.randn(C, device=DEVICE) * 0.5
 
 
-@pytest.mark.parametrize("shape", [
-    (3, 24, 3, 3),  # HW = 9 < BLOCK_HW: one partial row block per image; C not a power of 2
-    (2, 64, 9, 8),  # HW = 72 > BLOCK_HW = 32: an image spans three row blocks, the last one partial
-    (2, 80, 5, 7),  # two channel blocks, the second partial
+@pytest.mark.parametrize("shape, splits, rows_per_split", [
+    ((3, 24, 3, 3), 1, 16),  # HW = 9 < BLOCK_HW: one partial row block per image; C not a power of 2
+    ((2, 64, 9, 8), 3, 32),  # HW = 72: three runs of one row block each, the last one partial
+    ((2, 64, 20, 15), 5, 64),  # HW = 300: five runs of two row blocks (the last partial), merged in-launch
+    ((2, 80, 5, 7), 2, 32),  # two channel blocks, the second partial
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_relu_squeeze_pass(shape, dtype):
+def test_relu_squeeze_pass(shape, splits, rows_per_split, dtype):
     N, C, H, W = shape
-    block_hw = relu_squeeze_config(H * W, C)["BLOCK_HW"]
-    assert (H * W < block_hw) if H * W == 9 else True
-    assert (H * W > block_hw and H * W % block_hw) if H * W == 72 else True
+    cfg = relu_squeeze_config(H * W, C)
+    assert (cfg["splits"], cfg["rows_per_split"]) == (splits, rows_per_split), cfg
     z = _cl(torch.randn(N, C, H, W, device=DEVICE).to(dtype))
     s, b = _bn_affine(C)
     m, p, q = relu_squeeze(z, s, b)
