@@ -176,7 +176,8 @@ def finish(main: Union[Tensor, Pending], residual: Union[Tensor, Pending, None] 
         assert residual is None, "an eval-mode stage adds its residual in the epilogue"
         return main
     relu = main.relu if relu is None else relu
-    if isinstance(residual, Pending) and not residual.relu:
+    assert main.gate is None, "a gated pending output is consumed by the next convolution's prologue"
+    if isinstance(residual, Pending) and not residual.relu and residual.gate is None:
         return BNActFn.apply(main.z, main.scale, main.shift, residual.z, residual.scale, residual.shift, relu)
     residual = materialize(residual) if residual is not None else None
     if residual is not None and residual.dtype != main.z.dtype:
