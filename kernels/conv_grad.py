@@ -619,6 +619,14 @@ def _grads_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dt
     return grid, sizes, meta, w_grid
 
 
+@functools.lru_cache(maxsize=1)
+def _weight_helpers():
+    """``conv_bn_act.weight_operand, weight_strides`` (imported late: conv_bn_act imports this
+    module; once, not per call: an import statement in the hot path cost ~2 us)."""
+    from .conv_bn_act import weight_operand, weight_strides
+    return weight_operand, weight_strides
+
+
 def conv_grads(dz: Tensor, a: Tensor, weight: Tensor, stride: int, padding: int, groups: int,
                packed: Optional[Tensor] = None, in_scale: Optional[Tensor] = None,
                in_shift: Optional[Tensor] = None, in_relu: bool = False):
@@ -638,7 +646,7 @@ def conv_grads(dz: Tensor, a: Tensor, weight: Tensor, stride: int, padding: int,
                 conv_wgrad(dz, a, weight.shape, stride, padding, groups, in_scale=in_scale, in_shift=in_shift,
                            in_relu=in_relu, layout_like=weight))
     _check_shapes(dz, weight.shape, H, W, stride, padding, groups)
-    from .conv_bn_act import weight_operand, weight_strides
+    weight_operand, weight_strides = _weight_helpers()
     Cin = cin_g * groups
     dz = _channels_last(dz)
     a = _channels_last(a.to(dz.dtype))
