@@ -346,7 +346,9 @@ def conv_bn_act_forward(
         return (y, *bn_finalize(part_mean, part_m2, M, cfg["BLOCK_M"], bn_weight, bn_bias, running_mean,
                                 running_var, num_batches_tracked, momentum, eps, group_name))
     # distinct empties: op outputs may not alias
-    return (y, *(torch.empty(0, device=x.device, dtype=torch.float32) for _ in range(4)))
+    empty = y.new_empty
+    return y, empty(0, dtype=torch.float32), empty(0, dtype=torch.float32), empty(0, dtype=torch.float32), \
+        empty(0, dtype=torch.float32)
 
 
 # --------------------------------------------------------------------------------------

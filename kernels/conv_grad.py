@@ -649,7 +649,7 @@ def conv_grads(dz: Tensor, a: Tensor, weight: Tensor, stride: int, padding: int,
     weight_operand, weight_strides = _weight_helpers()
     Cin = cin_g * groups
     dz = _channels_last(dz)
-    a = _channels_last(a.to(dz.dtype))
+    a = _channels_last(a if a.dtype == dz.dtype else a.to(dz.dtype))
     w = weight_operand(weight, packed, dz.dtype)
     dx = _empty((N, Cin, H, W), device=dz.device, dtype=dz.dtype, memory_format=torch.channels_last)
     dw = torch.empty_like(weight, dtype=torch.float32)
@@ -657,8 +657,8 @@ def conv_grads(dz: Tensor, a: Tensor, weight: Tensor, stride: int, padding: int,
     grid, sizes, meta, w_grid = grads_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dz.dtype,
                                              affine, in_relu and affine, weight_strides(w), dw.stride())
     splits = w_grid[2]
-    partials = _empty((splits, Cout, cin_g, ksize, ksize) if splits > 1 else (0,), device=dz.device,
-                      dtype=torch.float32)
+    partials = _empty((splits, Cout, cin_g, ksize, ksize), device=dz.device, dtype=torch.float32) \
+        if splits > 1 else None  # (one split: dw itself is the partials operand, never read)
     vec = lambda t: t.detach().float().contiguous() if affine else dw  # noqa: E731
     counters = arrival_counters(dz.device, w_grid[0] * w_grid[1])  # (also unused: one pointer type, one binary)
     conv_grads_kernel[grid](dx, partials if splits > 1 else dw, dw, counters, dz, w, a, vec(in_scale), vec(in_shift),

@@ -10,6 +10,7 @@ replace the forward computation.  Per BatchNorm the mode decides the path:
   statistics partials; z stays *pending* (z, scale, shift, relu) and is normalised by
   whoever consumes it: the next convolution's prologue or one ``bn_act`` pass.
 """
+import functools
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -181,13 +182,19 @@ def _is_channels_last(t: Tensor) -> bool:
     """``t.suggest_memory_format() == torch.channels_last`` (c10's is_channels_last_strides_2d,
     not exposed in Python): strides ordered C < W < H < N, so sliced NHWC views and 1x1
     weights converted with .to(memory_format=torch.channels_last) count, as in F.conv2d."""
-    if t.dim() != 4 or t.stride(1) == 0:
+    return _channels_last_strides(t.shape, t.stride())
+
+
+@functools.lru_cache(maxsize=4096)
+def _channels_last_strides(shape, stride) -> bool:
+    """``_is_channels_last`` on (shape, strides), memoised (every fused module call asks it)."""
+    if len(shape) != 4 or stride[1] == 0:
         return False
     smallest = 0
     for d in (1, 3, 2, 0):
-        if t.shape[d] == 0 or t.stride(d) < smallest or (d == 0 and smallest == t.stride(1)):
+        if shape[d] == 0 or stride[d] < smallest or (d == 0 and smallest == stride[1]):
             return False
-        smallest = t.stride(d) * (t.shape[d] if t.shape[d] > 1 else 1)
+        smallest = stride[d] * (shape[d] if shape[d] > 1 else 1)
     return True
 
 
