@@ -600,8 +600,13 @@ def check_conv_inputs(x: Tensor, weight: Tensor, stride: int, padding: int, grou
     them once per distinct combination (a failing one is not cached: it raises every time)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor input, got {type(x).__name__}")
-    _check_conv_meta(x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device, stride, padding, groups,
-                     same_dtype)
+    meta = (x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device, stride, padding, groups, same_dtype)
+    try:
+        _check_conv_meta(*meta)
+    except TypeError as err:  # an unhashable argument (a list for stride...): the checks themselves say what
+        if "unhashable" not in str(err):
+            raise
+        _check_conv_meta.__wrapped__(*meta)
 
 
 @functools.lru_cache(maxsize=4096)

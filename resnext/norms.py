@@ -136,11 +136,16 @@ def norm_view(bn: nn.Module) -> NormView:
         # Read from the module's dicts (what Module.__getattr__ does; ~0.8 us a name through it):
         # the same values as uses_batch_stats / running_stats below.
         p, b = bn._parameters, bn._buffers
-        rm, rv = b["running_mean"], b["running_var"]
-        batch = bn.training or (rm is None and rv is None)
-        update = bn.training and bn.track_running_stats and rm is not None
-        return NormView(batch, p["weight"], p["bias"], rm if update else None, rv if update else None,
-                        b["num_batches_tracked"] if update else None, bn.momentum, bn.eps, relu)
+        try:
+            weight, bias, rm, rv, nbt = p["weight"], p["bias"], b["running_mean"], b["running_var"], \
+                b["num_batches_tracked"]
+        except KeyError:  # a deleted or renamed entry: the attribute lookups below decide
+            pass
+        else:
+            batch = bn.training or (rm is None and rv is None)
+            update = bn.training and bn.track_running_stats and rm is not None
+            return NormView(batch, weight, bias, rm if update else None, rv if update else None,
+                            nbt if update else None, bn.momentum, bn.eps, relu)
     batch = uses_batch_stats(bn)
     rm, rv, nbt = running_stats(bn) if batch else (None, None, None)
     return NormView(batch, bn.weight, bn.bias, rm, rv, nbt, bn.momentum, bn.eps, relu)
