@@ -12,6 +12,7 @@ binaries per layer as the batch size changes.  Every kernel marks those argument
 only batch-dependent choice left is ``conv_config``'s BLOCK_M bucket, so a layer has at
 most two binaries per dtype and mode over all batch sizes (tests/test_recompile.py).
 """
+import functools
 import os
 import weakref
 
@@ -45,6 +46,12 @@ def _pow2_clamp(n: int, lo: int, hi: int) -> int:
 
 
 def conv_config(M: int, cout: int, cin_g: int, cout_g: int, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """``_conv_config`` memoised (host time: every forward of every convolution); a copy each call."""
+    return dict(_conv_config(M, cout, cin_g, cout_g, dtype, INTERPRET))
+
+
+@functools.lru_cache(maxsize=4096)
+def _conv_config(M: int, cout: int, cin_g: int, cout_g: int, dtype: torch.dtype, interpret: bool) -> dict:
     """Block sizes for the implicit-GEMM convolution kernel.
 
     Rows are output pixels (M = N*Ho*Wo), columns output channels.  A block of
@@ -57,7 +64,7 @@ def conv_config(M: int, cout: int, cin_g: int, cout_g: int, dtype: torch.dtype =
     64x32 outputs, and K <= 16 channels in fp32 (32 bf16 channels on 128x64 tiles); without
     them 3x3 tiles spilled.
     """
-    if INTERPRET:  # fewer, larger programs: the interpreter pays per program
+    if interpret:  # fewer, larger programs: the interpreter pays per program
         block_m = _pow2_clamp(M, 16, 64)
     else:
         block_m = 128 if M >= 128 * 132 else 64
@@ -76,9 +83,14 @@ def conv_config(M: int, cout: int, cin_g: int, cout_g: int, dtype: torch.dtype =
 
 
 def rows_config(M: int, C: int) -> dict:
-    """Block sizes for elementwise / per-channel kernels over an [M, C] NHWC matrix."""
+    """Block sizes for elementwise / per-channel kernels over an [M, C] NHWC matrix (memoised; a copy)."""
+    return dict(_rows_config(M, C, INTERPRET))
+
+
+@functools.lru_cache(maxsize=4096)
+def _rows_config(M: int, C: int, interpret: bool) -> dict:
     block_c = _pow2_clamp(C, 16, 64)
-    block_m = _pow2_clamp(M, 16, 64 if INTERPRET else max(16, 4096 // block_c))
+    block_m = _pow2_clamp(M, 16, 64 if interpret else max(16, 4096 // block_c))
     return dict(BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4)
 
 
@@ -115,8 +127,9 @@ class DerivedCache:
 
     @staticmethod
     def _key(sources):
-        return tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device, t.shape)
-                     for t in sources)
+        # (a list, not a generator: this runs per module call, and a generator costs ~1 us more)
+        return tuple([None if t is None else (t.data_ptr(), t._version, t.dtype, t.device, t.shape)
+                      for t in sources])
 
     def get(self, owner, sources, tag, make):
         if torch.compiler.is_compiling():
@@ -151,8 +164,12 @@ def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
     zero, and launches on one stream run one after another, so no launch pays a fill
     (one at first use).  While a CUDA graph is being captured a new buffer is not kept
     (its fill is part of the graph, and does not run until the graph replays)."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
+    if device.type != "cuda":  # one buffer per CPU device (the interpreter runs launches in order)
+        buf = _ARRIVAL_COUNTERS.get(device)
+        if buf is None or buf.numel() < n:
+            buf = _ARRIVAL_COUNTERS[device] = torch.zeros(max(n, 4096), device=device, dtype=torch.int32)
+        return buf
+    key = (device, torch.cuda.current_stream(device).cuda_stream)
     buf = _ARRIVAL_COUNTERS.get(key)
     if buf is not None and buf.numel() >= n:
         return buf

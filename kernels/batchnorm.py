@@ -199,9 +199,9 @@ def bn_finalize(part_mean: Tensor, part_m2: Tensor, M: int, rows_per_block: int,
         num_batches_tracked.add_(1)
     # A kernel's writes do not bump version counters: bump them (host only), so that caches
     # keyed on them (the eval-mode fold) and autograd's checks see the update.
-    for t in (running_mean, running_var, None if cumulative else num_batches_tracked):
-        if t is not None and update:
-            torch.autograd.graph.increment_version(t)
+    if update:  # (one call for the list: each call costs ~0.5 us of host time)
+        torch.autograd.graph.increment_version(
+            [t for t in (running_mean, running_var, None if cumulative else num_batches_tracked) if t is not None])
     return BNStats(*out)
 
 
@@ -407,10 +407,12 @@ def folded_scale_shift(bn: torch.nn.BatchNorm2d) -> Tuple[Tensor, Tensor]:
     if bn.eps < 0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {bn.eps}")
     sources = (bn.running_mean, bn.running_var, bn.weight, bn.bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources[2:]):
+    if not torch.is_grad_enabled():  # (inference: no need for a no_grad context, ~2 us)
+        return _FOLDED.get(sources[1], sources, bn.eps, lambda: _fold(bn))
+    if any(t is not None and t.requires_grad for t in sources[2:]):
         return _fold(bn)
     with torch.no_grad():
-        return _FOLDED.get(bn.running_var, sources, bn.eps, lambda: _fold(bn))
+        return _FOLDED.get(sources[1], sources, bn.eps, lambda: _fold(bn))
 
 
 def _fold(bn: torch.nn.BatchNorm2d) -> Tuple[Tensor, Tensor]:

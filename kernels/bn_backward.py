@@ -333,7 +333,10 @@ def _matrix_strides(t: Tensor) -> Optional[Tuple[int, int]]:
 
 
 def _vec(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.detach().float().contiguous()
+    if t is None:
+        return None
+    t = t.detach()
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
 
 
 def _shape_of(*ts: Optional[Tensor]):
@@ -388,7 +391,7 @@ def bn_backward_impl(
     # row-run partials (summed in the launch by the last run of each channel block); a fourth
     # slot, the sum of the un-gated g, with a gate
     slots = 4 if gate is not None and sum_g else 3
-    part = torch.empty((slots, runs, C) if any_sum and runs > 1 else (0,), device=device, dtype=torch.float32)
+    part = torch.empty((slots, runs, C), device=device, dtype=torch.float32) if any_sum and runs > 1 else None
     sums = torch.empty((slots, C), device=device, dtype=torch.float32)  # every slot is written when asked
     dparam = torch.empty((2, C) if stat_daff else (0,), device=device, dtype=torch.float32)
     dy_strides = _matrix_strides(dy) if dy is not None else (0, 0)
@@ -400,7 +403,7 @@ def bn_backward_impl(
     relu_mode = RELU_NONE if relu_src is None else RELU_AFFINE if relu_scale is not None else RELU_OUTPUT
     dummy = sums  # any pointer for operands a constexpr switches off
     pick = lambda t: dummy if t is None else t  # noqa: E731
-    dgate_part = torch.empty((runs, C) if dgate_on else (0,), device=device, dtype=torch.float32)
+    dgate_part = torch.empty((runs, C), device=device, dtype=torch.float32) if dgate_on else None
     gate_args = {}
     if gate is not None or image_add is not None:
         gate2 = gate.reshape(gate.shape[0], -1) if gate is not None else None  # [N, C] or [N, 1]
@@ -418,7 +421,7 @@ def bn_backward_impl(
     if M > 0:
         bn_backward_kernel[cfg["grid"]](
             dz if dz_dtype is not None else dummy, dres if dres_dtype is not None else dummy,
-            part if part.numel() else dummy,
+            part if part is not None and part.numel() else dummy,
             pick(dy), pick(relu_src), pick(_vec(relu_scale)), pick(_vec(relu_shift)), pick(v), pick(r),
             pick(_vec(scale)), pick(_vec(res_scale)),
             pick(_vec(mean) if stats else None), pick(_vec(var) if stat_daff else None),

@@ -27,6 +27,7 @@ so ``tl.dot`` always sees K, N >= 16; see ``_runtime.conv_config``.  Those zeros
 one group's NaN/Inf input into NaN for every group of the tile (NaN * 0 = NaN), so a tile
 that ends up holding a NaN/Inf is recomputed one group at a time (``MULTI_GROUP``).
 """
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -267,7 +268,10 @@ def _channels_last(t: Tensor) -> Tensor:
 
 
 def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.detach().float().contiguous()
+    if t is None:
+        return None
+    t = t.detach()
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
 
 
 def conv_bn_act_forward(
@@ -354,7 +358,9 @@ def conv_bn_act_forward(
         return (y, *bn_finalize(part_mean, part_m2, M, cfg["BLOCK_M"], bn_weight, bn_bias, running_mean,
                                 running_var, num_batches_tracked, momentum, eps, group_name))
     # distinct empties: op outputs may not alias
-    return (y, *(torch.empty(0, device=x.device, dtype=torch.float32) for _ in range(4)))
+    empty = y.new_empty
+    return y, empty(0, dtype=torch.float32), empty(0, dtype=torch.float32), empty(0, dtype=torch.float32), \
+        empty(0, dtype=torch.float32)
 
 
 # --------------------------------------------------------------------------------------
@@ -619,29 +625,42 @@ def _check_vector(name: str, v: Optional[Tensor], n: int, x: Tensor):
 def check_conv_inputs(x: Tensor, weight: Tensor, stride: int, padding: int, groups: int,
                       same_dtype: bool = True):
     """Raise a ValueError/TypeError naming the problem instead of a kernel crash.
-    ``same_dtype=False``: the caller has settled the dtypes (autocast, see resnext.modules)."""
+    ``same_dtype=False``: the caller has settled the dtypes (autocast, see resnext.modules).
+    The checks read only shapes, dtypes, devices and the integers: ``_check_conv_meta`` runs
+    them once per distinct combination (a failing one is not cached: it raises every time)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor input, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"expected a 4-D input (N, C, H, W), got {x.dim()}-D of shape {list(x.shape)}")
-    if not x.is_floating_point() or x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise TypeError(f"expected a floating-point input (float32, float16 or bfloat16), got {x.dtype}")
-    if weight.device != x.device:
-        raise ValueError(f"input is on {x.device} but the weight is on {weight.device}")
-    if same_dtype and weight.dtype != x.dtype:
-        raise TypeError(f"input dtype {x.dtype} does not match the weight dtype {weight.dtype}")
-    if weight.dim() != 4 or weight.shape[2] != weight.shape[3]:
-        raise ValueError(f"expected a square [Cout, Cin/groups, k, k] weight, got {list(weight.shape)}")
-    if groups < 1 or x.shape[1] % groups or weight.shape[0] % groups:
-        raise ValueError(f"groups={groups} must divide the input channels ({x.shape[1]}) "
-                         f"and the output channels ({weight.shape[0]})")
-    if weight.shape[1] * groups != x.shape[1]:
-        raise ValueError(f"expected {weight.shape[1] * groups} input channels, got {x.shape[1]}")
+    meta = (x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device, stride, padding, groups, same_dtype)
+    try:
+        _check_conv_meta(*meta)
+    except TypeError as err:  # an unhashable argument (a list for stride...): the checks themselves say what
+        if "unhashable" not in str(err):
+            raise
+        _check_conv_meta.__wrapped__(*meta)
+
+
+@functools.lru_cache(maxsize=4096)
+def _check_conv_meta(x_shape, x_dtype, x_device, w_shape, w_dtype, w_device, stride, padding, groups, same_dtype):
+    if len(x_shape) != 4:
+        raise ValueError(f"expected a 4-D input (N, C, H, W), got {len(x_shape)}-D of shape {list(x_shape)}")
+    if not x_dtype.is_floating_point or x_dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"expected a floating-point input (float32, float16 or bfloat16), got {x_dtype}")
+    if w_device != x_device:
+        raise ValueError(f"input is on {x_device} but the weight is on {w_device}")
+    if same_dtype and w_dtype != x_dtype:
+        raise TypeError(f"input dtype {x_dtype} does not match the weight dtype {w_dtype}")
+    if len(w_shape) != 4 or w_shape[2] != w_shape[3]:
+        raise ValueError(f"expected a square [Cout, Cin/groups, k, k] weight, got {list(w_shape)}")
+    if groups < 1 or x_shape[1] % groups or w_shape[0] % groups:
+        raise ValueError(f"groups={groups} must divide the input channels ({x_shape[1]}) "
+                         f"and the output channels ({w_shape[0]})")
+    if w_shape[1] * groups != x_shape[1]:
+        raise ValueError(f"expected {w_shape[1] * groups} input channels, got {x_shape[1]}")
     if stride < 1 or padding < 0:
         raise ValueError(f"stride must be >= 1 and padding >= 0, got stride={stride}, padding={padding}")
-    ksize = weight.shape[2]
-    if out_size(x.shape[2], ksize, stride, padding) < 1 or out_size(x.shape[3], ksize, stride, padding) < 1:
-        raise ValueError(f"input of size {list(x.shape[2:])} is too small for a {ksize}x{ksize} "
+    ksize = w_shape[2]
+    if out_size(x_shape[2], ksize, stride, padding) < 1 or out_size(x_shape[3], ksize, stride, padding) < 1:
+        raise ValueError(f"input of size {list(x_shape[2:])} is too small for a {ksize}x{ksize} "
                          f"convolution with padding {padding}")
 
 

@@ -630,6 +630,14 @@ def _grads_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dt
     return grid, sizes, meta, w_grid
 
 
+@functools.lru_cache(maxsize=1)
+def _weight_helpers():
+    """``conv_bn_act.weight_operand, weight_strides`` (imported late: conv_bn_act imports this
+    module; once, not per call: an import statement in the hot path cost ~2 us)."""
+    from .conv_bn_act import weight_operand, weight_strides
+    return weight_operand, weight_strides
+
+
 def conv_grads(dz: Tensor, a: Tensor, weight: Tensor, stride: int, padding: int, groups: int,
                packed: Optional[Tensor] = None, in_scale: Optional[Tensor] = None,
                in_shift: Optional[Tensor] = None, in_relu: bool = False, in_gate: Optional[Tensor] = None):
@@ -649,10 +657,10 @@ def conv_grads(dz: Tensor, a: Tensor, weight: Tensor, stride: int, padding: int,
                 conv_wgrad(dz, a, weight.shape, stride, padding, groups, in_scale=in_scale, in_shift=in_shift,
                            in_relu=in_relu, layout_like=weight, in_gate=in_gate))
     _check_shapes(dz, weight.shape, H, W, stride, padding, groups)
-    from .conv_bn_act import weight_operand, weight_strides
+    weight_operand, weight_strides = _weight_helpers()
     Cin = cin_g * groups
     dz = _channels_last(dz)
-    a = _channels_last(a.to(dz.dtype))
+    a = _channels_last(a if a.dtype == dz.dtype else a.to(dz.dtype))
     w = weight_operand(weight, packed, dz.dtype)
     dx = _empty((N, Cin, H, W), device=dz.device, dtype=dz.dtype, memory_format=torch.channels_last)
     dw = torch.empty_like(weight, dtype=torch.float32)
@@ -661,8 +669,8 @@ def conv_grads(dz: Tensor, a: Tensor, weight: Tensor, stride: int, padding: int,
     grid, sizes, meta, w_grid = grads_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dz.dtype,
                                              affine, in_relu and affine, weight_strides(w), dw.stride(), gated)
     splits = w_grid[2]
-    partials = _empty((splits, Cout, cin_g, ksize, ksize) if splits > 1 else (0,), device=dz.device,
-                      dtype=torch.float32)
+    partials = _empty((splits, Cout, cin_g, ksize, ksize), device=dz.device, dtype=torch.float32) \
+        if splits > 1 else None  # (one split: dw itself is the partials operand, never read)
     vec = lambda t: t.detach().float().contiguous() if affine else dw  # noqa: E731
     counters = arrival_counters(dz.device, w_grid[0] * w_grid[1])  # (also unused: one pointer type, one binary)
     gate = dict(in_gate_ptr=in_gate.detach().float().reshape(N, Cin).contiguous()) if gated else {}

@@ -10,14 +10,15 @@ replace the forward computation.  Per BatchNorm the mode decides the path:
   statistics partials; z stays *pending* (z, scale, shift, relu) and is normalised by
   whoever consumes it: the next convolution's prologue or one ``bn_act`` pass.
 """
+import functools
 from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import nn
 
 from kernels import sync_bn, use_triton
-from kernels.batchnorm import BNActFn, check_batch_stats, folded_scale_shift
-from kernels.conv_bn_act import ConvBNActFn, check_conv_inputs, out_size, packed_weight
+from kernels.batchnorm import BNActFn, check_batch_stats, folded_scale_shift, run_bn_act
+from kernels.conv_bn_act import ConvBNActFn, check_conv_inputs, conv_bn_act_forward, out_size, packed_weight
 
 from .norms import norm_act, norm_features, norm_view
 
@@ -34,9 +35,27 @@ class Pending(NamedTuple):
     gate: Optional[Tensor] = None
 
 
+def _records_autograd() -> bool:
+    """Whether a call must go through its autograd.Function: grad mode on, or torch.compile
+    tracing (the Function holds the custom operator).  Without it (inference under no_grad or
+    inference_mode) the Function's forward body is called directly: an autograd.Function call
+    costs ~25 us of host time even when it records nothing (measured here, torch 2.13)."""
+    return torch.is_grad_enabled() or torch.compiler.is_compiling()
+
+
+def _conv_bn_act(*args):
+    """``ConvBNActFn.apply(*args)``; without autograd, its forward's operator body."""
+    return ConvBNActFn.apply(*args) if _records_autograd() else conv_bn_act_forward(*args)
+
+
+def _bn_act(*args):
+    """``BNActFn.apply(*args)``; without autograd, its forward's body."""
+    return BNActFn.apply(*args) if _records_autograd() else run_bn_act(*args)
+
+
 def materialize(t: Union[Tensor, Pending]) -> Tensor:
     if isinstance(t, Pending):
-        y = BNActFn.apply(t.z, t.scale, t.shift, None, None, None, t.relu)
+        y = _bn_act(t.z, t.scale, t.shift, None, None, None, t.relu)
         return y if t.gate is None else y * t.gate.to(y.dtype)
     return t
 
@@ -124,7 +143,7 @@ def conv_bn_stage(inp: Union[Tensor, Pending], conv: nn.Conv2d, bn: nn.Module, r
         from kernels.squeeze_excite import GatedConvFn
         conv_fn = lambda *args: GatedConvFn.apply(*args, *((None,) * (22 - len(args))), gate)  # noqa: E731
     else:
-        conv_fn = ConvBNActFn.apply
+        conv_fn = _conv_bn_act
     if squeeze == "relu":  # raw z + the mean of relu(bn(z)); BN + ReLU applied by the consumer
         from kernels.squeeze_excite import ConvReluSqueezeFn
         assert gate is None and relu, "the after-ReLU squeeze is of a stage with a ReLU and an ungated input"
@@ -178,24 +197,30 @@ def finish(main: Union[Tensor, Pending], residual: Union[Tensor, Pending, None] 
     relu = main.relu if relu is None else relu
     assert main.gate is None, "a gated pending output is consumed by the next convolution's prologue"
     if isinstance(residual, Pending) and not residual.relu and residual.gate is None:
-        return BNActFn.apply(main.z, main.scale, main.shift, residual.z, residual.scale, residual.shift, relu)
+        return _bn_act(main.z, main.scale, main.shift, residual.z, residual.scale, residual.shift, relu)
     residual = materialize(residual) if residual is not None else None
     if residual is not None and residual.dtype != main.z.dtype:
         residual = residual.to(main.z.dtype)
-    return BNActFn.apply(main.z, main.scale, main.shift, residual, None, None, relu)
+    return _bn_act(main.z, main.scale, main.shift, residual, None, None, relu)
 
 
 def _is_channels_last(t: Tensor) -> bool:
     """``t.suggest_memory_format() == torch.channels_last`` (c10's is_channels_last_strides_2d,
     not exposed in Python): strides ordered C < W < H < N, so sliced NHWC views and 1x1
     weights converted with .to(memory_format=torch.channels_last) count, as in F.conv2d."""
-    if t.dim() != 4 or t.stride(1) == 0:
+    return _channels_last_strides(t.shape, t.stride())
+
+
+@functools.lru_cache(maxsize=4096)
+def _channels_last_strides(shape, stride) -> bool:
+    """``_is_channels_last`` on (shape, strides), memoised (every fused module call asks it)."""
+    if len(shape) != 4 or stride[1] == 0:
         return False
     smallest = 0
     for d in (1, 3, 2, 0):
-        if t.shape[d] == 0 or t.stride(d) < smallest or (d == 0 and smallest == t.stride(1)):
+        if shape[d] == 0 or stride[d] < smallest or (d == 0 and smallest == stride[1]):
             return False
-        smallest = t.stride(d) * (t.shape[d] if t.shape[d] > 1 else 1)
+        smallest = stride[d] * (shape[d] if shape[d] > 1 else 1)
     return True
 
 
