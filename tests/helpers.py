@@ -42,3 +42,48 @@ def assert_same_specials(ours, theirs, what="output"):
         mine, ref = f(ours), f(theirs)
         assert torch.equal(mine, ref), (f"{what}: {name} in {int(mine.sum())} places, PyTorch {int(ref.sum())}; "
                                         f"first differing index {(mine != ref).nonzero()[0].tolist()}")
+
+
+class TimmBottleneck(nn.Module):
+    """timm.models.resnet.Bottleneck's attribute names and forward order, without timm.
+    ``drop_block`` and ``aa`` may be None (older timm) or a module (``nn.Identity`` when unused)."""
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, cardinality=4, base_width=16,
+                 se=None, drop_path=None, drop_block=None, aa=None):
+        super().__init__()
+        width = int(planes * (base_width / 64)) * cardinality
+        outplanes = planes * self.expansion
+        self.conv1 = nn.Conv2d(inplanes, width, kernel_size=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.act1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(width, width, kernel_size=3, stride=stride, padding=1, groups=cardinality, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.drop_block = drop_block
+        self.act2 = nn.ReLU(inplace=True)
+        self.aa = aa
+        self.conv3 = nn.Conv2d(width, outplanes, kernel_size=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(outplanes)
+        self.se = se
+        self.act3 = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.drop_path = drop_path
+
+    def forward(self, x):
+        shortcut = x
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.bn2(self.conv2(x))
+        if self.drop_block is not None:
+            x = self.drop_block(x)
+        x = self.act2(x)
+        if self.aa is not None:
+            x = self.aa(x)
+        x = self.bn3(self.conv3(x))
+        if self.se is not None:
+            x = self.se(x)
+        if self.drop_path is not None:
+            x = self.drop_path(x)
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
+        x += shortcut
+        return self.act3(x)

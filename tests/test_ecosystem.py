@@ -23,6 +23,7 @@ import kernels  # noqa: E402
 import kernels._runtime  # noqa: E402
 import resnext  # noqa: E402
 from resnext.models import Bottleneck as TorchvisionBottleneck  # noqa: E402
+from helpers import TimmBottleneck  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -592,56 +593,6 @@ def test_convert_fuses_a_root_sequential():
     assert isinstance(resnext.convert(seq), resnext.FusedSequential)
 
 
-class Bottleneck(nn.Module):
-    """timm's ``resnet.Bottleneck`` (attribute names and forward order), without timm."""
-
-    expansion = 4
-
-    def __init__(self, inplanes, planes, stride=1, downsample=None, cardinality=1, base_width=64,
-                 noop=None, se=None, drop_path=None):
-        super().__init__()
-        width = int(planes * (base_width / 64)) * cardinality
-        outplanes = planes * self.expansion
-        self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.act1 = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, groups=cardinality, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.drop_block = noop() if noop else None
-        self.act2 = nn.ReLU(inplace=True)
-        self.aa = noop() if noop else None
-        self.conv3 = nn.Conv2d(width, outplanes, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(outplanes)
-        self.se = se
-        self.act3 = nn.ReLU(inplace=True)
-        self.downsample = downsample
-        self.drop_path = drop_path
-
-    def forward(self, x):
-        shortcut = x
-        x = self.conv1(x)
-        x = self.bn1(x)
-        x = self.act1(x)
-        x = self.conv2(x)
-        x = self.bn2(x)
-        if self.drop_block is not None:
-            x = self.drop_block(x)
-        x = self.act2(x)
-        if self.aa is not None:
-            x = self.aa(x)
-        x = self.conv3(x)
-        x = self.bn3(x)
-        if self.se is not None:
-            x = self.se(x)
-        if self.drop_path is not None:
-            x = self.drop_path(x)
-        if self.downsample is not None:
-            shortcut = self.downsample(shortcut)
-        x += shortcut
-        x = self.act3(x)
-        return x
-
-
 class SqueezeExcite(nn.Module):
     def __init__(self, c):
         super().__init__()
@@ -657,20 +608,20 @@ class DropPath(nn.Module):
 
 
 def _timm_block(variant):
-    noop = nn.Identity if variant.endswith("identity") else None
+    noop = dict(drop_block=nn.Identity(), aa=nn.Identity()) if variant.endswith("identity") else {}
     if variant.startswith("downsample_conv"):  # timm's downsample_conv: Sequential(conv, norm)
         down = nn.Sequential(nn.Conv2d(16, 32, 1, 2, bias=False), nn.BatchNorm2d(32))
-        return Bottleneck(16, 8, 2, down, cardinality=4, base_width=16, noop=noop)
+        return TimmBottleneck(16, 8, 2, down, cardinality=4, base_width=16, **noop)
     if variant == "downsample_avg":  # timm's "d" variant: Sequential(AvgPool2d, conv, norm)
         down = nn.Sequential(nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False),
                              nn.Conv2d(16, 32, 1, bias=False), nn.BatchNorm2d(32))
-        return Bottleneck(16, 8, 2, down, cardinality=4, base_width=16)
+        return TimmBottleneck(16, 8, 2, down, cardinality=4, base_width=16)
     if variant.startswith("identity"):
-        return Bottleneck(32, 8, 1, None, cardinality=4, base_width=16, noop=noop)
+        return TimmBottleneck(32, 8, 1, None, cardinality=4, base_width=16, **noop)
     if variant == "se":
-        return Bottleneck(32, 8, 1, None, cardinality=4, base_width=16, se=SqueezeExcite(32))
+        return TimmBottleneck(32, 8, 1, None, cardinality=4, base_width=16, se=SqueezeExcite(32))
     if variant == "drop_path":
-        return Bottleneck(32, 8, 1, None, cardinality=4, base_width=16, drop_path=DropPath())
+        return TimmBottleneck(32, 8, 1, None, cardinality=4, base_width=16, drop_path=DropPath())
     raise ValueError(variant)
 
 
@@ -680,7 +631,7 @@ def _timm_block(variant):
 def test_timm_style_bottleneck(variant, mode):
     ref, ours = twins(lambda: randomize_bn(_timm_block(variant)))
     if variant in ("se", "drop_path"):
-        assert type(ours) is Bottleneck, f"a block with {variant} must be left to PyTorch"
+        assert type(ours) is TimmBottleneck, f"a block with {variant} must be left to PyTorch"
     else:
         assert isinstance(ours, resnext.FusedBottleneck)
         assert [n for n, _ in ours.named_children()] == [n for n, _ in ref.named_children()]

@@ -8,7 +8,6 @@ unconverted one and a float64 copy: outputs, input and parameter gradients, runn
 statistics; drop_path in training with the same seed.
 """
 import copy
-import math
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from torch import nn
 
 import resnext
 from benchmarks import workloads
-from helpers import randomize_bn
+from helpers import TimmBottleneck, randomize_bn
 from test_ecosystem import FP32_TOL, assert_lowp_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -104,53 +103,6 @@ class DropBlock2d(nn.Module):
         return x * keep * (keep.numel() / keep.sum().clamp(min=1.0))
 
 
-class Bottleneck(nn.Module):
-    """timm.models.resnet.Bottleneck's attributes and forward."""
-    expansion = 4
-
-    def __init__(self, inplanes, planes, stride=1, downsample=None, cardinality=4, base_width=16,
-                 se=None, drop_path=None, drop_block=None):
-        super().__init__()
-        width = int(math.floor(planes * (base_width / 64)) * cardinality)
-        outplanes = planes * self.expansion
-        self.conv1 = nn.Conv2d(inplanes, width, kernel_size=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.act1 = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(width, width, kernel_size=3, stride=stride, padding=1, groups=cardinality, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.drop_block = drop_block if drop_block is not None else nn.Identity()
-        self.act2 = nn.ReLU(inplace=True)
-        self.aa = nn.Identity()
-        self.conv3 = nn.Conv2d(width, outplanes, kernel_size=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(outplanes)
-        self.se = se
-        self.act3 = nn.ReLU(inplace=True)
-        self.downsample = downsample
-        self.drop_path = drop_path
-
-    def forward(self, x):
-        shortcut = x
-        x = self.conv1(x)
-        x = self.bn1(x)
-        x = self.act1(x)
-        x = self.conv2(x)
-        x = self.bn2(x)
-        x = self.drop_block(x)
-        x = self.act2(x)
-        x = self.aa(x)
-        x = self.conv3(x)
-        x = self.bn3(x)
-        if self.se is not None:
-            x = self.se(x)
-        if self.drop_path is not None:
-            x = self.drop_path(x)
-        if self.downsample is not None:
-            shortcut = self.downsample(shortcut)
-        x += shortcut
-        x = self.act3(x)
-        return x
-
-
 def make_block(variant: str, downsample: bool) -> nn.Module:
     out = 32
     se = {"se": lambda: SEModule(out), "se_bn": lambda: SEModule(out, norm=True), "eca": lambda: EcaModule(out),
@@ -159,9 +111,10 @@ def make_block(variant: str, downsample: bool) -> nn.Module:
     db = DropBlock2d(0.3) if "drop_block" in variant else None
     if downsample:  # stride 2 with timm's downsample_conv: Sequential(conv, norm)
         ds = nn.Sequential(nn.Conv2d(16, out, 1, 2, bias=False), nn.BatchNorm2d(out))
-        block = Bottleneck(16, 8, 2, ds, se=se, drop_path=dp, drop_block=db)
+        block = TimmBottleneck(16, 8, 2, ds, se=se, drop_path=dp, drop_block=db or nn.Identity(), aa=nn.Identity())
     else:
-        block = Bottleneck(out, 8, 1, None, se=se, drop_path=dp, drop_block=db)
+        block = TimmBottleneck(out, 8, 1, None, se=se, drop_path=dp, drop_block=db or nn.Identity(),
+                               aa=nn.Identity())
     randomize_bn(block)
     with torch.no_grad():  # gates away from 0.5: biases the excite would otherwise hide
         for m in block.modules():
@@ -303,10 +256,10 @@ def test_drop_block_runs_unconverted_only_when_active(monkeypatch):
 def test_unknown_attention_left_unconverted():
     block = make_block("se", False)
     block.se = nn.Sequential(nn.AdaptiveAvgPool2d(1))  # not timm's SEModule / EcaModule
-    assert type(resnext.convert(block)) is Bottleneck
+    assert type(resnext.convert(block)) is TimmBottleneck
     block = make_block("se", False)
     block.se.add_maxpool = True  # timm's experimental max-pool squeeze: not fused
-    assert type(resnext.convert(block)) is Bottleneck
+    assert type(resnext.convert(block)) is TimmBottleneck
 
 
 # --------------------------------------------------------------------------------------
