@@ -377,12 +377,20 @@ conv_bn_act_op = torch.library.custom_op(
 def _(x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu,
       out_scale, out_shift, residual, out_relu, stats, bn_weight, bn_bias, running_mean, running_var,
       num_batches_tracked, momentum, eps, group_name=None, squeeze_sums=None, in_gate=None):
+    return fake_conv_outputs(x, weight, stride, padding, stats)
+
+
+def fake_conv_outputs(x: Tensor, weight: Tensor, stride: int, padding: int, stats: bool,
+                      per_image: int = 0) -> Tuple[Tensor, ...]:
+    """The fake outputs of a conv operator: y (channels_last), 4 statistics vectors ([Cout]
+    with ``stats``, else empty), then ``per_image`` [N, Cout] tensors (the squeeze operators)."""
     N, _, H, W = x.shape
     Cout, _, ksize, _ = weight.shape
     Ho, Wo = out_size(H, ksize, stride, padding), out_size(W, ksize, stride, padding)
     y = torch.empty((N, Cout, Ho, Wo), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     n_stats, stat_dtype = (Cout if stats else 0), reference.acc_dtype(x)
-    return (y, *(x.new_empty(n_stats, dtype=stat_dtype) for _ in range(4)))
+    return (y, *(x.new_empty(n_stats, dtype=stat_dtype) for _ in range(4)),
+            *(x.new_empty((N, Cout), dtype=stat_dtype) for _ in range(per_image)))
 
 
 def conv_grads_impl(dz: Tensor, a: Tensor, weight: Tensor, packed: Optional[Tensor], stride: int,

@@ -32,7 +32,7 @@ from ._runtime import arrival_counters, cdiv, eager_or_op, next_power_of_2, use_
 from ._triton_helpers import last_arrival
 from .batchnorm import run_bn_act
 from .bn_backward import bn_backward
-from .conv_bn_act import _backward, conv_bn_act_forward, conv_bn_act_op, out_size
+from .conv_bn_act import _backward, conv_bn_act_forward, conv_bn_act_op, fake_conv_outputs
 
 Tensor = torch.Tensor
 
@@ -175,13 +175,7 @@ conv_bn_squeeze_op = torch.library.custom_op(
 def _(x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu,
       out_scale, out_shift, residual, out_relu, stats, bn_weight, bn_bias, running_mean, running_var,
       num_batches_tracked, momentum, eps, sq_scale, sq_shift):
-    N, _, H, W = x.shape
-    Cout, _, ksize, _ = weight.shape
-    Ho, Wo = out_size(H, ksize, stride, padding), out_size(W, ksize, stride, padding)
-    y = torch.empty((N, Cout, Ho, Wo), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
-    n_stats, stat_dtype = (Cout if stats else 0), reference.acc_dtype(x)
-    return (y, *(x.new_empty(n_stats, dtype=stat_dtype) for _ in range(4)),
-            *(x.new_empty((N, Cout), dtype=stat_dtype) for _ in range(2)))
+    return fake_conv_outputs(x, weight, stride, padding, stats, per_image=2)  # m, S
 
 
 class _ConvCtx:
@@ -462,13 +456,7 @@ conv_bn_relu_squeeze_op = torch.library.custom_op(
 @conv_bn_relu_squeeze_op.register_fake
 def _(x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu, stats, bn_weight, bn_bias,
       running_mean, running_var, num_batches_tracked, momentum, eps, sq_scale, sq_shift):
-    N, _, H, W = x.shape
-    Cout, _, ksize, _ = weight.shape
-    Ho, Wo = out_size(H, ksize, stride, padding), out_size(W, ksize, stride, padding)
-    z = torch.empty((N, Cout, Ho, Wo), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
-    n_stats, stat_dtype = (Cout if stats else 0), reference.acc_dtype(x)
-    return (z, *(x.new_empty(n_stats, dtype=stat_dtype) for _ in range(4)),
-            *(x.new_empty((N, Cout), dtype=stat_dtype) for _ in range(3)))
+    return fake_conv_outputs(x, weight, stride, padding, stats, per_image=3)  # m, P, Q
 
 
 class ConvReluSqueezeFn(torch.autograd.Function):
