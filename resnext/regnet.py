@@ -19,7 +19,16 @@ z2 and one more read of z2 after bn2's finalize gives the squeeze m = mean relu(
 (an output of conv2's autograd Function); the excite runs the SE's own layers on [N, C]; conv3
 applies bn2 + ReLU and then the gate while loading z2 (its prologue), so neither the SE's input
 nor its output is ever stored.  Left to PyTorch: a synchronised bn2 (the squeeze has no
-cross-rank statistics) and an active drop_path (not reproduced here).
+cross-rank statistics).
+
+drop_path (timm ``DropPath``, ``gates._is_drop_path``): the identity in eval, with
+``drop_prob == 0``, or without a shortcut (timm applies it only when ``downsample`` is not None):
+the plain fused path.  Active in training: conv3 writes z3 pending, the per-sample mask is drawn
+as ``timm.layers.drop_path`` draws it (``gates.drop_path_mask``, after conv3 and before the
+shortcut runs: timm's RNG order), and one pass computes ``act3(mask[n] * bn3(z3) + shortcut')``
+(``kernels.squeeze_excite.GatedBNActFn``, a train-mode downsample's BN joined as res_scale /
+res_shift as ``gates.gated_final`` does).  With bn3 folded (eval-mode or frozen norm in a
+training block) conv3's output is already normalised and the mask multiply + add run on PyTorch.
 """
 import sys
 from typing import Optional
@@ -28,10 +37,11 @@ import torch
 from torch import nn
 
 from kernels import sync_bn
+from kernels.squeeze_excite import GatedBNActFn
 
 from .blocks import downsample_stage, split_downsample
-from .gates import excite_of
-from .modules import conv_bn_stage, finish, fusable, like_input, runs_eager
+from .gates import _is_drop_path, drop_path_active, drop_path_mask, excite_of
+from .modules import Pending, conv_bn_stage, finish, fusable, like_input, materialize, runs_eager
 from .norms import conv_norm_pair, is_noop, norm_act
 
 _CHILDREN = ("conv1", "conv2", "se", "conv3", "act3", "downsample", "drop_path")
@@ -64,7 +74,8 @@ def is_fusable_regnet_bottleneck(block: nn.Module) -> bool:
     if (_stage(get("conv1"), (1, 1), True) is None or _stage(get("conv2"), (3, 3), True) is None
             or _stage(get("conv3"), (1, 1), False) is None):
         return False
-    if type(get("act3")) not in (nn.ReLU, nn.Identity) or not is_noop(get("drop_path")):
+    dp = get("drop_path")
+    if type(get("act3")) not in (nn.ReLU, nn.Identity) or not (is_noop(dp) or _is_drop_path(dp)):
         return False
     if not is_noop(get("se")) and excite_of(get("se")) is None:  # RegNetY: timm's SEModule only
         return False
@@ -79,8 +90,9 @@ class FusedRegNetBottleneck(nn.Module):
         super().__init__()
         if not is_fusable_regnet_bottleneck(block):
             raise ValueError(f"cannot fuse {type(block).__name__}: expected timm's RegNet Bottleneck with bias-free "
-                             f"1x1/3x3/1x1 ConvNormAct (BatchNorm + ReLU), no dilation, drop-path or "
-                             f"anti-aliasing, no SE or timm's SEModule, and a 1x1 conv + norm (or no) shortcut")
+                             f"1x1/3x3/1x1 ConvNormAct (BatchNorm + ReLU), no dilation or anti-aliasing, "
+                             f"no SE or timm's SEModule, no drop-path or timm's DropPath, and a 1x1 conv + norm "
+                             f"(or no) shortcut")
         for name, m in block.named_children():
             self.add_module(name, m)
         for name in _CHILDREN:  # timm stores an absent shortcut as downsample = None
@@ -111,9 +123,31 @@ class FusedRegNetBottleneck(nn.Module):
             gate = excite_of(se)(m.to(z.dtype).view(z.shape[0], z.shape[1], 1, 1))
             out = out._replace(gate=gate)  # applied after bn2 + ReLU in conv3's prologue
         relu = type(self.act3) is nn.ReLU
-        residual = downsample_stage(x, self.downsample) if self.downsample is not None else None
-        out = conv_bn_stage(out, self.conv3.conv, self.conv3.bn, relu=relu, residual=residual)
-        return like_input(finish(out), x, self.conv1.conv.weight, self.conv2.conv.weight, self.conv3.conv.weight)
+        if self.downsample is not None and drop_path_active(self):
+            y = self._drop_path_final(out, x, relu)
+        else:
+            residual = downsample_stage(x, self.downsample) if self.downsample is not None else None
+            y = finish(conv_bn_stage(out, self.conv3.conv, self.conv3.bn, relu=relu, residual=residual))
+        return like_input(y, x, self.conv1.conv.weight, self.conv2.conv.weight, self.conv3.conv.weight)
+
+    def _drop_path_final(self, out, x: torch.Tensor, relu: bool) -> torch.Tensor:
+        """``act3(mask * bn3(conv3(out)) + downsample(x))`` with timm's drop_path mask, drawn after
+        conv3 and before the shortcut runs (timm's RNG order)."""
+        main = conv_bn_stage(out, self.conv3.conv, self.conv3.bn, relu=False)
+        like = main.z if isinstance(main, Pending) else main
+        mask = drop_path_mask(self.drop_path, like)
+        residual = downsample_stage(x, self.downsample)
+        if not isinstance(main, Pending):  # bn3 folded (conv3's output is final): multiply and add on PyTorch
+            y = torch.addcmul(materialize(residual).to(main.dtype), main, mask)
+            return torch.relu(y) if relu else y
+        res_scale = res_shift = None
+        if isinstance(residual, Pending) and not residual.relu and residual.gate is None:
+            residual, res_scale, res_shift = residual.z, residual.scale, residual.shift  # its BN joins the pass
+        else:
+            residual = materialize(residual)
+            if residual.dtype != like.dtype:
+                residual = residual.to(like.dtype)
+        return GatedBNActFn.apply(main.z, main.scale, main.shift, residual, res_scale, res_shift, relu, mask)
 
 
 class FusedConvNormAct(nn.Module):

@@ -44,6 +44,7 @@ EXPECTED = {
     "ecaresnext26t_32x4d": (8, 0, "ECA after bn3: as SE"),
     "regnety_016": (27, 0, "SE after conv2: squeeze after bn2 + ReLU, gate in conv3's prologue"),
     "regnetx_016": (18, 0, "ConvNormAct + BatchNormAct2d"),
+    "regnety_016_drop_path": (27, 0, "drop_path_rate=0.1: the mask joins the final pass (train), identity in eval"),
     "resnext50d_32x4d": (16, 0, "avg_down shortcut: the pool on PyTorch, conv + BN fused"),
     "skresnext50_32x4d": (16, 16, "selective kernel: out of scope (its 3x3 ConvNormActs are fused)"),
     "resnest14d": (4, 4, "split attention: out of scope"),
@@ -52,7 +53,9 @@ EXPECTED = {
 FULL_SIZE = {
     "fpn_resnext101_32x8d": lambda: resnet_fpn_backbone(backbone_name="resnext101_32x8d", weights=None),
     "tv_resnext50_32x4d": lambda: torchvision.models.resnext50_32x4d(),
-    **{name: (lambda name=name: timm.create_model(name)) for name in EXPECTED if not name.startswith(("fpn", "tv"))},
+    "regnety_016_drop_path": lambda: timm.create_model("regnety_016", drop_path_rate=0.1),
+    **{name: (lambda name=name: timm.create_model(name)) for name in EXPECTED
+       if not name.startswith(("fpn", "tv")) and not name.endswith("drop_path")},
 }
 
 
@@ -133,7 +136,10 @@ def test_full_size_model_matches_unconverted(name, full_size_models):
     ref.train(), fused.train()
     ref_state = copy.deepcopy(ref.state_dict())  # the train step updates running statistics
     xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
-    outs = [flat(m(xi)) for m, xi in ((ref, xs[0]), (fused, xs[1]))]
+    outs = []
+    for m, xi in ((ref, xs[0]), (fused, xs[1])):
+        torch.manual_seed(2)  # the same drop_path masks (RegNet with drop_path_rate)
+        outs.append(flat(m(xi)))
     w = torch.randn(outs[0].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(DEVICE)
     for out in outs:
         (out * w).sum().backward()
@@ -204,9 +210,9 @@ def small_timm_resnet(name):
                              stem_width=8, num_classes=5)
 
 
-def small_regnet(**cfg):
-    cfg = dict(depth=4, w0=8, wa=12.0, wm=1.5, group_size=4, stem_width=8, **cfg)  # 4 stages of 1 block, 8-40 wide
-    return timm_regnet.RegNet(timm_regnet.RegNetCfg(**cfg), num_classes=5)
+def small_regnet(drop_path_rate=0.0, **cfg):
+    cfg = {**dict(depth=4, w0=8, wa=12.0, wm=1.5, group_size=4, stem_width=8), **cfg}  # 4 stages of 1 block, 8-40 wide
+    return timm_regnet.RegNet(timm_regnet.RegNetCfg(**cfg), num_classes=5, drop_path_rate=drop_path_rate)
 
 
 # name -> (builder, bottlenecks, left to PyTorch)
@@ -269,6 +275,79 @@ def test_small_model_through_kernels(name):
             deep_bound(bufs[0][bname], bufs[1][bname], b64, 1e-4, bname)
         else:
             assert torch.equal(bufs[0][bname], b64), bname
+
+
+# drop_path (stochastic depth) in RegNet blocks: depth 6, wa 8 -> stages of 1, 1, 2, 2 blocks, 8-40
+# wide (two identity shortcuts), stagewise rates 0 (Identity), 0.12 ... 0.6: some images are dropped.
+REGNET_DROP_PATH = {
+    "regnetx": dict(),
+    "regnety": dict(se_ratio=0.25),
+    "regnety_avg_linear": dict(se_ratio=0.25, downsample="avg", linear_out=True),
+    "regnetx_no_shortcut": dict(downsample=None),  # timm applies drop_path only with a shortcut
+    "regnetx_frozen": dict(frozen=True),  # bn3 folded in a training block
+}
+
+
+@pytest.mark.parametrize("variant", sorted(REGNET_DROP_PATH))
+def test_regnet_drop_path_same_seed(variant):
+    """timm RegNet with drop_path_rate: every block fused; in training, with the same seed before
+    both, the converted model's output, input and parameter gradients and running statistics are
+    the unconverted model's (float64 on the reference path to rounding; fp32 through the
+    interpreter against eager fp32 and float64); in eval drop_path is the identity."""
+    cfg = dict(REGNET_DROP_PATH[variant])
+    frozen = cfg.pop("frozen", False)
+    torch.manual_seed(0)
+    ref = small_regnet(drop_path_rate=0.6, depth=6, wa=8.0, **cfg)
+    ref = randomize_norms(freeze_batch_norm_2d(ref) if frozen else ref).to(DEVICE)
+    dps = [b.drop_path for b in ref.modules() if type(b) is timm_regnet.Bottleneck]
+    assert len(dps) == 6 and sum(isinstance(d, DropPath) for d in dps) == 5
+    fused = resnext.convert(copy.deepcopy(ref))
+    assert count_blocks(fused) == (0, 6)
+    ref64, fused64 = copy.deepcopy(ref).double(), copy.deepcopy(fused).double()
+    x = torch.randn(6, 3, 16, 16, device=DEVICE)
+    models = (fused, ref, ref64, fused64)
+    dts = (torch.float32, torch.float32, torch.float64, torch.float64)
+
+    with torch.no_grad():
+        ys = [flat(m.eval()(x.to(dt))) for m, dt in zip(models, dts)]
+    deep_bound(*ys[:3], 1e-4, "eval output")
+    assert max_err(ys[3], ys[2]) <= 1e-10 * ys[2].abs().max().item(), "float64 eval output"
+
+    xs = [x.to(dt).clone().requires_grad_() for dt in dts]
+    ys = []
+    for m, xi in zip(models, xs):
+        torch.manual_seed(3)
+        ys.append(flat(m.train()(xi)))
+    w = torch.randn(ys[2].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(DEVICE)
+    for y in ys:
+        (y * w.to(y.dtype)).sum().backward()
+    # the masks were active: without them the output differs
+    with torch.no_grad():
+        torch.manual_seed(3)
+        ys_nodrop = flat(copy.deepcopy(ref64).train().apply(
+            lambda m: setattr(m, "drop_path", nn.Identity()) if type(m) is timm_regnet.Bottleneck else None)(xs[2]))
+    assert max_err(ys_nodrop, ys[2]) > 1e-3 * ys[2].abs().max().item()
+
+    def close64(a, b, what):
+        assert max_err(a, b) <= 1e-9 * b.abs().max().item() + 1e-12, what
+
+    deep_bound(*ys[:3], 1e-4, "train output")
+    close64(ys[3], ys[2], "float64 train output")
+    deep_bound(*(xi.grad for xi in xs[:3]), 2e-2, "input grad")
+    close64(xs[3].grad, xs[2].grad, "float64 input grad")
+    named = [dict(m.named_parameters()) for m in models]
+    for pname, p64 in named[2].items():
+        assert all((n[pname].grad is None) == (p64.grad is None) for n in named), pname
+        if p64.grad is not None:
+            deep_bound(named[0][pname].grad, named[1][pname].grad, p64.grad, 2e-2, f"grad of {pname}")
+            close64(named[3][pname].grad, p64.grad, f"float64 grad of {pname}")
+    bufs = [dict(m.named_buffers()) for m in models]
+    for bname, b64 in bufs[2].items():
+        if b64.is_floating_point():
+            deep_bound(bufs[0][bname], bufs[1][bname], b64, 1e-4, bname)
+            close64(bufs[3][bname], b64, f"float64 {bname}")
+        else:
+            assert all(torch.equal(b[bname], b64) for b in bufs), bname
 
 
 # --------------------------------------------------------------------------------------
@@ -345,14 +424,16 @@ def test_timm_bottleneck_extras(piece, fused):
     assert isinstance(resnext.convert(nn.Sequential(block))[0], resnext.FusedBottleneck) is fused
 
 
-@pytest.mark.parametrize("block", ["tv_frozen", "regnetx", "regnety"])
+@pytest.mark.parametrize("block", ["tv_frozen", "regnetx", "regnety", "regnety_drop_path"])
 def test_compile_fullgraph(block, fresh_dynamo):
     """The new blocks and norm views trace with torch.compile(fullgraph=True): a frozen-BN
-    torchvision block and a RegNet block (RegNetY: with its SE after conv2), train mode, output
-    and input gradient as eager."""
+    torchvision block and a RegNet block (RegNetY: with its SE after conv2; with an active
+    drop_path: rate 0.9, seed 3 keeps one of the two images), train mode, output and input
+    gradient as eager."""
     torch.manual_seed(0)
     build = {"tv_frozen": lambda: tv_frozen_backbone()[1], "regnetx": lambda: small_regnet().s2.b1,
-             "regnety": lambda: small_regnet(se_ratio=0.25).s2.b1}[block]
+             "regnety": lambda: small_regnet(se_ratio=0.25).s2.b1,
+             "regnety_drop_path": lambda: small_regnet(se_ratio=0.25, drop_path_rate=0.9).s4.b1}[block]
     ref = randomize_norms(build()).to(DEVICE).train()
     fused = resnext.convert(nn.Sequential(copy.deepcopy(ref)))[0]
     assert type(fused) in (resnext.FusedBottleneck, resnext.FusedRegNetBottleneck)
@@ -360,7 +441,10 @@ def test_compile_fullgraph(block, fresh_dynamo):
     x = torch.randn(2, ref.conv1.in_channels if block == "tv_frozen" else ref.conv1.conv.in_channels, 6, 6,
                     device=DEVICE)
     xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
-    ys = [compiled(xs[0]), ref(xs[1])]
+    ys = []
+    for m, xi in ((compiled, xs[0]), (ref, xs[1])):
+        torch.manual_seed(3)  # the same drop_path mask
+        ys.append(m(xi))
     for y in ys:
         (y * torch.arange(y.numel(), device=DEVICE).reshape(y.shape).sin()).sum().backward()
     torch.testing.assert_close(ys[0], ys[1], rtol=1e-4, atol=1e-4)
