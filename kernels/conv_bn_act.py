@@ -396,7 +396,7 @@ def fake_conv_outputs(x: Tensor, weight: Tensor, stride: int, padding: int, stat
 def conv_grads_impl(dz: Tensor, a: Tensor, weight: Tensor, packed: Optional[Tensor], stride: int,
                     padding: int, groups: int, need_input: bool, need_weight: bool,
                     in_scale: Optional[Tensor], in_shift: Optional[Tensor], in_relu: bool,
-                    in_gate: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                    in_gate: Optional[Tensor] = None, prologue_backward: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
     """Data and weight gradients of the convolution (Triton dgrad / wgrad kernels).
 
     Returns (da [N, Cin, H, W] channels_last in dz's dtype, dw fp32 in the weight's memory
@@ -404,16 +404,22 @@ def conv_grads_impl(dz: Tensor, a: Tensor, weight: Tensor, packed: Optional[Tens
     ``packed``: the forward's packed weight in dz's dtype, or None.
     ``in_scale/in_shift/in_relu``: a is x, and the weight gradient applies the forward's
     prologue to it on load (``in_gate``: and the prologue's gate after it).
+    ``prologue_backward`` (both needed, in_scale, no gate): the data gradient's epilogue applies
+    the prologue's backward (``conv_grad.conv_grads``): da is dx, and the third output holds
+    [2, Cin] fp32 (sum g, sum g*x); otherwise the third output is empty.
     """
     if need_input and need_weight:
-        return conv_grads(dz, a, weight, stride, padding, groups, packed=packed, in_scale=in_scale,
-                          in_shift=in_shift, in_relu=in_relu, in_gate=in_gate)
+        out = conv_grads(dz, a, weight, stride, padding, groups, packed=packed, in_scale=in_scale,
+                         in_shift=in_shift, in_relu=in_relu, in_gate=in_gate, prologue_backward=prologue_backward)
+        return out if prologue_backward else (*out, dz.new_empty(0, dtype=torch.float32))
+    if prologue_backward:
+        raise ValueError("prologue_backward needs both gradients")
     da = conv_dgrad(dz, weight, a.shape[2:], stride, padding, groups, packed=packed) if need_input \
         else dz.new_empty(0)
     dw = conv_wgrad(dz, a, weight.shape, stride, padding, groups, in_scale=in_scale, in_shift=in_shift,
                     in_relu=in_relu, layout_like=weight, in_gate=in_gate) if need_weight \
         else dz.new_empty(0, dtype=torch.float32)
-    return da, dw
+    return da, dw, dz.new_empty(0, dtype=torch.float32)
 
 
 conv_grads_op = torch.library.custom_op("resnext::conv_grads", conv_grads_impl, mutates_args=())
@@ -421,12 +427,13 @@ conv_grads_op = torch.library.custom_op("resnext::conv_grads", conv_grads_impl, 
 
 @conv_grads_op.register_fake
 def _(dz, a, weight, packed, stride, padding, groups, need_input, need_weight, in_scale, in_shift, in_relu,
-      in_gate=None):
+      in_gate=None, prologue_backward=False):
     da = torch.empty(a.shape, device=a.device, dtype=dz.dtype, memory_format=torch.channels_last) if need_input \
         else dz.new_empty(0)
     dw_dtype = reference.acc_dtype(dz)
     dw = torch.empty_like(weight, dtype=dw_dtype) if need_weight else dz.new_empty(0, dtype=torch.float32)
-    return da, dw
+    sums = dz.new_empty((2, a.shape[1]) if prologue_backward else (0,), dtype=torch.float32)
+    return da, dw, sums
 
 
 def _channel_sum(t: Tensor) -> Tensor:
@@ -572,13 +579,20 @@ def _backward(ctx, dy, dmean, dvar, dscale, dshift, image_grad=None, image_mask=
     if packed is not None and packed.dtype != compute_dtype:
         packed = None
     wgrad_prologue = fused and in_scale is not None and a is x
-    da, dw = eager_or_op(conv_grads_op, conv_grads_impl)(
+    # Ungated prologue, both gradients: its backward runs in the data gradient's epilogue
+    # (dx and the sums for in_scale / in_shift from the same launch; no pass of its own).
+    in_epilogue = wgrad_prologue and in_gate is None and need_da and need[_W]
+    da, dw, pro_sums = eager_or_op(conv_grads_op, conv_grads_impl)(
         dz.to(compute_dtype), a, weight, packed, stride, padding, groups, need_da, need[_W],
         in_scale if wgrad_prologue else None, in_shift if wgrad_prologue else None, in_relu and wgrad_prologue,
-        in_gate if wgrad_prologue else None)
+        in_gate if wgrad_prologue else None, in_epilogue)
     da = da if need_da else None
     dx = d_in_scale = d_in_shift = d_in_gate = None
-    if in_scale is not None and da is not None and fused:
+    if in_epilogue:
+        dx = da if need[_X] else None
+        d_in_shift = pro_sums[0] if need[_IN_SHIFT] else None
+        d_in_scale = pro_sums[1] if need[_IN_SCALE] else None
+    elif in_scale is not None and da is not None and fused:
         # One pass: ReLU mask recomputed from x (a is not kept), scale, sums for gamma and beta.
         pr = bn_backward(
             da, relu_in=x if in_relu else None, relu_in_scale=in_scale if in_relu else None,

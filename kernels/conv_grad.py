@@ -89,6 +89,14 @@ def _dgrad_program(
     BLOCK_N: tl.constexpr,  # input channels
     BLOCK_K: tl.constexpr,  # output channels (the reduction)
     MULTI_GROUP: tl.constexpr,  # a block of BLOCK_N input channels may span several groups
+    x_ptr=None,  # [N, H, W, Cin] NHWC (PRO_BWD): the forward's x, before its prologue
+    in_scale_ptr=None, in_shift_ptr=None,  # [Cin] fp32 (PRO_BWD): the prologue x*s + b (then ReLU)
+    psum_ptr=None,  # [2, n_rows, Cin] fp32 scratch (PRO_BWD): per-program sums of g and g*x
+    sums_ptr=None,  # [2, Cin] fp32 out (PRO_BWD): sum g (d in_shift), sum g*x (d in_scale)
+    counter_ptr=None,  # int32 [channel blocks], zero (PRO_BWD): programs arrived per channel block
+    n_rows=1,  # (PRO_BWD) partial rows per channel block: row blocks x parity classes
+    PRO_BWD: tl.constexpr = False,  # apply the prologue's backward to the tile: dx = g*s, g = da*mask
+    IN_RELU: tl.constexpr = False,  # (PRO_BWD) the prologue has a ReLU: mask x*s + b > 0
 ):
     ph = parity // stride
     pw = parity % stride
@@ -163,7 +171,42 @@ def _dgrad_program(
     # Pixels no tap reaches (e.g. odd rows of a strided 1x1) get their zeros here too.
     dx_row = ((img * H + ih) * W + iw) * Cin
     out_ok = m_ok[:, None] & n_ok[None, :]
-    tl.store(dx_ptr + dx_row[:, None] + offs_n[None, :], acc.to(dx_ptr.dtype.element_ty), mask=out_ok)
+    if PRO_BWD:
+        # The forward's prologue a = relu(x*s + b), backward: g = da * (mask), dx = g*s, and
+        # per-channel sums of g and g*x.  da rounded to dx's dtype first, as a separate pass
+        # would read it; the mask as bn_backward's RELU_MODE 2 (NaN passes g).  Each
+        # (row, channel) belongs to exactly one program (channel blocks do not overlap, even
+        # across groups), so each partial row holds each element once.
+        xv = tl.load(x_ptr + dx_row[:, None] + offs_n[None, :], mask=out_ok, other=0.0)
+        s = tl.load(in_scale_ptr + offs_n, mask=n_ok, other=0.0)
+        g = acc.to(dx_ptr.dtype.element_ty).to(tl.float32)
+        if IN_RELU:
+            b = tl.load(in_shift_ptr + offs_n, mask=n_ok, other=0.0)
+            pre = (xv.to(tl.float32) * s[None, :] + b[None, :]).to(x_ptr.dtype.element_ty)
+            g = tl.where(pre <= 0.0, 0.0, g)
+        g = tl.where(out_ok, g, 0.0)
+        tl.store(dx_ptr + dx_row[:, None] + offs_n[None, :], (g * s[None, :]).to(dx_ptr.dtype.element_ty),
+                 mask=out_ok)
+        row = parity * (n_rows // (stride * stride)) + pid_m  # n_rows: row blocks x classes
+        part = row.to(tl.int64) * Cin + offs_n
+        tl.store(psum_ptr + part, tl.sum(g, axis=0), mask=n_ok)
+        tl.store(psum_ptr + n_rows * Cin + part, tl.sum(g * xv.to(tl.float32), axis=0), mask=n_ok)
+        # The last program of this channel block sums every row's partials in row order:
+        # the same bits whichever arrives last; it leaves the counter zero (idempotent).
+        if last_arrival(counter_ptr + pid_n, n_rows):
+            tot_g = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            tot_gx = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for t0 in range(0, n_rows, 32):
+                offs_t = t0 + tl.arange(0, 32)
+                ok_t = (offs_t < n_rows)[:, None] & n_ok[None, :]
+                off_t = offs_t.to(tl.int64)[:, None] * Cin + offs_n[None, :]
+                tot_g += tl.sum(tl.load(psum_ptr + off_t, mask=ok_t, other=0.0, cache_modifier=".cg"), axis=0)
+                tot_gx += tl.sum(tl.load(psum_ptr + n_rows * Cin + off_t, mask=ok_t, other=0.0,
+                                         cache_modifier=".cg"), axis=0)
+            tl.store(sums_ptr + offs_n, tot_g, mask=n_ok)
+            tl.store(sums_ptr + Cin + offs_n, tot_gx, mask=n_ok)
+    else:
+        tl.store(dx_ptr + dx_row[:, None] + offs_n[None, :], acc.to(dx_ptr.dtype.element_ty), mask=out_ok)
 
 
 @triton.jit(do_not_specialize=["N"])  # batch-dependent sizes: see _runtime
@@ -569,6 +612,10 @@ def conv_grads_kernel(
     W_BLOCK_M: tl.constexpr, W_BLOCK_CO: tl.constexpr, W_BLOCK_CI: tl.constexpr,
     in_gate_ptr=None,  # [N, Cin] fp32 (IN_GATE, with IN_AFFINE): the forward prologue's gate
     IN_GATE: tl.constexpr = False,
+    psum_ptr=None,  # [2, dgrad_programs // dgrad_n_blocks, Cin] fp32 scratch (PRO_BWD)
+    sums_ptr=None,  # [2, Cin] fp32 out (PRO_BWD): sum g, sum g*x of the prologue's backward
+    pro_counter_ptr=None,  # int32 [dgrad_n_blocks], zero (PRO_BWD)
+    PRO_BWD: tl.constexpr = False,  # (IN_AFFINE, not IN_GATE) dx_ptr gets the prologue's backward
 ):
     """``conv_dgrad_kernel`` and ``conv_wgrad_kernel`` in one launch: a 1-D grid whose first
     ``dgrad_programs`` programs are the data gradient's grid and the rest the weight
@@ -580,7 +627,8 @@ def conv_grads_kernel(
         _dgrad_program(pid_m, rest % dgrad_n_blocks, rest // dgrad_n_blocks,
                        dx_ptr, dz_ptr, w_ptr, N, H, W, Cin, Ho, Wo, Cout, CIN_G, COUT_G, stride, padding,
                        w_stride_tap, w_stride_ci, w_stride_co, KSIZE, ALLOW_TF32, D_BLOCK_M, D_BLOCK_N, D_BLOCK_K,
-                       MULTI_GROUP)
+                       MULTI_GROUP, a_ptr, in_scale_ptr, in_shift_ptr, psum_ptr, sums_ptr, pro_counter_ptr,
+                       dgrad_programs // dgrad_n_blocks, PRO_BWD, IN_RELU)
     else:
         q = pid - dgrad_programs
         rest = q // wgrad_c_blocks
@@ -595,24 +643,25 @@ _GRADS_LAUNCHES = {}
 
 
 def grads_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype, in_affine=False,
-                 in_relu=False, w_strides=None, dw_strides=None, in_gate=False):
+                 in_relu=False, w_strides=None, dw_strides=None, in_gate=False, prologue_backward=False):
     """(grid, size arguments, constexprs and launch options, wgrad grid) of
     ``conv_grads_kernel``: ``dgrad_launch`` and ``wgrad_launch`` side by side (the block
     sizes of each, the larger warp count).  Shared with the offline compilation test.
     Memoised (every training backward of every convolution builds it): do not edit the
     dicts it returns."""
     key = (N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype, in_affine, in_relu, w_strides,
-           dw_strides, in_gate, _runtime.INTERPRET, torch.backends.cudnn.allow_tf32, wgrad_config, dgrad_config)
+           dw_strides, in_gate, prologue_backward, _runtime.INTERPRET, torch.backends.cudnn.allow_tf32, wgrad_config,
+           dgrad_config)
     launch = _GRADS_LAUNCHES.get(key)
     if launch is None:
         if len(_GRADS_LAUNCHES) > 4096:
             _GRADS_LAUNCHES.clear()
-        launch = _GRADS_LAUNCHES[key] = _grads_launch(*key[:17])
+        launch = _GRADS_LAUNCHES[key] = _grads_launch(*key[:18])
     return launch
 
 
 def _grads_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype, in_affine, in_relu,
-                  w_strides, dw_strides, in_gate):
+                  w_strides, dw_strides, in_gate, prologue_backward):
     d_grid, d_sizes, d_meta = dgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype,
                                            w_strides)
     w_grid, w_sizes, w_meta = wgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype,
@@ -625,7 +674,8 @@ def _grads_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dt
                 D_BLOCK_K=d_meta["BLOCK_K"], MULTI_GROUP=d_meta["MULTI_GROUP"], W_BLOCK_M=w_meta["BLOCK_M"],
                 W_BLOCK_CO=w_meta["BLOCK_CO"], W_BLOCK_CI=w_meta["BLOCK_CI"],
                 num_warps=max(d_meta["num_warps"], w_meta["num_warps"]),
-                num_stages=max(d_meta["num_stages"], w_meta["num_stages"]))
+                num_stages=max(d_meta["num_stages"], w_meta["num_stages"]),
+                PRO_BWD=bool(prologue_backward and in_affine and not in_gate))
     grid = (dgrad_programs + w_grid[0] * w_grid[1] * w_grid[2],)
     return grid, sizes, meta, w_grid
 
@@ -640,22 +690,34 @@ def _weight_helpers():
 
 def conv_grads(dz: Tensor, a: Tensor, weight: Tensor, stride: int, padding: int, groups: int,
                packed: Optional[Tensor] = None, in_scale: Optional[Tensor] = None,
-               in_shift: Optional[Tensor] = None, in_relu: bool = False, in_gate: Optional[Tensor] = None):
+               in_shift: Optional[Tensor] = None, in_relu: bool = False, in_gate: Optional[Tensor] = None,
+               prologue_backward: bool = False):
     """(``conv_dgrad(...)``, ``conv_wgrad(..., layout_like=weight)``) in one launch.
 
     Arguments as those two: a is the convolution's input (x with ``in_scale/in_shift/in_relu``:
     the prologue is recomputed on load for the weight gradient).  Returns (dx channels_last
     in dz's dtype, dw fp32 in the weight's layout); the same bits as the two separate calls.
+
+    ``prologue_backward`` (with ``in_scale``, without ``in_gate``): the data gradient's
+    epilogue also applies the prologue's backward, g = da * [x*in_scale + in_shift > 0]
+    (the mask with ``in_relu``): returns (dx = g * in_scale in x's dtype, dw, sums [2, Cin]
+    fp32 = (sum g, sum g*x) per channel: the gradients of in_shift and in_scale).
     """
+    if prologue_backward and (in_scale is None or in_gate is not None):
+        raise ValueError("prologue_backward needs in_scale/in_shift and no in_gate")
     N, Cout, Ho, Wo = dz.shape
     _, cin_g, ksize, _ = weight.shape
     if a.dim() != 4 or a.shape[0] != N or a.shape[1] != cin_g * groups:
         raise ValueError(f"input {list(a.shape)} does not match weight {list(weight.shape)} with groups {groups}")
     H, W = a.shape[2], a.shape[3]
     if not use_triton(dz) or dz.dtype == torch.float64 or dz.numel() == 0:  # the separate paths handle these
-        return (conv_dgrad(dz, weight, (H, W), stride, padding, groups, packed=packed),
-                conv_wgrad(dz, a, weight.shape, stride, padding, groups, in_scale=in_scale, in_shift=in_shift,
-                           in_relu=in_relu, layout_like=weight, in_gate=in_gate))
+        da = conv_dgrad(dz, weight, (H, W), stride, padding, groups, packed=packed)
+        dw = conv_wgrad(dz, a, weight.shape, stride, padding, groups, in_scale=in_scale, in_shift=in_shift,
+                        in_relu=in_relu, layout_like=weight, in_gate=in_gate)
+        if not prologue_backward:
+            return da, dw
+        dx, sums = prologue_backward_reference(da, a, in_scale, in_shift, in_relu)
+        return dx, dw, sums
     _check_shapes(dz, weight.shape, H, W, stride, padding, groups)
     weight_operand, weight_strides = _weight_helpers()
     Cin = cin_g * groups
@@ -667,13 +729,33 @@ def conv_grads(dz: Tensor, a: Tensor, weight: Tensor, stride: int, padding: int,
     affine = in_scale is not None
     gated = affine and in_gate is not None
     grid, sizes, meta, w_grid = grads_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dz.dtype,
-                                             affine, in_relu and affine, weight_strides(w), dw.stride(), gated)
+                                             affine, in_relu and affine, weight_strides(w), dw.stride(), gated,
+                                             prologue_backward)
     splits = w_grid[2]
     partials = _empty((splits, Cout, cin_g, ksize, ksize), device=dz.device, dtype=torch.float32) \
         if splits > 1 else None  # (one split: dw itself is the partials operand, never read)
     vec = lambda t: t.detach().float().contiguous() if affine else dw  # noqa: E731
-    counters = arrival_counters(dz.device, w_grid[0] * w_grid[1])  # (also unused: one pointer type, one binary)
+    n_wc = w_grid[0] * w_grid[1]
+    counters = arrival_counters(dz.device, n_wc + (sizes["dgrad_n_blocks"] if prologue_backward else 0))
     gate = dict(in_gate_ptr=in_gate.detach().float().reshape(N, Cin).contiguous()) if gated else {}
+    pro = {}
+    if prologue_backward:  # the prologue's backward: its own counters after the weight gradient's
+        n_rows = sizes["dgrad_programs"] // sizes["dgrad_n_blocks"]
+        sums = _empty((2, Cin), device=dz.device, dtype=torch.float32)
+        pro = dict(psum_ptr=_empty((2, n_rows, Cin), device=dz.device, dtype=torch.float32), sums_ptr=sums,
+                   pro_counter_ptr=counters[n_wc:])
     conv_grads_kernel[grid](dx, partials if splits > 1 else dw, dw, counters, dz, w, a, vec(in_scale), vec(in_shift),
-                            **sizes, **meta, **gate)
-    return dx, dw
+                            **sizes, **meta, **gate, **pro)
+    return (dx, dw, sums) if prologue_backward else (dx, dw)
+
+
+def prologue_backward_reference(da: Tensor, x: Tensor, in_scale: Tensor, in_shift: Tensor, in_relu: bool):
+    """PyTorch formulas of ``conv_grads(..., prologue_backward=True)``'s epilogue (fp32, or
+    float64 for float64): (dx in x's dtype, sums [2, Cin] = (sum g, sum g*x))."""
+    acc = torch.float64 if da.dtype == torch.float64 else torch.float32
+    c = lambda v: v.to(acc).reshape(1, -1, 1, 1)  # noqa: E731
+    g = da.to(acc)
+    if in_relu:  # as threshold_backward: NaN passes
+        g = torch.where((x.to(acc) * c(in_scale) + c(in_shift)).to(x.dtype) <= 0, 0.0, g)
+    dx = (g * c(in_scale)).to(x.dtype)
+    return dx, torch.stack([g.sum(dim=(0, 2, 3)), (g * x.to(acc)).sum(dim=(0, 2, 3))]).to(acc)

@@ -146,3 +146,40 @@ def test_gradcheck_float64():
 
     assert torch.autograd.gradcheck(eval_fn, (x, w, s_in, b_in, s_out, b_out, res))
     assert torch.autograd.gradcheck(train_fn, (x, w))
+
+
+@pytest.mark.parametrize("relu", [True, False], ids=["bn-relu", "bn"])
+@pytest.mark.parametrize("N, Cin, H, W, Cout, groups, ksize, stride", [
+    pytest.param(3, 32, 7, 5, 32, 8, 3, 1, id="4-per-group"),  # 105 rows: not a multiple of the row block
+    pytest.param(2, 32, 7, 7, 32, 4, 3, 2, id="8-per-group-stride2-odd"),
+    pytest.param(2, 12, 5, 7, 20, 4, 3, 1, id="3in-5out-per-group-non-square"),
+    pytest.param(2, 24, 5, 5, 40, 1, 1, 1, id="1x1-gemm"),
+    pytest.param(2, 16, 7, 5, 24, 1, 1, 2, id="1x1-downsample-stride2"),
+])
+def test_prologue_backward_in_the_gradient_launch(N, Cin, H, W, Cout, groups, ksize, stride, relu):
+    """Gradients of x, in_scale, in_shift and the weight through the op vs float64, with the
+    prologue's backward done in the data gradient's epilogue: the whole backward is one launch."""
+    from benchmarks.device_ops import count_device_ops
+    x, w = _make(N, Cin, H, W, Cout, groups, ksize)
+    s_in, b_in = _vec(Cin)
+    b_in = b_in * 0.5
+    leaves = [t.double().requires_grad_() for t in (x, w, s_in, b_in)]
+    ours = [t.clone().detach().requires_grad_() for t in (x, w, s_in, b_in)]
+    pad = ksize // 2
+
+    def fwd(fn, x, w, s, b):
+        return fn(x, w, stride, pad, groups, in_scale=s, in_shift=b, in_relu=relu)[0]
+
+    z_ref = fwd(conv_bn_act_reference, *leaves)
+    dy = torch.randn(z_ref.shape, device=DEVICE, dtype=torch.float64)
+    z_ref.backward(dy)
+    z = fwd(kernels.conv_bn_act, *ours)
+    ops = count_device_ops(lambda: z.backward(dy.float(), retain_graph=True))
+    assert ops.triton == 1 and set(ops.by_name) - {"aten::fill_"} >= {"triton::conv_grads_kernel"}, ops
+    assert not any("bn_backward" in k for k in ops.by_name), ops
+    for t in ours:
+        t.grad = None
+    z.backward(dy.float())
+    for name, a, b in zip(("x", "w", "in_scale", "in_shift"), ours, leaves):
+        assert not torch.isnan(a.grad).any(), name
+        torch.testing.assert_close(a.grad.double(), b.grad, atol=1e-4, rtol=1e-4, msg=name)

@@ -286,12 +286,16 @@ def _resnext50_launches(dtype):
                 yield cg.conv_wgrad_kernel, dict(part_ptr="*fp32", dz_ptr=ty, a_ptr=ty, in_scale_ptr="*fp32",
                                                  in_shift_ptr="*fp32", dw_ptr="*fp32", counter_ptr="*i32",
                                                  in_gate_ptr="*fp32"), sizes, meta
-                # both in one launch (what the training backward runs)
-                _, sizes, meta, _ = cg.grads_launch(*args, in_affine=prologue, in_relu=prologue,
-                                                    w_strides=w_strides, dw_strides=dw_strides)
-                yield cg.conv_grads_kernel, dict(dx_ptr=ty, part_ptr="*fp32", dw_ptr="*fp32", counter_ptr="*i32",
-                                                 dz_ptr=ty, w_ptr=ty, a_ptr=ty, in_scale_ptr="*fp32",
-                                                 in_shift_ptr="*fp32", in_gate_ptr="*fp32"), sizes, meta
+                # both in one launch (what the training backward runs); with the prologue, also
+                # its backward in the data gradient's epilogue (PRO_BWD, what it runs ungated)
+                for pro_bwd in ((False, True) if prologue else (False,)):
+                    _, sizes, meta, _ = cg.grads_launch(*args, in_affine=prologue, in_relu=prologue,
+                                                        w_strides=w_strides, dw_strides=dw_strides,
+                                                        prologue_backward=pro_bwd)
+                    yield cg.conv_grads_kernel, dict(dx_ptr=ty, part_ptr="*fp32", dw_ptr="*fp32", counter_ptr="*i32",
+                                                     dz_ptr=ty, w_ptr=ty, a_ptr=ty, in_scale_ptr="*fp32",
+                                                     in_shift_ptr="*fp32", in_gate_ptr="*fp32", psum_ptr="*fp32",
+                                                     sums_ptr="*fp32", pro_counter_ptr="*i32"), sizes, meta
             if k == 1 and s == 1:  # conv3 of a RegNetY block: the prologue's gate too (IN_GATE)
                 _, sizes, meta, _ = cg.grads_launch(*args, in_affine=True, in_relu=True, w_strides=w_strides,
                                                     dw_strides=dw_strides, in_gate=True)
@@ -436,3 +440,68 @@ def test_both_gradients_in_one_launch_match_the_separate_kernels(case_id, prolog
     ops = count_device_ops(lambda: cg.conv_grads(dzl, xl, w, c.stride, c.padding, c.groups, **aff))
     # (fill_: the test suite's NaN poisoning of every torch.empty)
     assert ops.triton == 1 and set(ops.by_name) - {"aten::fill_"} == {"triton::conv_grads_kernel"}, ops
+
+
+def _prologue_reference(c: Case, x, w, dz, s, b, relu):
+    """(dx, sum g, sum g*x) in float64: the prologue a = relu(x*s + b)'s backward after dgrad."""
+    da = reference(c, x, w, dz)[0]
+    x64 = x.cpu().double()
+    g = da
+    if relu:  # the mask as the kernel's: pre-activation rounded to x's dtype, NaN passes
+        pre = (x64 * s.double().view(1, -1, 1, 1) + b.double().view(1, -1, 1, 1)).to(x.dtype).double()
+        g = torch.where(pre <= 0, 0.0, da)
+    return g * s.double().view(1, -1, 1, 1), g.sum(dim=(0, 2, 3)), (g * x64).sum(dim=(0, 2, 3))
+
+
+@pytest.mark.parametrize("relu", [True, False], ids=["bn-relu", "bn"])
+@pytest.mark.parametrize("case_id", ["dense_3x3_cout_ne_cin", "4_per_group_s2_several_blocks", "two_groups_s2_16_to_24",
+                                     "3_in_6_out_per_group_blocks_start_mid_group", "1x1_gemm_cout_ne_cin",
+                                     "1x1_s2_downsample_unreached_pixels", "tiny_image_smaller_than_stride_classes"])
+def test_prologue_backward_in_the_dgrad_epilogue_matches_float64(case_id, relu, max_splits, ieee_fp32):
+    """conv_grads(prologue_backward=True): dx = da*mask*s and the sums of g, g*x from the
+    data gradient's epilogue (one launch), vs float64; twice: the same bits (idempotent)."""
+    from benchmarks.device_ops import count_device_ops
+    c = Case(**{**CASES[case_id].__dict__, "N": 3})  # N*H*W rows: not a multiple of the row block
+    x, w, dz = make_inputs(c, torch.float32, seed=9)
+    s, b = torch.rand(c.Cin) + 0.5, torch.randn(c.Cin) * 0.3
+    aff = dict(in_scale=s, in_shift=b, in_relu=relu)
+    dx, dw, sums = cg.conv_grads(dz, x, w, c.stride, c.padding, c.groups, prologue_backward=True, **aff)
+    ref_dx, ref_sg, ref_sgx = _prologue_reference(c, x, w, dz, s, b, relu)
+    assert_close_fp32(dx, ref_dx, "dx")
+    assert_close_fp32(sums[0], ref_sg, "sum g")
+    assert_close_fp32(sums[1], ref_sgx, "sum g*x")
+    assert torch.equal(dw, cg.conv_wgrad(dz, x, w.shape, c.stride, c.padding, c.groups, layout_like=w, **aff))
+    again = cg.conv_grads(dz, x, w, c.stride, c.padding, c.groups, prologue_backward=True, **aff)
+    assert all(torch.equal(p, q) for p, q in zip((dx, dw, sums), again))
+    assert all(int(buf.abs().sum()) == 0 for buf in _runtime._ARRIVAL_COUNTERS.values())
+    xl, dzl = (t.contiguous(memory_format=torch.channels_last) for t in (x, dz))
+    ops = count_device_ops(lambda: cg.conv_grads(dzl, xl, w, c.stride, c.padding, c.groups, prologue_backward=True,
+                                                 **aff))
+    assert ops.triton == 1 and set(ops.by_name) - {"aten::fill_"} == {"triton::conv_grads_kernel"}, ops
+
+
+def test_prologue_backward_nan_and_fallbacks(ieee_fp32):
+    """A NaN in dz reaches dx where the mask passes (and the sums); a NaN x passes g (as
+    threshold_backward).  float64 runs the PyTorch formulas; a gate is refused."""
+    c = Case(**{**CASES["4_per_group_s2_several_blocks"].__dict__, "N": 2})
+    x, w, dz = make_inputs(c, torch.float32, seed=3)
+    s, b = torch.rand(c.Cin) + 0.5, torch.randn(c.Cin) * 0.3
+    x[1, 5, 2, 1] = float("nan")
+    dz[0, 7, 1, 1] = float("nan")
+    dx, _, sums = cg.conv_grads(dz, x, w, c.stride, c.padding, c.groups, in_scale=s, in_shift=b, in_relu=True,
+                                prologue_backward=True)
+    ref_dx, ref_sg, _ = _prologue_reference(c, x, w, dz, s, b, True)
+    assert torch.equal(torch.isnan(dx.cpu()), torch.isnan(ref_dx))
+    assert torch.isnan(ref_dx).any() and (~torch.isnan(ref_dx)).any()
+    ok = ~torch.isnan(ref_dx)
+    assert (dx.cpu().double()[ok] - ref_dx[ok]).abs().max() <= 1e-5 * (1 + ref_dx[ok].abs().max())
+    assert torch.equal(torch.isnan(sums[0].cpu()), torch.isnan(ref_sg))
+    x64, w64, dz64 = (t.double() for t in make_inputs(c, torch.float32, seed=3))
+    dx64, _, sums64 = cg.conv_grads(dz64, x64, w64, c.stride, c.padding, c.groups, in_scale=s, in_shift=b,
+                                    in_relu=True, prologue_backward=True)
+    r_dx, r_sg, r_sgx = _prologue_reference(c, x64, w64, dz64, s, b, True)
+    assert torch.allclose(dx64.cpu(), r_dx) and torch.allclose(sums64[0].cpu(), r_sg) \
+        and torch.allclose(sums64[1].cpu(), r_sgx)
+    with pytest.raises(ValueError):
+        cg.conv_grads(dz, x, w, c.stride, c.padding, c.groups, in_scale=s, in_shift=b, in_relu=True,
+                      in_gate=torch.ones(c.N, c.Cin), prologue_backward=True)
