@@ -406,13 +406,43 @@ def folded_scale_shift(bn: torch.nn.BatchNorm2d) -> Tuple[Tensor, Tensor]:
     ``DerivedCache``), unless the result must carry a gradient to gamma or beta."""
     if bn.eps < 0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {bn.eps}")
-    sources = (bn.running_mean, bn.running_var, bn.weight, bn.bias)
+    sources = _fold_sources(bn)
     if not torch.is_grad_enabled():  # (inference: no need for a no_grad context, ~2 us)
         return _FOLDED.get(sources[1], sources, bn.eps, lambda: _fold(bn))
     if any(t is not None and t.requires_grad for t in sources[2:]):
         return _fold(bn)
     with torch.no_grad():
         return _FOLDED.get(sources[1], sources, bn.eps, lambda: _fold(bn))
+
+
+_FOLD_NAMES = ("running_mean", "running_var", "weight", "bias")
+_PLAIN_FOLD_TYPES = {}  # class -> whether its four names resolve through Module.__getattr__ alone
+
+
+def _fold_sources(bn: torch.nn.Module) -> tuple:
+    """(running_mean, running_var, weight, bias), read from the module's ``_buffers`` /
+    ``_parameters`` for classes that define none of these names themselves (what
+    ``Module.__getattr__`` does, without its ~0.8 us a name); else by attribute."""
+    cls = type(bn)
+    plain = _PLAIN_FOLD_TYPES.get(cls)
+    if plain is None:
+        plain = _PLAIN_FOLD_TYPES[cls] = cls.__getattr__ is torch.nn.Module.__getattr__ and not any(
+            n in vars(k) for k in cls.__mro__ if k is not torch.nn.Module for n in _FOLD_NAMES)
+    if plain:
+        p, b, d = bn._parameters, bn._buffers, bn.__dict__
+        out = []
+        for n in _FOLD_NAMES:
+            if n in d:
+                break
+            if n in p:
+                out.append(p[n])
+            elif n in b:
+                out.append(b[n])
+            else:
+                break
+        else:
+            return tuple(out)
+    return bn.running_mean, bn.running_var, bn.weight, bn.bias
 
 
 def _fold(bn: torch.nn.BatchNorm2d) -> Tuple[Tensor, Tensor]:

@@ -36,6 +36,7 @@ import triton.language as tl
 
 
 from . import reference, sync_bn
+from . import _runtime
 from ._runtime import allow_tf32, cdiv, conv_config, DerivedCache, eager_or_op, use_triton
 from ._triton_helpers import has_nonfinite, mma
 from .batchnorm import bn_finalize, run_bn_act
@@ -361,6 +362,55 @@ def conv_bn_act_forward(
     empty = y.new_empty
     return y, empty(0, dtype=torch.float32), empty(0, dtype=torch.float32), empty(0, dtype=torch.float32), \
         empty(0, dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=4096)
+def _eval_launch_consts(N: int, H: int, W: int, Cin: int, Cout: int, cin_g: int, groups: int, ksize: int,
+                        stride: int, padding: int, dtype: torch.dtype, in_affine: bool, in_relu: bool,
+                        out_affine: bool, has_residual: bool, out_relu: bool, tf32: bool,
+                        w_strides: Tuple[int, int, int], interpret: bool):
+    """The constant part of an eval forward launch (no statistics, no squeeze, no gate): the
+    output shape, the grid and the keyword arguments after the ten pointers, per shape, dtype
+    and flags (host time: ~40 arguments built per call otherwise)."""
+    Ho, Wo = out_size(H, ksize, stride, padding), out_size(W, ksize, stride, padding)
+    cfg = conv_config(N * Ho * Wo, Cout, cin_g, Cout // groups, dtype)
+    grid = (cdiv(N * Ho * Wo, cfg["BLOCK_M"]), cdiv(Cout, cfg["BLOCK_N"]))
+    kwargs = dict(N=N, H=H, W=W, Cin=Cin, Ho=Ho, Wo=Wo, Cout=Cout, CIN_G=cin_g, COUT_G=Cout // groups,
+                  stride=stride, padding=padding, KSIZE=ksize, IN_AFFINE=in_affine, IN_RELU=in_relu,
+                  OUT_AFFINE=out_affine, HAS_RESIDUAL=has_residual, OUT_RELU=out_relu, STATS=False,
+                  ALLOW_TF32=tf32, **cfg, w_stride_tap=w_strides[0], w_stride_ci=w_strides[1],
+                  w_stride_co=w_strides[2])
+    return (N, Cout, Ho, Wo), grid, kwargs
+
+
+def conv_bn_act_eval(
+    x: Tensor, weight: Tensor, packed: Optional[Tensor], stride: int, padding: int, groups: int,
+    in_scale: Optional[Tensor], in_shift: Optional[Tensor], in_relu: bool,
+    out_scale: Optional[Tensor], out_shift: Optional[Tensor], residual: Optional[Tensor], out_relu: bool,
+) -> Tensor:
+    """y of ``conv_bn_act_forward`` without statistics (an eval-mode stage) when nothing is
+    recorded (no autograd, no torch.compile trace): the same launch, without the op's four
+    empty statistics outputs and with the launch's constant arguments memoised."""
+    if not use_triton(x) or x.dtype == torch.float64:
+        return conv_bn_act_forward(x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu,
+                                   out_scale, out_shift, residual, out_relu, False, None, None, None, None,
+                                   None, None, 0.0)[0]
+    x = _channels_last(x)
+    w = weight_operand(weight, packed, x.dtype)
+    N, Cin, H, W = x.shape
+    Cout, cin_g, ksize, _ = weight.shape
+    shape, grid, kwargs = _eval_launch_consts(
+        N, H, W, Cin, Cout, cin_g, groups, ksize, stride, padding, x.dtype, in_scale is not None, in_relu,
+        out_scale is not None, residual is not None, out_relu, allow_tf32(x.dtype), weight_strides(w),
+        _runtime.INTERPRET)
+    y = torch.empty(shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    conv_bn_act_fwd_kernel[grid](
+        y, y, y, x, w,  # (the statistics partials are never read: STATS is off)
+        _f32(in_scale) if in_scale is not None else y, _f32(in_shift) if in_shift is not None else y,
+        _f32(out_scale) if out_scale is not None else y, _f32(out_shift) if out_shift is not None else y,
+        _channels_last(residual) if residual is not None else y,
+        **kwargs)
+    return y
 
 
 # --------------------------------------------------------------------------------------

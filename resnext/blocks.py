@@ -26,12 +26,13 @@ from kernels import sync_bn
 
 from . import gates
 from .modules import FusedSequential, conv_bn_stage, finish, fusable, like_input, runs_eager
-from .norms import conv_norm_pair, is_noop, norm_act
+from .norms import conv_norm_pair, is_noop, module_attr, norm_act
 
 # timm's optional pieces: each is fused when it is a no-op or one the fused path applies
 # (gates.extra_is_fusable: an SE/ECA gate before the residual add, drop_path, an inactive drop_block).
 _EXTRAS = ("se", "drop_path", "drop_block", "aa")
 _ACTS = ("relu", "act1", "act2", "act3")
+_PARTS = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3")
 
 
 def split_downsample(ds: Optional[nn.Module]):
@@ -117,21 +118,24 @@ class FusedBottleneck(nn.Module):
         return F.relu(out, inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if runs_eager(x, self.conv1.weight) or gates.drop_block_active(self):  # drop_block: a spatial mask
+        # (children read through module_attr: the same lookups as self.conv1 etc., ~1 us less each)
+        conv1, bn1, conv2, bn2, conv3, bn3 = (module_attr(self, n) for n in _PARTS)
+        if runs_eager(x, conv1.weight) or gates.drop_block_active(self):  # drop_block: a spatial mask
             return self._eager_forward(x)
-        if gates.has_gate(self) and sync_bn.group_name(self.bn3) is not None:
+        gated = gates.has_gate(self)
+        if gated and sync_bn.group_name(bn3) is not None:
             return self._eager_forward(x)  # the squeeze path has no cross-rank statistics (yet)
-        out = conv_bn_stage(x, self.conv1, self.bn1, relu=True)
-        out = conv_bn_stage(out, self.conv2, self.bn2, relu=True)
+        out = conv_bn_stage(x, conv1, bn1, relu=True)
+        out = conv_bn_stage(out, conv2, bn2, relu=True)
 
         def make_identity():  # pending in train mode when fused: its BN joins the final pass
-            return downsample_stage(x, getattr(self, "downsample", None))
+            return downsample_stage(x, module_attr(self, "downsample"))
 
-        if gates.has_gate(self):  # SE / ECA, drop_path in training: the gate joins the final pass
+        if gated:  # SE / ECA, drop_path in training: the gate joins the final pass
             out = gates.gated_final(self, out, make_identity)
         else:
-            out = conv_bn_stage(out, self.conv3, self.bn3, relu=True, residual=make_identity())
-        return like_input(finish(out), x, self.conv1.weight, self.conv2.weight, self.conv3.weight)
+            out = conv_bn_stage(out, conv3, bn3, relu=True, residual=make_identity())
+        return like_input(finish(out), x, conv1.weight, conv2.weight, conv3.weight)
 
 
 def fuse_sequential(seq: nn.Sequential) -> nn.Module:

@@ -19,7 +19,7 @@ from torch import nn
 from kernels.squeeze_excite import GatedBNActFn
 
 from .modules import Pending, conv_bn_stage, materialize
-from .norms import is_noop as _is_noop
+from .norms import is_noop as _is_noop, module_attr
 
 Tensor = torch.Tensor
 
@@ -67,12 +67,12 @@ def extra_is_fusable(name: str, m: Optional[nn.Module]) -> bool:
 
 def drop_block_active(block: nn.Module) -> bool:
     """A DropBlock2d that masks this call (training, drop_prob > 0): the block runs on PyTorch."""
-    db = getattr(block, "drop_block", None)
+    db = module_attr(block, "drop_block")
     return not _is_noop(db) and db.training and bool(db.drop_prob)
 
 
 def drop_path_active(block: nn.Module) -> bool:
-    dp = getattr(block, "drop_path", None)
+    dp = module_attr(block, "drop_path")
     return not _is_noop(dp) and dp.training and bool(dp.drop_prob)
 
 
@@ -87,7 +87,7 @@ def drop_path_mask(dp: nn.Module, like: Tensor) -> Tensor:
 
 def has_gate(block: nn.Module) -> bool:
     """Whether this call's final pass carries a gate (an SE/ECA module, or drop_path in training)."""
-    return not _is_noop(getattr(block, "se", None)) or drop_path_active(block)
+    return not _is_noop(module_attr(block, "se")) or drop_path_active(block)
 
 
 def gated_final(block: nn.Module, out: Union[Tensor, Pending], make_identity: Callable[[], object]) -> Tensor:

@@ -18,7 +18,8 @@ from torch import nn
 
 from kernels import sync_bn, use_triton
 from kernels.batchnorm import BNActFn, check_batch_stats, folded_scale_shift, run_bn_act
-from kernels.conv_bn_act import ConvBNActFn, check_conv_inputs, conv_bn_act_forward, out_size, packed_weight
+from kernels.conv_bn_act import (ConvBNActFn, check_conv_inputs, conv_bn_act_eval, conv_bn_act_forward, out_size,
+                                packed_weight)
 
 from .norms import norm_act, norm_features, norm_view
 
@@ -184,6 +185,9 @@ def conv_bn_stage(inp: Union[Tensor, Pending], conv: nn.Conv2d, bn: nn.Module, r
     residual = materialize(residual) if residual is not None else None
     if residual is not None and residual.dtype != dtype:
         residual = residual.to(dtype)
+    if gate is None and not _records_autograd():  # inference: y alone, no op outputs to fill
+        return conv_bn_act_eval(x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu, scale,
+                                shift, residual, relu)
     return conv_fn(x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu, scale, shift,
                    residual, relu, False, None, None, None, None, None, None, norm.eps)[0]
 

@@ -116,3 +116,43 @@ def test_steady_step_reuses_memos_and_skips_autograd_functions_in_inference(monk
         assert calls == {"ConvBNActFn": 0, "BNActFn": 0}
         fused(x)  # eval with grad enabled: through the Functions (gradients reach x and the weights)
         assert calls["ConvBNActFn"] == 3
+
+
+@pytest.mark.parametrize("no_grad", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("channels_last", [False, True])  # weights and input: the output's layout follows
+def test_inference_forward_skips_the_op_outputs_and_matches(monkeypatch, no_grad, channels_last):
+    """An inference forward launches through ``conv_bn_act_eval`` (y alone: no call of the op's
+    body and its four empty statistics outputs; the launch's constant arguments memoised, no
+    miss once steady), with the values and layout of the eval forward through the Functions."""
+    import sys
+
+    fwd = sys.modules["kernels.conv_bn_act"]
+    from resnext import modules
+    torch.manual_seed(0)
+    _, fused = workloads.make_pair(workloads.BOTTLENECK)
+    fused.eval()
+    x = workloads.example_input(workloads.BOTTLENECK, 2, 8, torch.device("cpu"))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    fused, x = fused.to(memory_format=fmt), x.contiguous(memory_format=fmt)
+    ref = fused(x).detach()  # grad enabled: ConvBNActFn -> conv_bn_act_forward
+    calls = {"op body": 0}
+    body = modules.conv_bn_act_forward
+
+    def counted(*args):
+        calls["op body"] += 1
+        return body(*args)
+
+    monkeypatch.setattr(modules, "conv_bn_act_forward", counted)
+    with no_grad():
+        fused(x)
+        misses = fwd._eval_launch_consts.cache_info().misses
+        y = fused(x)
+    assert calls == {"op body": 0}
+    assert fwd._eval_launch_consts.cache_info().misses == misses
+    assert y.is_contiguous(memory_format=torch.channels_last) == channels_last and y.is_contiguous() != channels_last
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)  # the same launches
+    with torch.no_grad():
+        eager = workloads.make_pair(workloads.BOTTLENECK)[0]
+        eager.load_state_dict(fused.state_dict())
+        expect = eager.eval().double()(x.double())
+    torch.testing.assert_close(y.double(), expect, rtol=1e-4, atol=1e-4)
