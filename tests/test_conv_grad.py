@@ -301,7 +301,8 @@ def _resnext50_launches(dtype):
                                                     dw_strides=dw_strides, in_gate=True)
                 yield cg.conv_grads_kernel, dict(dx_ptr=ty, part_ptr="*fp32", dw_ptr="*fp32", counter_ptr="*i32",
                                                  dz_ptr=ty, w_ptr=ty, a_ptr=ty, in_scale_ptr="*fp32",
-                                                 in_shift_ptr="*fp32", in_gate_ptr="*fp32"), sizes, meta
+                                                 in_shift_ptr="*fp32", in_gate_ptr="*fp32", psum_ptr="*fp32",
+                                                 sums_ptr="*fp32", pro_counter_ptr="*i32"), sizes, meta
 
 
 def _compile_for_hopper(dtype_name):
