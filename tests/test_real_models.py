@@ -35,8 +35,7 @@ import resnext  # noqa: E402
 BLOCKS = (tv_resnet.Bottleneck, timm_resnet.Bottleneck, timm_regnet.Bottleneck,
           timm_sknet.SelectiveKernelBottleneck, timm_resnest.ResNestBottleneck)
 
-# model -> (bottlenecks in it, bottlenecks convert() leaves to PyTorch, why).  The SE/ECA/RegNetY
-# rows are today's numbers: the lead updates them when fused gates land.
+# model -> (bottlenecks in it, bottlenecks convert() leaves to PyTorch, why).
 EXPECTED = {
     "tv_resnext50_32x4d": (16, 0, "torchvision's own classification model"),
     "fpn_resnext101_32x8d": (33, 0, "torchvision detection backbone, FrozenBatchNorm2d"),
