@@ -326,13 +326,12 @@ def _bn_act_backward(ctx, dy):
             dres_dtype=residual.dtype if residual is not None and need[3] else None,
             res_scale=res_scale if res_affine else None,
             sum_g=need[2] or (res_affine and need[5]), sum_gv=z if need[1] else None,
-            sum_gr=residual if res_affine and need[4] else None)
+            sum_gr=residual if res_affine and need[4] else None,
+            sum_g_twice=res_affine and need[5] and need[2])  # two inputs must not share one gradient tensor
         dscale = o.sum_gv if need[1] else None
         dshift = o.sum_g if need[2] else None
         dres_scale = o.sum_gr if res_affine and need[4] else None
-        # a copy: two inputs must not share one gradient tensor
-        dres_shift = o.sum_g.clone() if res_affine and need[5] and need[2] else o.sum_g if res_affine and need[5] \
-            else None
+        dres_shift = (o.sum_g_ungated if need[2] else o.sum_g) if res_affine and need[5] else None
         return o.dz, dscale, dshift, o.dres, dres_scale, dres_shift, None
 
     pc = reference._per_channel

@@ -96,6 +96,7 @@ def bn_backward_kernel(
     img_src_ptr=None,  # [M, C] (IMG_MASK, without STATS; with STATS the z of v_ptr): the mask's source
     img_scale_ptr=None, img_shift_ptr=None,  # [C] fp32 (IMG_MASK): the image add only where src*scale + shift > 0
     IMG_MASK: tl.constexpr = False,
+    SUM_G_TWICE: tl.constexpr = False,  # (SUM_G, no GATE) sum(g) in the fourth slot too: a second gradient tensor
 ):
     pid_t = tl.program_id(0)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -236,6 +237,8 @@ def bn_backward_kernel(
             tl.store(sums_ptr + 2 * C + offs_c, tl.sum(acc_gr, axis=0), mask=c_ok)
             if GATE and SUM_G:  # a fourth slot: the residual branch's shift gradient
                 tl.store(sums_ptr + 3 * C + offs_c, tl.sum(acc_g_res, axis=0), mask=c_ok)
+            elif SUM_G_TWICE:
+                tl.store(sums_ptr + 3 * C + offs_c, tl.sum(acc_g, axis=0), mask=c_ok)
         else:
             tl.store(part_ptr + part_off, tl.sum(acc_g, axis=0), mask=c_ok)
             tl.store(part_ptr + T * C + part_off, tl.sum(acc_gv, axis=0), mask=c_ok)
@@ -269,6 +272,8 @@ def bn_backward_kernel(
                 tl.store(sums_ptr + 2 * C + offs_c, tot_gr, mask=c_ok)
                 if GATE and SUM_G:
                     tl.store(sums_ptr + 3 * C + offs_c, tot_g_res, mask=c_ok)
+                elif SUM_G_TWICE:
+                    tl.store(sums_ptr + 3 * C + offs_c, tot_g, mask=c_ok)
     if DGATE:
         tl.store(dgate_ptr + part_off, tl.sum(acc_du, axis=0), mask=c_ok)
 
@@ -362,7 +367,7 @@ def bn_backward_impl(
     dz_dtype: Optional[torch.dtype], dres_dtype: Optional[torch.dtype],
     gate: Optional[Tensor] = None, gate_shift: Optional[Tensor] = None, image_add: Optional[Tensor] = None,
     image_mask_src: Optional[Tensor] = None, image_mask_scale: Optional[Tensor] = None,
-    image_mask_shift: Optional[Tensor] = None,
+    image_mask_shift: Optional[Tensor] = None, sum_g_twice: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """See ``bn_backward``.  Returns (dz or empty, dres or empty, sums [3, C] fp32,
     [d gamma, d beta] [2, C] fp32 or empty, d gate [N, C] fp32 or empty)."""
@@ -389,8 +394,9 @@ def bn_backward_impl(
         raise ValueError("v_is_relu_src needs the affine ReLU mask (relu_src, relu_scale, relu_shift)")
     any_sum = sum_g or sum_v != 0 or r is not None
     # row-run partials (summed in the launch by the last run of each channel block); a fourth
-    # slot, the sum of the un-gated g, with a gate
-    slots = 4 if gate is not None and sum_g else 3
+    # slot, the sum of the un-gated g, with a gate (or a copy of sum g: sum_g_twice)
+    sum_g_twice = sum_g_twice and sum_g and gate is None
+    slots = 4 if (gate is not None and sum_g) or sum_g_twice else 3
     part = torch.empty((slots, runs, C), device=device, dtype=torch.float32) if any_sum and runs > 1 else None
     sums = torch.empty((slots, C), device=device, dtype=torch.float32)  # every slot is written when asked
     dparam = torch.empty((2, C) if stat_daff else (0,), device=device, dtype=torch.float32)
@@ -437,7 +443,7 @@ def bn_backward_impl(
             # (counters passed even when unused: one pointer type, so one binary for every batch size)
             sums_ptr=sums, counter_ptr=arrival_counters(device, cfg["grid"][1]),
             dy_stride_m=dy_strides[0], dy_stride_c=dy_strides[1],
-            **gate_args,
+            **gate_args, **(dict(SUM_G_TWICE=True) if sum_g_twice else {}),
         )
     elif any_sum:
         sums.zero_()
@@ -459,11 +465,12 @@ bn_backward_op = torch.library.custom_op("resnext::bn_backward", bn_backward_imp
 @bn_backward_op.register_fake
 def _(dy, relu_src, relu_scale, relu_shift, scale, z, mean, var, dmean, dvar, dscale, dshift, gamma, eps,
       res_scale, v, v_is_relu_src, r, sum_g, dz_dtype, dres_dtype, gate=None, gate_shift=None, image_add=None,
-      image_mask_src=None, image_mask_scale=None, image_mask_shift=None):
+      image_mask_src=None, image_mask_scale=None, image_mask_shift=None, sum_g_twice=False):
     shape, device = _shape_of(dy, relu_src, z, v, r)
     daff = z is not None and (dscale is not None or dshift is not None)
     return (_new_grad(shape, device, dz_dtype), _new_grad(shape, device, dres_dtype),
-            torch.empty((4 if gate is not None and sum_g else 3, shape[1]), device=device, dtype=torch.float32),
+            torch.empty((4 if sum_g and (gate is not None or sum_g_twice) else 3, shape[1]), device=device,
+                        dtype=torch.float32),
             torch.empty((2, shape[1]) if daff else (0,), device=device, dtype=torch.float32),
             torch.empty((shape[0], shape[1]) if gate_shift is not None else (0,), device=device,
                         dtype=torch.float32))
@@ -478,7 +485,8 @@ class BNBackward(NamedTuple):
     dgamma: Optional[Tensor]  # [C] fp32 (stats with dscale/dshift): the BN weight's gradient
     dbeta: Optional[Tensor]  # [C] fp32: the BN bias's gradient
     dgate: Optional[Tensor] = None  # [N, C] fp32 (gate_shift given): sum over H, W of g * (v*scale + gate_shift)
-    sum_g_ungated: Optional[Tensor] = None  # [C] fp32 (gate and sum_g): sum of g without the gate
+    sum_g_ungated: Optional[Tensor] = None  # [C] fp32 (gate and sum_g): sum of g without the gate;
+    #                                          (sum_g_twice, no gate): sum of g again, in its own memory
 
 
 class StatsGrad(NamedTuple):
@@ -507,7 +515,7 @@ def bn_backward(
     sum_g: bool = False, sum_gv: Optional[Tensor] = None, sum_gv_is_relu_in: bool = False,
     sum_gr: Optional[Tensor] = None,
     gate: Optional[Tensor] = None, gate_shift: Optional[Tensor] = None, image_add: Optional[Tensor] = None,
-    image_mask: Optional[Tuple[Tensor, Tensor, Tensor]] = None,
+    image_mask: Optional[Tuple[Tensor, Tensor, Tensor]] = None, sum_g_twice: bool = False,
 ) -> BNBackward:
     """The elementwise BN/ReLU backward step in one pass (Triton; see the module docstring).
 
@@ -534,6 +542,8 @@ def bn_backward(
     image_mask ((src [N, C, H, W], scale [C], shift [C])): image_add only where src*scale + shift
         (rounded to src's dtype) is > 0 or NaN: the gradient of a squeeze taken after a ReLU.  src is
         read in the same pass (with ``stats``, pass their z: it is read once).
+    sum_g_twice (sum_g, no gate): sum_g_ungated is a second copy of sum_g, written by the kernel:
+        two inputs' gradients (bn3's and the downsample BN's shift) without a clone.
     """
     if relu_out is not None and relu_in is not None:
         raise ValueError("one ReLU mask at a time")
@@ -546,7 +556,8 @@ def bn_backward(
     dz, dres, sums, dparam, dgate = eager_or_op(bn_backward_op, bn_backward_impl)(
         dy, relu_src, relu_in_scale, relu_in_shift, scale, st.z, st.mean, st.var, st.dmean, st.dvar,
         st.dscale, st.dshift, st.gamma, st.eps, res_scale, sum_gv, sum_gv_is_relu_in, sum_gr, sum_g,
-        dz_dtype, dres_dtype, gate, gate_shift, image_add, *(image_mask if image_mask is not None else (None,) * 3))
+        dz_dtype, dres_dtype, gate, gate_shift, image_add, *(image_mask if image_mask is not None else (None,) * 3),
+        sum_g_twice)
     want_v = sum_gv is not None or sum_gv_is_relu_in
     daff = stats is not None and (st.dscale is not None or st.dshift is not None)
     return BNBackward(dz if dz_dtype is not None else None, dres if dres_dtype is not None else None,
@@ -554,4 +565,4 @@ def bn_backward(
                       sums[2] if sum_gr is not None else None,
                       dparam[0] if daff else None, dparam[1] if daff else None,
                       dgate if gate_shift is not None else None,
-                      sums[3] if gate is not None and sum_g else None)
+                      sums[3] if sum_g and (gate is not None or sum_g_twice) else None)
