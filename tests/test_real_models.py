@@ -228,12 +228,21 @@ SMALL = {
 }
 
 
-def deep_bound(ours, eager, ref64, floor, what):
-    """|ours - ref64| <= 2 |eager - ref64| + floor * max|ref64| (max over the tensor): a deep
+def deep_bound(ours, eager, ref64, floor, what, atol=0.0):
+    """|ours - ref64| <= 2 |eager - ref64| + floor * max|ref64| (max over the tensor) + atol: a deep
     train-mode network's fp32 error is measured against eager fp32's own."""
     scale = ref64.detach().abs().max().item()
     err, eager_err = max_err(ours, ref64), max_err(eager, ref64)
-    assert err <= 2 * eager_err + floor * scale, f"{what}: error {err:.3g}, eager's {eager_err:.3g} (scale {scale:.3g})"
+    assert err <= 2 * eager_err + floor * scale + atol, \
+        f"{what}: error {err:.3g}, eager's {eager_err:.3g} (scale {scale:.3g}, atol {atol:.3g})"
+
+
+def grad_atol(params64) -> float:
+    """An absolute floor for parameter gradients: fp32 rounding (1e-5) of the model's largest
+    float64 parameter gradient.  A gradient that is zero analytically (a BN shift whose output
+    only feeds train-mode BNs, which remove per-channel constants) is pure rounding noise in
+    both fp32 runs, with a float64 scale of ~1e-15: comparing it relatively is meaningless."""
+    return 1e-5 * max(p.grad.abs().max().item() for p in params64 if p.grad is not None)
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))
@@ -263,11 +272,12 @@ def test_small_model_through_kernels(name):
     deep_bound(*ys, 1e-4, "train output")
     deep_bound(*(xi.grad for xi in xs), 2e-2, "input grad")
     named = [dict(m.named_parameters()) for m in (fused, ref, ref64)]
+    atol = grad_atol(named[2].values())
     for pname, p64 in named[2].items():
         p, q = named[0][pname], named[1][pname]
         assert (p.grad is None) == (p64.grad is None), pname
         if p64.grad is not None:
-            deep_bound(p.grad, q.grad, p64.grad, 2e-2, f"grad of {pname}")
+            deep_bound(p.grad, q.grad, p64.grad, 2e-2, f"grad of {pname}", atol)
     bufs = [dict(m.named_buffers()) for m in (fused, ref, ref64)]
     for bname, b64 in bufs[2].items():
         if b64.is_floating_point():
@@ -335,10 +345,11 @@ def test_regnet_drop_path_same_seed(variant):
     deep_bound(*(xi.grad for xi in xs[:3]), 2e-2, "input grad")
     close64(xs[3].grad, xs[2].grad, "float64 input grad")
     named = [dict(m.named_parameters()) for m in models]
+    atol = grad_atol(named[2].values())
     for pname, p64 in named[2].items():
         assert all((n[pname].grad is None) == (p64.grad is None) for n in named), pname
         if p64.grad is not None:
-            deep_bound(named[0][pname].grad, named[1][pname].grad, p64.grad, 2e-2, f"grad of {pname}")
+            deep_bound(named[0][pname].grad, named[1][pname].grad, p64.grad, 2e-2, f"grad of {pname}", atol)
             close64(named[3][pname].grad, p64.grad, f"float64 grad of {pname}")
     bufs = [dict(m.named_buffers()) for m in models]
     for bname, b64 in bufs[2].items():
