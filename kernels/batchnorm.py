@@ -14,6 +14,7 @@ Train-mode statistics flow (see README, "How it works"):
 4. the consumer applies ``scale/shift (+ residual) + ReLU``: the next convolution's
    prologue, or ``bn_act`` (one read of z, one write of y) at the end of a block.
 """
+import functools
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -176,25 +177,24 @@ def bn_finalize(part_mean: Tensor, part_m2: Tensor, M: int, rows_per_block: int,
     out = [torch.empty(C, device=part_mean.device, dtype=torch.float32) for _ in range(4)]
     update = running_mean is not None
     cumulative = update and momentum is None
-    block_c = min(64, next_power_of_2(max(C, 1)))
+    grid, flags = _finalize_consts(C, gamma is not None, update, cumulative, num_batches_tracked is not None,
+                                   group_name is not None)
+    block_c = flags["BLOCK_C"]
     dummy = out[0]
     if group_name is not None:
         local = torch.empty((3, C), device=part_mean.device, dtype=torch.float32)
-        bn_finalize_kernel[(cdiv(C, block_c),)](
+        bn_finalize_kernel[grid](
             local, dummy, out[2], out[3], part_mean, part_m2, dummy, dummy, dummy, dummy, dummy,
             T, C, M, rows_per_block, 0.0, float(eps),
             AFFINE=False, UPDATE=False, CUMULATIVE=False, COUNT=False, BLOCK_T=32, BLOCK_C=block_c, MERGED_OUT=True)
         part_mean = part_m2 = sync_bn.gather_rank_stats(local, group_name)  # [W, 3, C]
         T = part_mean.shape[0]
-    bn_finalize_kernel[(cdiv(C, block_c),)](
+    bn_finalize_kernel[grid](
         *out, part_mean, part_m2,
         gamma if gamma is not None else dummy, beta if beta is not None else dummy,
         running_mean if update else dummy, running_var if update else dummy,
         num_batches_tracked if num_batches_tracked is not None else dummy,
-        T, C, M, rows_per_block, float(momentum or 0.0), float(eps),
-        AFFINE=gamma is not None, UPDATE=update, CUMULATIVE=cumulative,
-        COUNT=num_batches_tracked is not None and not cumulative, BLOCK_T=32, BLOCK_C=block_c,
-        ROW_COUNTS=group_name is not None)
+        T, C, M, rows_per_block, float(momentum or 0.0), float(eps), **flags)
     if cumulative:  # momentum=None reads the counter in the kernel, so it is counted here
         num_batches_tracked.add_(1)
     # A kernel's writes do not bump version counters: bump them (host only), so that caches
@@ -203,6 +203,15 @@ def bn_finalize(part_mean: Tensor, part_m2: Tensor, M: int, rows_per_block: int,
         torch.autograd.graph.increment_version(
             [t for t in (running_mean, running_var, None if cumulative else num_batches_tracked) if t is not None])
     return BNStats(*out)
+
+
+@functools.lru_cache(maxsize=4096)
+def _finalize_consts(C: int, affine: bool, update: bool, cumulative: bool, count: bool, row_counts: bool):
+    """The grid and constexprs of a finalize launch (host time: built once per combination)."""
+    block_c = min(64, next_power_of_2(max(C, 1)))
+    return (cdiv(C, block_c),), dict(AFFINE=affine, UPDATE=update, CUMULATIVE=cumulative,
+                                      COUNT=count and not cumulative, BLOCK_T=32, BLOCK_C=block_c,
+                                      ROW_COUNTS=row_counts)
 
 
 def merge_stats(part_mean: Tensor, part_m2: Tensor, M: int, rows_per_block: int) -> Tuple[Tensor, Tensor]:

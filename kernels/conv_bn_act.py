@@ -248,7 +248,7 @@ def weight_operand(weight: Tensor, packed: Optional[Tensor], dtype: torch.dtype)
     if packed is not None:
         return packed
     if readable_in_place(weight, dtype):
-        return weight.detach()
+        return weight  # (a kernel operand: no detach needed, Triton reads the data pointer)
     return pack_weight(weight, dtype)
 
 
@@ -317,70 +317,19 @@ def conv_bn_act_forward(
             squeeze_sums.copy_(y.to(reference.acc_dtype(y)).sum(dim=(2, 3)))
         return _channels_last(y), mean, var, scale, shift
 
-    N, Cin, H, W = x.shape
-    Cout, cin_g, ksize, _ = weight.shape
-    Ho, Wo = out_size(H, ksize, stride, padding), out_size(W, ksize, stride, padding)
-    M = N * Ho * Wo
-    x = _channels_last(x)
-    y = torch.empty((N, Cout, Ho, Wo), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
-    cfg = conv_config(M, Cout, cin_g, Cout // groups, x.dtype)
-    n_row_blocks = cdiv(M, cfg["BLOCK_M"])
-    if stats:
-        part_mean = torch.empty((n_row_blocks, Cout), device=x.device, dtype=torch.float32)
-        part_m2 = torch.empty_like(part_mean)
-    else:
-        part_mean = part_m2 = y  # never read: STATS is off
-    res = _channels_last(residual) if residual is not None else y
-    in_scale, in_shift, out_scale, out_shift = map(_f32, (in_scale, in_shift, out_scale, out_shift))
-    w = weight_operand(weight, packed, x.dtype)
-    grid = (n_row_blocks, cdiv(Cout, cfg["BLOCK_N"]))
-    sq_slots = min(N, (cfg["BLOCK_M"] - 1) // (Ho * Wo) + 2)
-    sq_part = torch.empty((n_row_blocks, sq_slots, Cout), device=x.device, dtype=torch.float32) \
-        if squeeze_sums is not None else None
-    conv_bn_act_fwd_kernel[grid](
-        y, part_mean, part_m2, x, w,
-        in_scale if in_scale is not None else y, in_shift if in_shift is not None else y,
-        out_scale if out_scale is not None else y, out_shift if out_shift is not None else y,
-        res,
-        N, H, W, Cin, Ho, Wo, Cout, cin_g, Cout // groups, stride, padding,
-        KSIZE=ksize,
-        IN_AFFINE=in_scale is not None, IN_RELU=in_relu,
-        OUT_AFFINE=out_scale is not None, HAS_RESIDUAL=residual is not None, OUT_RELU=out_relu,
-        STATS=stats, ALLOW_TF32=allow_tf32(x.dtype),
-        **cfg,
-        **dict(zip(("w_stride_tap", "w_stride_ci", "w_stride_co"), weight_strides(w))),
-        **(dict(sq_part_ptr=sq_part, sq_slots=sq_slots, SQUEEZE=True) if sq_part is not None else {}),
-        **(dict(in_gate_ptr=_f32(in_gate.reshape(N, Cin)), IN_GATE=True) if in_gate is not None else {}),
-    )
+    y, part_mean, part_m2, sq_part, (M, block_m, hw) = _launch(
+        x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu, out_scale, out_shift, residual,
+        out_relu, stats, squeeze_sums is not None, in_gate)
     if sq_part is not None:
         from .squeeze_excite import merge_squeeze_sums
-        merge_squeeze_sums(squeeze_sums, sq_part, Ho * Wo, cfg["BLOCK_M"])
+        merge_squeeze_sums(squeeze_sums, sq_part, hw, block_m)
     if stats:
-        return (y, *bn_finalize(part_mean, part_m2, M, cfg["BLOCK_M"], bn_weight, bn_bias, running_mean,
+        return (y, *bn_finalize(part_mean, part_m2, M, block_m, bn_weight, bn_bias, running_mean,
                                 running_var, num_batches_tracked, momentum, eps, group_name))
     # distinct empties: op outputs may not alias
     empty = y.new_empty
     return y, empty(0, dtype=torch.float32), empty(0, dtype=torch.float32), empty(0, dtype=torch.float32), \
         empty(0, dtype=torch.float32)
-
-
-@functools.lru_cache(maxsize=4096)
-def _eval_launch_consts(N: int, H: int, W: int, Cin: int, Cout: int, cin_g: int, groups: int, ksize: int,
-                        stride: int, padding: int, dtype: torch.dtype, in_affine: bool, in_relu: bool,
-                        out_affine: bool, has_residual: bool, out_relu: bool, tf32: bool,
-                        w_strides: Tuple[int, int, int], interpret: bool):
-    """The constant part of an eval forward launch (no statistics, no squeeze, no gate): the
-    output shape, the grid and the keyword arguments after the ten pointers, per shape, dtype
-    and flags (host time: ~40 arguments built per call otherwise)."""
-    Ho, Wo = out_size(H, ksize, stride, padding), out_size(W, ksize, stride, padding)
-    cfg = conv_config(N * Ho * Wo, Cout, cin_g, Cout // groups, dtype)
-    grid = (cdiv(N * Ho * Wo, cfg["BLOCK_M"]), cdiv(Cout, cfg["BLOCK_N"]))
-    kwargs = dict(N=N, H=H, W=W, Cin=Cin, Ho=Ho, Wo=Wo, Cout=Cout, CIN_G=cin_g, COUT_G=Cout // groups,
-                  stride=stride, padding=padding, KSIZE=ksize, IN_AFFINE=in_affine, IN_RELU=in_relu,
-                  OUT_AFFINE=out_affine, HAS_RESIDUAL=has_residual, OUT_RELU=out_relu, STATS=False,
-                  ALLOW_TF32=tf32, **cfg, w_stride_tap=w_strides[0], w_stride_ci=w_strides[1],
-                  w_stride_co=w_strides[2])
-    return (N, Cout, Ho, Wo), grid, kwargs
 
 
 def conv_bn_act_eval(
@@ -390,27 +339,76 @@ def conv_bn_act_eval(
 ) -> Tensor:
     """y of ``conv_bn_act_forward`` without statistics (an eval-mode stage) when nothing is
     recorded (no autograd, no torch.compile trace): the same launch, without the op's four
-    empty statistics outputs and with the launch's constant arguments memoised."""
+    empty statistics outputs."""
     if not use_triton(x) or x.dtype == torch.float64:
         return conv_bn_act_forward(x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu,
                                    out_scale, out_shift, residual, out_relu, False, None, None, None, None,
                                    None, None, 0.0)[0]
+    return _launch(x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu, out_scale, out_shift,
+                   residual, out_relu, False, False, None)[0]
+
+
+@functools.lru_cache(maxsize=4096)
+def _launch_consts(N: int, H: int, W: int, Cin: int, Cout: int, cin_g: int, groups: int, ksize: int,
+                   stride: int, padding: int, dtype: torch.dtype, in_affine: bool, in_relu: bool,
+                   out_affine: bool, has_residual: bool, out_relu: bool, stats: bool, squeeze: bool,
+                   in_gate: bool, tf32: bool, w_strides: Tuple[int, int, int], interpret: bool):
+    """The constant part of a forward launch, per shape, dtype and flags (host time: ~40
+    arguments built per call otherwise): the output shape, the grid, the keyword arguments
+    after the ten pointers, the partials' shapes and (M, BLOCK_M, Ho*Wo)."""
+    del interpret  # conv_config reads it: a part of the key
+    Ho, Wo = out_size(H, ksize, stride, padding), out_size(W, ksize, stride, padding)
+    M = N * Ho * Wo
+    cfg = conv_config(M, Cout, cin_g, Cout // groups, dtype)
+    n_row_blocks = cdiv(M, cfg["BLOCK_M"])
+    grid = (n_row_blocks, cdiv(Cout, cfg["BLOCK_N"]))
+    kwargs = dict(N=N, H=H, W=W, Cin=Cin, Ho=Ho, Wo=Wo, Cout=Cout, CIN_G=cin_g, COUT_G=Cout // groups,
+                  stride=stride, padding=padding, KSIZE=ksize, IN_AFFINE=in_affine, IN_RELU=in_relu,
+                  OUT_AFFINE=out_affine, HAS_RESIDUAL=has_residual, OUT_RELU=out_relu, STATS=stats,
+                  ALLOW_TF32=tf32, **cfg, w_stride_tap=w_strides[0], w_stride_ci=w_strides[1],
+                  w_stride_co=w_strides[2])
+    sq_shape = None
+    if squeeze:  # images one row block can touch: at most N
+        sq_slots = min(N, (cfg["BLOCK_M"] - 1) // (Ho * Wo) + 2)
+        sq_shape = (n_row_blocks, sq_slots, Cout)
+        kwargs.update(sq_slots=sq_slots, SQUEEZE=True)
+    if in_gate:
+        kwargs.update(IN_GATE=True)
+    return (N, Cout, Ho, Wo), grid, kwargs, (n_row_blocks, Cout) if stats else None, sq_shape, \
+        (M, cfg["BLOCK_M"], Ho * Wo)
+
+
+def _launch(x: Tensor, weight: Tensor, packed: Optional[Tensor], stride: int, padding: int, groups: int,
+            in_scale: Optional[Tensor], in_shift: Optional[Tensor], in_relu: bool,
+            out_scale: Optional[Tensor], out_shift: Optional[Tensor], residual: Optional[Tensor], out_relu: bool,
+            stats: bool, squeeze: bool, in_gate: Optional[Tensor]):
+    """One ``conv_bn_act_fwd_kernel`` launch: (y, statistics partials or None (x2), squeeze
+    partials or None, (M, BLOCK_M, Ho*Wo))."""
     x = _channels_last(x)
     w = weight_operand(weight, packed, x.dtype)
     N, Cin, H, W = x.shape
     Cout, cin_g, ksize, _ = weight.shape
-    shape, grid, kwargs = _eval_launch_consts(
+    y_shape, grid, kwargs, part_shape, sq_shape, sizes = _launch_consts(
         N, H, W, Cin, Cout, cin_g, groups, ksize, stride, padding, x.dtype, in_scale is not None, in_relu,
-        out_scale is not None, residual is not None, out_relu, allow_tf32(x.dtype), weight_strides(w),
-        _runtime.INTERPRET)
-    y = torch.empty(shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+        out_scale is not None, residual is not None, out_relu, stats, squeeze, in_gate is not None,
+        allow_tf32(x.dtype), weight_strides(w), _runtime.INTERPRET)
+    y = torch.empty(y_shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    part_mean = part_m2 = sq_part = None
+    if part_shape is not None:
+        part_mean = torch.empty(part_shape, device=x.device, dtype=torch.float32)
+        part_m2 = torch.empty(part_shape, device=x.device, dtype=torch.float32)
+    extra = {}
+    if sq_shape is not None:
+        sq_part = extra["sq_part_ptr"] = torch.empty(sq_shape, device=x.device, dtype=torch.float32)
+    if in_gate is not None:
+        extra["in_gate_ptr"] = _f32(in_gate.reshape(N, Cin))
     conv_bn_act_fwd_kernel[grid](
-        y, y, y, x, w,  # (the statistics partials are never read: STATS is off)
-        _f32(in_scale) if in_scale is not None else y, _f32(in_shift) if in_shift is not None else y,
-        _f32(out_scale) if out_scale is not None else y, _f32(out_shift) if out_shift is not None else y,
-        _channels_last(residual) if residual is not None else y,
-        **kwargs)
-    return y
+        y, y if part_mean is None else part_mean, y if part_m2 is None else part_m2, x, w,  # (y: never read)
+        y if in_scale is None else _f32(in_scale), y if in_shift is None else _f32(in_shift),
+        y if out_scale is None else _f32(out_scale), y if out_shift is None else _f32(out_shift),
+        y if residual is None else _channels_last(residual),
+        **kwargs, **extra)
+    return y, part_mean, part_m2, sq_part, sizes
 
 
 # --------------------------------------------------------------------------------------

@@ -23,10 +23,13 @@ from torch import nn
 
 
 from kernels import sync_bn
+from kernels.batchnorm import check_batch_stats
+from kernels.bottleneck import BottleneckFn, StageConf
+from kernels.conv_bn_act import check_conv_inputs, out_size, packed_weight
 
 from . import gates
-from .modules import FusedSequential, conv_bn_stage, finish, fusable, like_input, runs_eager
-from .norms import conv_norm_pair, is_noop, module_attr, norm_act
+from .modules import FusedSequential, _compute_dtype, conv_bn_stage, finish, fusable, like_input, runs_eager
+from .norms import conv_norm_pair, is_noop, module_attr, norm_act, norm_view
 
 # timm's optional pieces: each is fused when it is a no-op or one the fused path applies
 # (gates.extra_is_fusable: an SE/ECA gate before the residual add, drop_path, an inactive drop_block).
@@ -125,6 +128,10 @@ class FusedBottleneck(nn.Module):
         gated = gates.has_gate(self)
         if gated and sync_bn.group_name(bn3) is not None:
             return self._eager_forward(x)  # the squeeze path has no cross-rank statistics (yet)
+        if not gated:
+            out = one_node_train_block(self, x, conv1, bn1, conv2, bn2, conv3, bn3)
+            if out is not None:
+                return like_input(out, x, conv1.weight, conv2.weight, conv3.weight)
         out = conv_bn_stage(x, conv1, bn1, relu=True)
         out = conv_bn_stage(out, conv2, bn2, relu=True)
 
@@ -136,6 +143,49 @@ class FusedBottleneck(nn.Module):
         else:
             out = conv_bn_stage(out, conv3, bn3, relu=True, residual=make_identity())
         return like_input(finish(out), x, conv1.weight, conv2.weight, conv3.weight)
+
+
+def one_node_train_block(block: nn.Module, x: torch.Tensor, conv1, bn1, conv2, bn2, conv3, bn3):
+    """An ungated block's output through ``kernels.bottleneck.BottleneckFn`` (one autograd node,
+    the per-stage path's launches) when autograd records and every BN uses batch statistics on
+    this rank alone, with the identity or a fused conv + BN as the shortcut; else None (the
+    per-stage path decides, and raises what it raises).  Not while torch.compile traces: it
+    sees the per-stage operators."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    stages = [(conv1, bn1), (conv2, bn2), (conv3, bn3)]
+    ds = module_attr(block, "downsample")
+    if ds is not None:
+        split = split_downsample(ds)
+        if split is None or split[0] is not None:  # on PyTorch, or an avg_down pool before the conv
+            return None
+        stages.append(split[1:])
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        return None
+    check_conv_inputs(x, conv1.weight, conv1.stride[0], conv1.padding[0], conv1.groups, same_dtype=False)
+    dtype = _compute_dtype(x, conv1.weight)  # (the per-stage path's checks, in its order)
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return None
+    N, _, h, w = x.shape
+    confs, params = [], []
+    for i, (conv, bn) in enumerate(stages):
+        if i == 3:  # the downsample reads x
+            h, w = x.shape[2], x.shape[3]
+        weight = conv.weight
+        norm = norm_view(bn)
+        if (weight.dtype != conv1.weight.dtype or not norm.batch_stats or (i == 3 and norm.relu)
+                or sync_bn.group_name(bn) is not None):
+            return None
+        k, stride, padding = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+        h, w = out_size(h, k, stride, padding), out_size(w, k, stride, padding)
+        check_batch_stats(bn, N * h * w)
+        confs.append(StageConf(packed_weight(weight, dtype), stride, padding, conv.groups, norm.running_mean,
+                               norm.running_var, norm.num_batches_tracked, norm.momentum, norm.eps))
+        params += [weight, norm.weight, norm.bias]
+    if ds is None:
+        confs.append(None)
+        params += [None, None, None]
+    return BottleneckFn.apply(x, *params, tuple(confs), dtype)
 
 
 def fuse_sequential(seq: nn.Sequential) -> nn.Module:

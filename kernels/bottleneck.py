@@ -1,0 +1,129 @@
+"""A train-mode bottleneck as one autograd node (host time, issue 13).
+
+The launches are those of the per-stage path (``resnext.modules.conv_bn_stage`` + ``finish``):
+conv1, conv2 and conv3 (and the downsample's conv), each writing its statistics partials and
+followed by one finalize launch, then one ``bn_act`` pass (bn3 + the shortcut, with its own BN
++ ReLU); in the backward their passes, in reverse.  Only the host side changes: one
+``autograd.Function`` call and one backward node for the whole block instead of one per
+convolution and one for the final pass (a Function call with ~20 arguments costs ~10-30 us of
+host time, each node's backward ~10 us), and the stages' pending outputs (z, scale, shift)
+never leave it.
+
+The backward applies the per-stage formulas (``conv_bn_act._backward`` and
+``batchnorm._bn_act_backward``) to stand-ins for their autograd contexts, wired as autograd
+wires the per-stage Functions: each stage receives the gradients of its z and of its BN's
+(scale, shift) from the stage that consumed them, and the needs of each input follow
+autograd's rule (an output requires grad when any input of its Function does).
+
+Only for the plain case: every BN on batch statistics on one rank, no gate, the shortcut the
+identity or a fused conv + BN.  ``resnext.blocks.FusedBottleneck`` takes the per-stage path
+otherwise, and while torch.compile traces (it sees the per-stage custom operators).
+"""
+import functools
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+
+from .batchnorm import _bn_act_backward, bn_act_forward
+from .conv_bn_act import _BETA, _GAMMA, _IN_SCALE, _IN_SHIFT, _W, _X, check_conv_inputs, conv_bn_act_forward
+from .conv_bn_act import _backward as conv_backward
+
+Tensor = torch.Tensor
+
+
+class StageConf(NamedTuple):
+    """The non-differentiable part of one convolution + batch-statistics BN of the block."""
+    packed: Optional[Tensor]  # the packed (and cast) weight, or None: the kernels read the weight
+    stride: int
+    padding: int
+    groups: int
+    running_mean: Optional[Tensor]  # updated in place by the finalize launch (None: not tracked)
+    running_var: Optional[Tensor]
+    num_batches_tracked: Optional[Tensor]
+    momentum: Optional[float]
+    eps: float
+
+
+class _Ctx:
+    """What ``conv_bn_act._backward`` and ``batchnorm._bn_act_backward`` read of an autograd ctx."""
+    __slots__ = ("saved_tensors", "conf", "needs_input_grad", "group_name", "relu")
+
+    def __init__(self, saved, conf, needs, relu=False):
+        self.saved_tensors, self.conf, self.needs_input_grad = saved, conf, needs
+        self.group_name, self.relu = None, relu
+
+
+@functools.lru_cache(maxsize=64)
+def _conv_needs(x: bool, w: bool, affine_in: bool, gamma: bool, beta: bool) -> Tuple[bool, ...]:
+    """``needs_input_grad`` of a ConvBNActFn call (its 21 arguments) from the five that matter here."""
+    need = [False] * 21
+    need[_X], need[_W], need[_GAMMA], need[_BETA] = x, w, gamma, beta
+    need[_IN_SCALE] = need[_IN_SHIFT] = affine_in
+    return tuple(need)
+
+
+def _stage_forward(x, weight, gamma, beta, c: StageConf, in_scale, in_shift):
+    check_conv_inputs(x, weight, c.stride, c.padding, c.groups, same_dtype=False)
+    return conv_bn_act_forward(x, weight, c.packed, c.stride, c.padding, c.groups, in_scale, in_shift,
+                               in_scale is not None, None, None, None, False, True, gamma, beta, c.running_mean,
+                               c.running_var, c.num_batches_tracked, c.momentum, c.eps)
+
+
+class BottleneckFn(torch.autograd.Function):
+    """``relu(bn3(conv3(relu(bn2(conv2(relu(bn1(conv1(x)))))))) + shortcut(x))``, every BN on
+    batch statistics; shortcut: x, or bn_d(conv_d(x)) when ``wd`` is given."""
+
+    @staticmethod
+    def forward(ctx, x, w1, g1, b1, w2, g2, b2, w3, g3, b3, wd, gd, bd, conf, dtype):
+        c1, c2, c3, cd = conf
+        xc = x if x.dtype == dtype else x.to(dtype)  # (as the per-stage path: autocast's dtype)
+        z1, m1, v1, s1, h1 = _stage_forward(xc, w1, g1, b1, c1, None, None)
+        z2, m2, v2, s2, h2 = _stage_forward(z1, w2, g2, b2, c2, s1, h1)
+        z3, m3, v3, s3, h3 = _stage_forward(z2, w3, g3, b3, c3, s2, h2)
+        zd = md = vd = sd = hd = None
+        if wd is not None:
+            zd, md, vd, sd, hd = _stage_forward(xc, wd, gd, bd, cd, None, None)
+        y = bn_act_forward(z3, s3, h3, xc if zd is None else zd, sd, hd, True)
+        ctx.save_for_backward(xc, w1, g1, z1, m1, v1, s1, h1, w2, g2, z2, m2, v2, s2, h2, w3, g3, z3, m3, v3,
+                              s3, h3, wd, gd, zd, md, vd, sd, hd, y)
+        ctx.conf, ctx.x_dtype = conf, x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (xc, w1, g1, z1, m1, v1, s1, h1, w2, g2, z2, m2, v2, s2, h2, w3, g3, z3, m3, v3, s3, h3, wd, gd, zd, md, vd,
+         sd, hd, y) = ctx.saved_tensors
+        c1, c2, c3, cd = ctx.conf
+        nx, nw1, ng1, nb1, nw2, ng2, nb2, nw3, ng3, nb3, nwd, ngd, nbd = ctx.needs_input_grad[:13]
+        # autograd's rule for the per-stage Functions: a stage's outputs require grad when any input does
+        r1 = nx or nw1 or ng1 or nb1
+        r2 = r1 or nw2 or ng2 or nb2
+        r3 = r2 or nw3 or ng3 or nb3
+        rd = (nx or nwd or ngd or nbd) if zd is not None else nx
+
+        def stage(saved_x, w, c, in_scale, in_shift, z, mean, var, gamma, needs):
+            return _Ctx((saved_x, w, c.packed, in_scale, in_shift, None, None, z, mean, var, gamma),
+                        (c.stride, c.padding, c.groups, in_scale is not None, False, False, True, c.eps), needs)
+
+        res = xc if zd is None else zd
+        dz3, ds3, dh3, dres, dsd, dhd, _ = _bn_act_backward(
+            _Ctx((z3, s3, res, sd, y), None, (r3, r3, r3, rd, rd and zd is not None, rd and zd is not None, False),
+                 relu=True), dy)
+        g = conv_backward(stage(z2, w3, c3, s2, h2, z3, m3, v3, g3, _conv_needs(r2, nw3, r2, ng3, nb3)),
+                           dz3, None, None, ds3, dh3)
+        dw3, dg3, db3 = g[_W], g[_GAMMA], g[_BETA]
+        g = conv_backward(stage(z1, w2, c2, s1, h1, z2, m2, v2, g2, _conv_needs(r1, nw2, r1, ng2, nb2)),
+                           g[_X], None, None, g[_IN_SCALE], g[_IN_SHIFT])
+        dw2, dg2, db2 = g[_W], g[_GAMMA], g[_BETA]
+        g = conv_backward(stage(xc, w1, c1, None, None, z1, m1, v1, g1, _conv_needs(nx, nw1, False, ng1, nb1)),
+                           g[_X], None, None, g[_IN_SCALE], g[_IN_SHIFT])
+        dx, dw1, dg1, db1 = g[_X], g[_W], g[_GAMMA], g[_BETA]
+        dwd = dgd = dbd = None
+        if zd is not None:
+            g = conv_backward(stage(xc, wd, cd, None, None, zd, md, vd, gd, _conv_needs(nx, nwd, False, ngd, nbd)),
+                               dres, None, None, dsd, dhd)
+            dres, dwd, dgd, dbd = g[_X], g[_W], g[_GAMMA], g[_BETA]
+        if nx:  # x feeds conv1 and the shortcut: summed as autograd would, after each one's cast to x's dtype
+            cast = lambda t: t if t.dtype == ctx.x_dtype else t.to(ctx.x_dtype)  # noqa: E731
+            dx = cast(dx) + cast(dres)
+        return (dx, dw1, dg1, db1, dw2, dg2, db2, dw3, dg3, db3, dwd, dgd, dbd, None, None)
