@@ -27,7 +27,7 @@ writes dw in the weight's memory layout: one launch, no float atomics, so the re
 bit-identical run to run.
 """
 import functools
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -250,8 +250,14 @@ def dgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dty
 
     The launcher and the offline-compilation test both use it: the test compiles exactly
     what runs.  ``w_strides``: the weight operand's (tap, ci, co) strides
-    (``conv_bn_act.weight_strides``); None: the packed layout.
+    (``conv_bn_act.weight_strides``); None: the packed layout.  Memoised: do not edit the
+    dicts it returns.
     """
+    return _memoised(_dgrad_launch, (N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype,
+                                     w_strides))[:3]
+
+
+def _dgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype, w_strides):
     cin_g, cout_g = Cin // groups, Cout // groups
     meta = dgrad_config(N, H, W, Cin, cin_g, cout_g, stride, dtype)
     s_tap, s_ci, s_co = w_strides if w_strides is not None else (cin_g * Cout, Cout, 1)
@@ -259,7 +265,38 @@ def dgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dty
                  stride=stride, padding=padding, w_stride_tap=s_tap, w_stride_ci=s_ci, w_stride_co=s_co)
     rows_per_class = N * cdiv(H, stride) * cdiv(W, stride)
     grid = (cdiv(rows_per_class, meta["BLOCK_M"]), cdiv(Cin, meta["BLOCK_N"]), stride * stride)
-    return grid, sizes, dict(KSIZE=ksize, ALLOW_TF32=allow_tf32(dtype), **meta)
+    meta = dict(KSIZE=ksize, ALLOW_TF32=allow_tf32(dtype), **meta)
+    return grid, sizes, meta, _launch_args(conv_dgrad_kernel, 3, {**sizes, **meta})
+
+
+def _launch_args(kernel, n_operands: int, kwargs: dict) -> Tuple[tuple, dict]:
+    """A launch's sizes and constexprs (``kwargs``) split into the positional arguments that
+    follow the kernel's first ``n_operands`` parameters (as far as ``kwargs`` has them) and
+    the rest, keywords: the same launch, but a tuple goes down Triton's call levels more
+    cheaply than ~40 keywords (~3 us of host time per launch, measured here)."""
+    names = []
+    for name in kernel.arg_names[n_operands:]:
+        if name not in kwargs:
+            break
+        names.append(name)
+    return tuple(kwargs[name] for name in names), {k: v for k, v in kwargs.items() if k not in names}
+
+
+_LAUNCHES = {}
+
+
+def _memoised(build, args: tuple) -> tuple:
+    """``build(*args)``, kept per arguments and the settings the launch configurations read
+    (every backward of every convolution asks; the callers may replace the config functions):
+    do not edit what it returns.  A ``_*_launch`` builder returns its public launcher's
+    tuple plus ``_launch_args`` of its kernel."""
+    key = (build, args, _runtime.INTERPRET, torch.backends.cudnn.allow_tf32, wgrad_config, dgrad_config)
+    launch = _LAUNCHES.get(key)
+    if launch is None:
+        if len(_LAUNCHES) > 4096:
+            _LAUNCHES.clear()
+        launch = _LAUNCHES[key] = build(*args)
+    return launch
 
 
 def _empty(shape, *, device, dtype, memory_format=torch.contiguous_format) -> Tensor:
@@ -270,13 +307,21 @@ def _empty(shape, *, device, dtype, memory_format=torch.contiguous_format) -> Te
 def _check_shapes(dz: Tensor, weight_shape: Sequence[int], H: int, W: int, stride: int, padding: int,
                   groups: int):
     """A mismatch would silently give a wrong gradient: raise instead."""
-    if dz.dim() != 4 or len(weight_shape) != 4 or weight_shape[2] != weight_shape[3]:
+    try:
+        _check_sizes(dz.shape, tuple(weight_shape), H, W, stride, padding, groups)  # memoised: every backward checks
+    except TypeError:  # a malformed argument: the check itself, unmemoised, says what is wrong with it
+        _check_sizes.__wrapped__(dz.shape, weight_shape, H, W, stride, padding, groups)
+
+
+@functools.lru_cache(maxsize=4096)  # a mismatch raises: not kept, raised again each call
+def _check_sizes(dz_shape, weight_shape, H, W, stride, padding, groups) -> None:
+    if len(dz_shape) != 4 or len(weight_shape) != 4 or weight_shape[2] != weight_shape[3]:
         raise ValueError(f"expected dz [N, Cout, Ho, Wo] and a square weight [Cout, Cin/groups, k, k], "
-                         f"got {list(dz.shape)} and {list(weight_shape)}")
+                         f"got {list(dz_shape)} and {list(weight_shape)}")
     k = weight_shape[2]
     expected = [weight_shape[0], (H + 2 * padding - k) // stride + 1, (W + 2 * padding - k) // stride + 1]
-    if groups < 1 or weight_shape[0] % groups or list(dz.shape[1:]) != expected:
-        raise ValueError(f"dz {list(dz.shape)} does not match a {k}x{k} convolution of a {H}x{W} input "
+    if groups < 1 or weight_shape[0] % groups or list(dz_shape[1:]) != expected:
+        raise ValueError(f"dz {list(dz_shape)} does not match a {k}x{k} convolution of a {H}x{W} input "
                          f"(stride {stride}, padding {padding}, groups {groups}, "
                          f"weight {list(weight_shape)})")
 
@@ -312,11 +357,11 @@ def conv_dgrad(dz: Tensor, weight: Tensor, input_hw: Sequence[int], stride: int,
 
     dz = _channels_last(dz)
     dx = _empty((N, Cin, H, W), device=dz.device, dtype=dz.dtype, memory_format=torch.channels_last)
-    from .conv_bn_act import weight_operand, weight_strides
+    weight_operand, weight_strides = _weight_helpers()
     w = weight_operand(weight, packed, dz.dtype)
-    grid, sizes, meta = dgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dz.dtype,
-                                     weight_strides(w))
-    conv_dgrad_kernel[grid](dx, dz, w, **sizes, **meta)
+    grid, _, _, (size_args, options) = _memoised(_dgrad_launch, (N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding,
+                                                                 groups, dz.dtype, weight_strides(w)))
+    conv_dgrad_kernel[grid](dx, dz, w, *size_args, **options)
     return dx
 
 
@@ -502,8 +547,14 @@ def wgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dty
 
     The number of splits (partial sums) is ``grid[2]``.  Shared with the offline
     compilation test, like ``dgrad_launch``.  ``dw_strides``: dw's four strides (the
-    weight's layout); None: contiguous.
+    weight's layout); None: contiguous.  Memoised: do not edit the dicts it returns.
     """
+    return _memoised(_wgrad_launch, (N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype, in_affine,
+                                     in_relu, dw_strides, in_gate))[:3]
+
+
+def _wgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype, in_affine, in_relu,
+                  dw_strides, in_gate):
     cin_g, cout_g = Cin // groups, Cout // groups
     M = N * Ho * Wo
     meta = wgrad_config(M, Cout, cin_g, cout_g, ksize)
@@ -516,8 +567,9 @@ def wgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dty
         meta["num_warps"] = max(meta["num_warps"], 8)
     splits = cdiv(M, rows_per_split)  # none empty
     grid = (cdiv(Cout, meta["BLOCK_CO"]) * n_ci_blocks, ksize * ksize, splits)
-    return grid, sizes, dict(KSIZE=ksize, ALLOW_TF32=allow_tf32(dtype), IN_AFFINE=in_affine,
-                             IN_RELU=in_relu, IN_GATE=in_gate and in_affine, **meta)
+    meta = dict(KSIZE=ksize, ALLOW_TF32=allow_tf32(dtype), IN_AFFINE=in_affine, IN_RELU=in_relu,
+                IN_GATE=in_gate and in_affine, **meta)
+    return grid, sizes, meta, _launch_args(conv_wgrad_kernel, 5, {**sizes, **meta})
 
 
 def conv_wgrad(dz: Tensor, a: Tensor, weight_shape: Sequence[int], stride: int, padding: int,
@@ -571,17 +623,26 @@ def conv_wgrad(dz: Tensor, a: Tensor, weight_shape: Sequence[int], stride: int, 
     dw = torch.empty_like(like, dtype=torch.float32) if like is not None else \
         _empty(tuple(weight_shape), device=dz.device, dtype=torch.float32)
     gated = affine and in_gate is not None
-    grid, sizes, meta = wgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dz.dtype,
-                                     affine, in_relu and affine, dw.stride(), gated)
-    # split partials, summed in the kernel by the last split of each tile (none with one split)
-    partials = _empty((grid[2], Cout, cin_g, ksize, ksize) if grid[2] > 1 else (0,), device=dz.device,
-                      dtype=torch.float32)
-    vec = lambda t: t.detach().float().contiguous() if affine else dw  # noqa: E731
+    grid, _, _, (size_args, options) = _memoised(_wgrad_launch, (N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding,
+                                                                 groups, dz.dtype, affine, in_relu and affine,
+                                                                 dw.stride(), gated))
+    # split partials, summed in the kernel by the last split of each tile (one split: dw itself
+    # is the partials operand, never read)
+    partials = _empty((grid[2], Cout, cin_g, ksize, ksize), device=dz.device, dtype=torch.float32) \
+        if grid[2] > 1 else dw
     counters = arrival_counters(dz.device, grid[0] * grid[1])  # (also unused: one pointer type, one binary)
-    gate = dict(in_gate_ptr=in_gate.detach().float().reshape(N, Cin).contiguous()) if gated else {}
-    conv_wgrad_kernel[grid](partials if grid[2] > 1 else dw, dz, a, vec(in_scale), vec(in_shift), **sizes, **meta,
-                            dw_ptr=dw, counter_ptr=counters, **gate)
+    gate = in_gate.detach().float().reshape(N, Cin).contiguous() if gated else None
+    # without the prologue dw stands in for the vectors (not read: one pointer type, one binary)
+    scale, shift = (_vector_operand(in_scale), _vector_operand(in_shift)) if affine else (dw, dw)
+    conv_wgrad_kernel[grid](partials, dz, a, scale, shift, *size_args, dw_ptr=dw, counter_ptr=counters,
+                            in_gate_ptr=gate, **options)
     return dw
+
+
+def _vector_operand(t: Tensor) -> Tensor:
+    """A per-channel vector as the kernels read it, fp32 contiguous: most already are, and are
+    passed as they are (no copy, and no detach: a Triton operand needs none)."""
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.detach().float().contiguous()
 
 
 # --------------------------------------------------------------------------------------
@@ -639,9 +700,6 @@ def conv_grads_kernel(
                        dw_stride_kh, dw_stride_kw, in_gate_ptr, IN_GATE)
 
 
-_GRADS_LAUNCHES = {}
-
-
 def grads_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype, in_affine=False,
                  in_relu=False, w_strides=None, dw_strides=None, in_gate=False, prologue_backward=False):
     """(grid, size arguments, constexprs and launch options, wgrad grid) of
@@ -649,15 +707,8 @@ def grads_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dty
     sizes of each, the larger warp count).  Shared with the offline compilation test.
     Memoised (every training backward of every convolution builds it): do not edit the
     dicts it returns."""
-    key = (N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype, in_affine, in_relu, w_strides,
-           dw_strides, in_gate, prologue_backward, _runtime.INTERPRET, torch.backends.cudnn.allow_tf32, wgrad_config,
-           dgrad_config)
-    launch = _GRADS_LAUNCHES.get(key)
-    if launch is None:
-        if len(_GRADS_LAUNCHES) > 4096:
-            _GRADS_LAUNCHES.clear()
-        launch = _GRADS_LAUNCHES[key] = _grads_launch(*key[:18])
-    return launch
+    return _memoised(_grads_launch, (N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype, in_affine,
+                                     in_relu, w_strides, dw_strides, in_gate, prologue_backward))[:4]
 
 
 def _grads_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype, in_affine, in_relu,
@@ -677,7 +728,7 @@ def _grads_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dt
                 num_stages=max(d_meta["num_stages"], w_meta["num_stages"]),
                 PRO_BWD=bool(prologue_backward and in_affine and not in_gate))
     grid = (dgrad_programs + w_grid[0] * w_grid[1] * w_grid[2],)
-    return grid, sizes, meta, w_grid
+    return grid, sizes, meta, w_grid, _launch_args(conv_grads_kernel, 9, {**sizes, **meta})
 
 
 @functools.lru_cache(maxsize=1)
@@ -728,24 +779,26 @@ def conv_grads(dz: Tensor, a: Tensor, weight: Tensor, stride: int, padding: int,
     dw = torch.empty_like(weight, dtype=torch.float32)
     affine = in_scale is not None
     gated = affine and in_gate is not None
-    grid, sizes, meta, w_grid = grads_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dz.dtype,
-                                             affine, in_relu and affine, weight_strides(w), dw.stride(), gated,
-                                             prologue_backward)
+    grid, sizes, _, w_grid, (size_args, options) = _memoised(_grads_launch, (
+        N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dz.dtype, affine, in_relu and affine,
+        weight_strides(w), dw.stride(), gated, prologue_backward))
     splits = w_grid[2]
     partials = _empty((splits, Cout, cin_g, ksize, ksize), device=dz.device, dtype=torch.float32) \
-        if splits > 1 else None  # (one split: dw itself is the partials operand, never read)
-    vec = lambda t: t.detach().float().contiguous() if affine else dw  # noqa: E731
+        if splits > 1 else dw  # (one split: dw itself is the partials operand, never read)
+    # without the prologue dw stands in for the vectors (not read: one pointer type, one binary)
+    scale, shift = (_vector_operand(in_scale), _vector_operand(in_shift)) if affine else (dw, dw)
     n_wc = w_grid[0] * w_grid[1]
     counters = arrival_counters(dz.device, n_wc + (sizes["dgrad_n_blocks"] if prologue_backward else 0))
-    gate = dict(in_gate_ptr=in_gate.detach().float().reshape(N, Cin).contiguous()) if gated else {}
-    pro = {}
+    gate = in_gate.detach().float().reshape(N, Cin).contiguous() if gated else None
+    sums = psum = pro_counters = None
     if prologue_backward:  # the prologue's backward: its own counters after the weight gradient's
         n_rows = sizes["dgrad_programs"] // sizes["dgrad_n_blocks"]
         sums = _empty((2, Cin), device=dz.device, dtype=torch.float32)
-        pro = dict(psum_ptr=_empty((2, n_rows, Cin), device=dz.device, dtype=torch.float32), sums_ptr=sums,
-                   pro_counter_ptr=counters[n_wc:])
-    conv_grads_kernel[grid](dx, partials if splits > 1 else dw, dw, counters, dz, w, a, vec(in_scale), vec(in_shift),
-                            **sizes, **meta, **gate, **pro)
+        psum = _empty((2, n_rows, Cin), device=dz.device, dtype=torch.float32)
+        pro_counters = counters[n_wc:]
+    # (None: the keyword arguments' defaults, as when they are left out)
+    conv_grads_kernel[grid](dx, partials, dw, counters, dz, w, a, scale, shift, *size_args, in_gate_ptr=gate,
+                            psum_ptr=psum, sums_ptr=sums, pro_counter_ptr=pro_counters, **options)
     return (dx, dw, sums) if prologue_backward else (dx, dw)
 
 
