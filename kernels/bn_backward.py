@@ -322,15 +322,17 @@ def image_launch_config(N: int, HW: int, C: int) -> dict:
 
 
 def _rows(t: Optional[Tensor]) -> Optional[Tensor]:
-    """[N, C, H, W] -> channels_last (no copy when it already is): its memory is the [M, C] matrix."""
+    """[N, C, H, W] -> channels_last (no copy when it already is): its memory is the [M, C] matrix.
+    (Already channels_last: ``contiguous`` returns ``t`` itself after a layout test, ~0.15 us.)"""
     return None if t is None else t.contiguous(memory_format=torch.channels_last)
 
 
-def _matrix_strides(t: Tensor) -> Optional[Tuple[int, int]]:
-    """(row, channel) element strides of [N, C, H, W] ``t`` read as an [M, C] matrix without a
-    copy (channels_last, or a broadcast such as the gradient of ``.sum()``), else None."""
-    N, C, H, W = t.shape
-    s_n, s_c, s_h, s_w = t.stride()
+def _matrix_strides(shape, strides) -> Optional[Tuple[int, int]]:
+    """(row, channel) element strides of an [N, C, H, W] tensor of these ``shape`` and ``strides``
+    read as an [M, C] matrix without a copy (channels_last, or a broadcast such as the gradient
+    of ``.sum()``), else None."""
+    N, C, H, W = shape
+    s_n, s_c, s_h, s_w = strides
     s_m = s_w
     if (H == 1 or s_h == W * s_m) and (N == 1 or s_n == H * W * s_m):
         return s_m, s_c
@@ -338,24 +340,101 @@ def _matrix_strides(t: Tensor) -> Optional[Tuple[int, int]]:
 
 
 def _vec(t: Optional[Tensor]) -> Optional[Tensor]:
-    if t is None:
-        return None
-    t = t.detach()
-    return t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
+    """A [C] vector as the kernel reads it: fp32, contiguous.  Already so: ``t`` itself (the
+    launch reads its memory, no detach needed); else a converted copy of its detached view."""
+    if t is None or (t.dtype == torch.float32 and t.is_contiguous()):
+        return t
+    return t.detach().float().contiguous()
 
 
-def _shape_of(*ts: Optional[Tensor]):
+def _shape_source(*ts: Optional[Tensor]) -> Tensor:
+    """The first [N, C, H, W] tensor: the outputs' shape and device."""
     for t in ts:
         if t is not None and t.dim() == 4:
-            return t.shape, t.device
+            return t
     raise ValueError("bn_backward needs at least one [N, C, H, W] tensor")
 
 
-def _new_grad(shape, device, dtype: Optional[torch.dtype]) -> Tensor:
-    """A channels_last output, or an empty placeholder when not asked for (op outputs cannot be None)."""
+def _new_grad(like: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
+    """A channels_last output of ``like``'s shape and device, or an empty placeholder when not
+    asked for (op outputs cannot be None).  (``empty_like`` with an explicit memory format is
+    ``torch.empty(like.shape, device=like.device, ...)``, at half its host time.)"""
     if dtype is None:
-        return torch.empty(0, device=device)
-    return torch.empty(shape, device=device, dtype=dtype, memory_format=torch.channels_last)
+        return torch.empty(0, device=like.device)
+    return torch.empty_like(like, dtype=dtype, memory_format=torch.channels_last)
+
+
+# The launch passes its leading arguments by position (keywords cost ~3x the host time in
+# a launch call): the pointers dz_ptr ... dparam_ptr, then these, then keywords (``_Launch.options``).
+_LEAD_ARGS = ("M", "C", "rows_per_prog", "count", "eps", "HAS_DY", "RELU_MODE", "SCALE", "STATS", "STAT_DMV",
+              "STAT_DAFF", "STAT_GAMMA", "WRITE_DZ", "WRITE_DRES", "RES_SCALE", "SUM_G", "SUM_V", "SUM_R",
+              "BLOCK_M", "BLOCK_C", "sums_ptr", "counter_ptr", "dy_stride_m", "dy_stride_c")
+_POINTERS = bn_backward_kernel.arg_names.index("M")
+assert tuple(bn_backward_kernel.arg_names[_POINTERS:_POINTERS + len(_LEAD_ARGS)]) == _LEAD_ARGS
+
+
+class _Launch(NamedTuple):
+    """What a launch of ``bn_backward_impl`` needs beyond its tensors (see ``_launch_plan``)."""
+    M: int
+    N: int
+    C: int
+    grid: Tuple[int, int]
+    sizes: tuple  # the values of M, C, rows_per_prog, count (then eps, per call)
+    flags: tuple  # HAS_DY ... BLOCK_C, as in _LEAD_ARGS (then sums_ptr, counter_ptr)
+    dy_strides: Tuple[int, int]
+    options: dict  # the launch's other keyword arguments that are not tensors (shared: never mutated)
+    sums_shape: Tuple[int, int]  # [slots, C]
+    part_shape: Optional[Tuple[int, int, int]]  # [slots, row runs, C] partials; None: none needed
+    dy_copy: bool  # dy cannot be read as an [M, C] matrix in place: copy it to channels_last
+    any_sum: bool
+    stat_dmv: bool
+    stat_daff: bool
+    progs_per_image: int  # (DGATE)
+
+
+@functools.lru_cache(maxsize=4096)
+def _launch_plan(shape: torch.Size, dy_layout: Optional[Tuple[torch.Size, Tuple[int, ...]]], has_relu_src: bool,
+                 has_relu_scale: bool, has_scale: bool, stats: bool, has_dmv: bool, has_daff: bool, has_gamma: bool,
+                 has_res_scale: bool, has_v: bool, v_is_relu_src: bool, has_r: bool, sum_g: bool, write_dz: bool,
+                 write_dres: bool, gated: bool, dgate_on: bool, image_add: bool, image_mask: bool,
+                 sum_g_twice: bool, target_programs: int, interpret: bool) -> _Launch:
+    """The launch of ``bn_backward_impl`` as a function of its operands' shapes, dy's strides
+    (``dy_layout``: (shape, strides), None without dy), which operands are present, and the
+    flags (memoised: host time, every BN backward pass).  ``target_programs`` and
+    ``interpret``: ``TARGET_PROGRAMS`` and ``_runtime.INTERPRET``, which the configuration reads."""
+    del target_programs, interpret  # read by launch_config: parts of the key
+    N, C, H, W = shape
+    M = N * H * W
+    cfg = image_launch_config(N, H * W, C) if dgate_on else launch_config(M, C)
+    runs = cfg["grid"][0]
+    stat_dmv = stats and has_dmv
+    stat_daff = stats and has_daff
+    sum_v = 2 if v_is_relu_src else 1 if has_v else 0
+    if v_is_relu_src and (not has_relu_scale or not has_relu_src):
+        raise ValueError("v_is_relu_src needs the affine ReLU mask (relu_src, relu_scale, relu_shift)")
+    any_sum = sum_g or sum_v != 0 or has_r
+    # row-run partials (summed in the launch by the last run of each channel block); a fourth
+    # slot, the sum of the un-gated g, with a gate (or a copy of sum g: sum_g_twice)
+    sum_g_twice = sum_g_twice and sum_g and not gated
+    slots = 4 if (gated and sum_g) or sum_g_twice else 3
+    part_shape = (slots, runs, C) if any_sum and runs > 1 and C > 0 else None
+    dy_strides = _matrix_strides(*dy_layout) if dy_layout is not None else (0, 0)
+    dy_copy = dy_strides is None
+    if dy_copy:
+        dy_strides = (C, 1)
+    relu_mode = RELU_NONE if not has_relu_src else RELU_AFFINE if has_relu_scale else RELU_OUTPUT
+    flags = (dy_layout is not None, relu_mode, has_scale, stats, stat_dmv, stat_daff, stat_daff and has_gamma,
+             write_dz, write_dres, has_res_scale, sum_g, sum_v, has_r, cfg["BLOCK_M"], cfg["BLOCK_C"])
+    options = dict(num_warps=cfg["num_warps"])
+    if gated or image_add:
+        options.update(HW=H * W, progs_per_image=cfg.get("progs_per_image", 1),
+                       GATE=gated, DGATE=dgate_on, IMG_ADD=image_add)
+    if image_mask:
+        options.update(IMG_MASK=True)
+    if sum_g_twice:
+        options.update(SUM_G_TWICE=True)
+    return _Launch(M, N, C, cfg["grid"], (M, C, cfg["rows_per_prog"], float(M)), flags, dy_strides, options,
+                   (slots, C), part_shape, dy_copy, any_sum, stat_dmv, stat_daff, cfg.get("progs_per_image", 1))
 
 
 def bn_backward_impl(
@@ -371,45 +450,36 @@ def bn_backward_impl(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """See ``bn_backward``.  Returns (dz or empty, dres or empty, sums [3, C] fp32,
     [d gamma, d beta] [2, C] fp32 or empty, d gate [N, C] fp32 or empty)."""
-    shape, device = _shape_of(dy, relu_src, z, v, r)
-    N, C, H, W = shape
-    M = N * H * W
+    src = _shape_source(dy, relu_src, z, v, r)
+    device = src.device
     dgate_on = gate_shift is not None
     if dgate_on and (gate is None or (v is None and relu_scale is None) or scale is None or z is not None):
         raise ValueError("the gate's gradient needs the gate, v = the BN input, its scale and no statistics terms")
-    cfg = image_launch_config(N, H * W, C) if dgate_on else launch_config(M, C)
-    runs = cfg["grid"][0]
-    dz, dres = _new_grad(shape, device, dz_dtype), _new_grad(shape, device, dres_dtype)
+    dz, dres = _new_grad(src, dz_dtype), _new_grad(src, dres_dtype)
     stats = z is not None
-    stat_dmv = stats and (dmean is not None or dvar is not None)
-    stat_daff = stats and (dscale is not None or dshift is not None)
+    plan = _launch_plan(
+        src.shape, None if dy is None else (dy.shape, dy.stride()), relu_src is not None, relu_scale is not None,
+        scale is not None, stats, dmean is not None or dvar is not None, dscale is not None or dshift is not None,
+        gamma is not None, res_scale is not None, v is not None, v_is_relu_src, r is not None, sum_g,
+        dz_dtype is not None, dres_dtype is not None, gate is not None, dgate_on, image_add is not None,
+        image_mask_src is not None, sum_g_twice, TARGET_PROGRAMS, _runtime.INTERPRET)
+    stat_dmv, stat_daff = plan.stat_dmv, plan.stat_daff
     if stat_dmv and (dmean is None or dvar is None):  # one of the two missing: a zero term
         dmean = dmean if dmean is not None else torch.zeros_like(dvar)
         dvar = dvar if dvar is not None else torch.zeros_like(dmean)
     if stat_daff and (dscale is None or dshift is None):
         dscale = dscale if dscale is not None else torch.zeros_like(dshift)
         dshift = dshift if dshift is not None else torch.zeros_like(dscale)
-    sum_v = 2 if v_is_relu_src else 1 if v is not None else 0
-    if v_is_relu_src and (relu_scale is None or relu_src is None):
-        raise ValueError("v_is_relu_src needs the affine ReLU mask (relu_src, relu_scale, relu_shift)")
-    any_sum = sum_g or sum_v != 0 or r is not None
-    # row-run partials (summed in the launch by the last run of each channel block); a fourth
-    # slot, the sum of the un-gated g, with a gate (or a copy of sum g: sum_g_twice)
-    sum_g_twice = sum_g_twice and sum_g and gate is None
-    slots = 4 if (gate is not None and sum_g) or sum_g_twice else 3
-    part = torch.empty((slots, runs, C), device=device, dtype=torch.float32) if any_sum and runs > 1 else None
-    sums = torch.empty((slots, C), device=device, dtype=torch.float32)  # every slot is written when asked
-    dparam = torch.empty((2, C) if stat_daff else (0,), device=device, dtype=torch.float32)
-    dy_strides = _matrix_strides(dy) if dy is not None else (0, 0)
-    if dy_strides is None:
+    part = torch.empty(plan.part_shape, device=device, dtype=torch.float32) if plan.part_shape is not None else None
+    sums = torch.empty(plan.sums_shape, device=device, dtype=torch.float32)  # every slot is written when asked
+    dparam = torch.empty((2, plan.C), device=device, dtype=torch.float32) if stat_daff else sums.new_empty(0)
+    if plan.dy_copy:
         dy = _rows(dy)
-        dy_strides = (C, 1)
-    relu_src, z, v, r, image_mask_src = map(_rows, (relu_src, z, v, r, image_mask_src))
+    relu_src, z, v, r, image_mask_src = _rows(relu_src), _rows(z), _rows(v), _rows(r), _rows(image_mask_src)
     v = z if stats else v  # the kernel reads z through v_ptr
-    relu_mode = RELU_NONE if relu_src is None else RELU_AFFINE if relu_scale is not None else RELU_OUTPUT
     dummy = sums  # any pointer for operands a constexpr switches off
     pick = lambda t: dummy if t is None else t  # noqa: E731
-    dgate_part = torch.empty((runs, C), device=device, dtype=torch.float32) if dgate_on else None
+    dgate_part = torch.empty((plan.grid[0], plan.C), device=device, dtype=torch.float32) if dgate_on else None
     gate_args = {}
     if gate is not None or image_add is not None:
         gate2 = gate.reshape(gate.shape[0], -1) if gate is not None else None  # [N, C] or [N, 1]
@@ -417,44 +487,37 @@ def bn_backward_impl(
             gate_ptr=pick(gate2), gate_sn=gate2.stride(0) if gate2 is not None else 0,
             gate_sc=(gate2.stride(1) if gate2.shape[1] > 1 else 0) if gate2 is not None else 0,
             shift_ptr=pick(_vec(gate_shift)), dgate_ptr=dgate_part if dgate_on else dummy,
-            img_ptr=pick(_vec(image_add)), HW=H * W, progs_per_image=cfg.get("progs_per_image", 1),
-            GATE=gate is not None, DGATE=dgate_on, IMG_ADD=image_add is not None)
+            img_ptr=pick(_vec(image_add)))
     if image_mask_src is not None:
         if image_add is None or image_mask_scale is None or image_mask_shift is None:
             raise ValueError("the image add's mask needs image_add, image_mask_scale and image_mask_shift")
         gate_args.update(img_src_ptr=image_mask_src, img_scale_ptr=_vec(image_mask_scale),
-                         img_shift_ptr=_vec(image_mask_shift), IMG_MASK=True)
+                         img_shift_ptr=_vec(image_mask_shift))
+    M = plan.M
     if M > 0:
-        bn_backward_kernel[cfg["grid"]](
-            dz if dz_dtype is not None else dummy, dres if dres_dtype is not None else dummy,
-            part if part is not None and part.numel() else dummy,
+        bn_backward_kernel[plan.grid](
+            dz if dz_dtype is not None else dummy, dres if dres_dtype is not None else dummy, pick(part),
             pick(dy), pick(relu_src), pick(_vec(relu_scale)), pick(_vec(relu_shift)), pick(v), pick(r),
             pick(_vec(scale)), pick(_vec(res_scale)),
             pick(_vec(mean) if stats else None), pick(_vec(var) if stat_daff else None),
             pick(_vec(dmean) if stat_dmv else None), pick(_vec(dvar) if stat_dmv else None),
             pick(_vec(dscale) if stat_daff else None), pick(_vec(dshift) if stat_daff else None),
             pick(gamma if stat_daff else None), dparam,
-            M, C, cfg["rows_per_prog"], float(M), float(eps),
-            HAS_DY=dy is not None, RELU_MODE=relu_mode, SCALE=scale is not None, STATS=stats,
-            STAT_DMV=stat_dmv, STAT_DAFF=stat_daff, STAT_GAMMA=stat_daff and gamma is not None,
-            WRITE_DZ=dz_dtype is not None, WRITE_DRES=dres_dtype is not None, RES_SCALE=res_scale is not None,
-            SUM_G=sum_g, SUM_V=sum_v, SUM_R=r is not None,
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
+            *plan.sizes, float(eps), *plan.flags,
             # (counters passed even when unused: one pointer type, so one binary for every batch size)
-            sums_ptr=sums, counter_ptr=arrival_counters(device, cfg["grid"][1]),
-            dy_stride_m=dy_strides[0], dy_stride_c=dy_strides[1],
-            **gate_args, **(dict(SUM_G_TWICE=True) if sum_g_twice else {}),
+            sums, arrival_counters(device, plan.grid[1]), *plan.dy_strides,
+            **plan.options, **gate_args,
         )
-    elif any_sum:
+    elif plan.any_sum:
         sums.zero_()
     if stat_daff and M == 0:
         dparam.zero_()
     if dgate_on:  # per-image programs -> [N, C], in a fixed order
-        per_image = cfg["progs_per_image"]
+        N, C, per_image = plan.N, plan.C, plan.progs_per_image
         dgate = dgate_part.new_zeros((N, C)) if M == 0 else dgate_part.view(N, C) if per_image == 1 \
             else dgate_part.view(N, per_image, C).sum(dim=1)
     else:
-        dgate = torch.empty(0, device=device, dtype=torch.float32)
+        dgate = sums.new_empty(0)
     return dz, dres, sums, dparam, dgate
 
 
@@ -466,9 +529,10 @@ bn_backward_op = torch.library.custom_op("resnext::bn_backward", bn_backward_imp
 def _(dy, relu_src, relu_scale, relu_shift, scale, z, mean, var, dmean, dvar, dscale, dshift, gamma, eps,
       res_scale, v, v_is_relu_src, r, sum_g, dz_dtype, dres_dtype, gate=None, gate_shift=None, image_add=None,
       image_mask_src=None, image_mask_scale=None, image_mask_shift=None, sum_g_twice=False):
-    shape, device = _shape_of(dy, relu_src, z, v, r)
+    src = _shape_source(dy, relu_src, z, v, r)
+    shape, device = src.shape, src.device
     daff = z is not None and (dscale is not None or dshift is not None)
-    return (_new_grad(shape, device, dz_dtype), _new_grad(shape, device, dres_dtype),
+    return (_new_grad(src, dz_dtype), _new_grad(src, dres_dtype),
             torch.empty((4 if sum_g and (gate is not None or sum_g_twice) else 3, shape[1]), device=device,
                         dtype=torch.float32),
             torch.empty((2, shape[1]) if daff else (0,), device=device, dtype=torch.float32),
@@ -501,6 +565,9 @@ class StatsGrad(NamedTuple):
     dshift: Optional[Tensor] = None
     gamma: Optional[Tensor] = None  # the BN weight (None: affine=False)
     eps: float = 1e-5
+
+
+_NO_STATS = StatsGrad(None, None, None)  # (immutable: no tensors)
 
 
 def bn_backward(
@@ -549,7 +616,7 @@ def bn_backward(
         raise ValueError("one ReLU mask at a time")
     if (relu_in is None) != (relu_in_scale is None) or (relu_in_scale is None) != (relu_in_shift is None):
         raise ValueError("relu_in needs relu_in_scale and relu_in_shift")
-    st = stats if stats is not None else StatsGrad(None, None, None)
+    st = stats if stats is not None else _NO_STATS
     if stats is not None and sum_gv is not None:
         raise ValueError("sum_gv cannot be combined with the statistics terms")
     relu_src = relu_out if relu_out is not None else relu_in
