@@ -352,14 +352,15 @@ def conv_bn_act_eval(
 def _launch_consts(N: int, H: int, W: int, Cin: int, Cout: int, cin_g: int, groups: int, ksize: int,
                    stride: int, padding: int, dtype: torch.dtype, in_affine: bool, in_relu: bool,
                    out_affine: bool, has_residual: bool, out_relu: bool, stats: bool, squeeze: bool,
-                   in_gate: bool, tf32: bool, w_strides: Tuple[int, int, int], interpret: bool):
+                   in_gate: bool, tf32: bool, w_strides: Tuple[int, int, int], interpret: bool,
+                   config=conv_config):
     """The constant part of a forward launch, per shape, dtype and flags (host time: ~40
     arguments built per call otherwise): the output shape, the grid, the keyword arguments
     after the ten pointers, the partials' shapes and (M, BLOCK_M, Ho*Wo)."""
-    del interpret  # conv_config reads it: a part of the key
+    del interpret  # conv_config reads it: a part of the key (and ``config``: the function in use)
     Ho, Wo = out_size(H, ksize, stride, padding), out_size(W, ksize, stride, padding)
     M = N * Ho * Wo
-    cfg = conv_config(M, Cout, cin_g, Cout // groups, dtype)
+    cfg = config(M, Cout, cin_g, Cout // groups, dtype)
     n_row_blocks = cdiv(M, cfg["BLOCK_M"])
     grid = (n_row_blocks, cdiv(Cout, cfg["BLOCK_N"]))
     kwargs = dict(N=N, H=H, W=W, Cin=Cin, Ho=Ho, Wo=Wo, Cout=Cout, CIN_G=cin_g, COUT_G=Cout // groups,
@@ -391,7 +392,7 @@ def _launch(x: Tensor, weight: Tensor, packed: Optional[Tensor], stride: int, pa
     y_shape, grid, kwargs, part_shape, sq_shape, sizes = _launch_consts(
         N, H, W, Cin, Cout, cin_g, groups, ksize, stride, padding, x.dtype, in_scale is not None, in_relu,
         out_scale is not None, residual is not None, out_relu, stats, squeeze, in_gate is not None,
-        allow_tf32(x.dtype), weight_strides(w), _runtime.INTERPRET)
+        allow_tf32(x.dtype), weight_strides(w), _runtime.INTERPRET, conv_config)
     y = torch.empty(y_shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     part_mean = part_m2 = sq_part = None
     if part_shape is not None:
