@@ -9,6 +9,7 @@ process of its own, as the tests do.  CI uses it to catch kernels that
 only work in the interpreter; the profiling tools use it to report registers, spills and
 shared memory; ``cuobjdump`` from Triton's wheel prints the SASS.
 """
+import inspect
 import os
 import re
 import subprocess
@@ -42,6 +43,7 @@ def jit_specialization(kernel, ints: Dict[str, int], pointer_types: Dict[str, st
     multiple of 16 gets that divisibility, except the kernel's ``do_not_specialize`` ones."""
     kernel = _jit_function(kernel)
     signature, constexprs, attrs = {}, dict(constexprs), {}
+    defaults = {n: p.default for n, p in inspect.signature(kernel.fn).parameters.items()}
     for i, param in enumerate(kernel.params):
         name = param.name
         if name in constexprs:
@@ -49,6 +51,8 @@ def jit_specialization(kernel, ints: Dict[str, int], pointer_types: Dict[str, st
         elif name in pointer_types:
             signature[name] = pointer_types[name]
             attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(ints.get(name, defaults[name]), float):  # a float argument, or a float default left out
+            signature[name] = "fp32"
         elif ints[name] == 1 and not param.do_not_specialize:
             signature[name] = "constexpr"
             constexprs[name] = 1

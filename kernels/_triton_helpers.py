@@ -39,3 +39,21 @@ def last_arrival(counter_ptr, arrivals):
     if last:
         tl.atomic_xchg(counter_ptr, 0)
     return last
+
+
+@triton.jit
+def bn_stats_backward(offs, ok, mean, var_ptr, dscale_ptr, dshift_ptr, gamma_ptr, eps,
+                      HAS_GAMMA: tl.constexpr, BLOCK: tl.constexpr):
+    """The finalize's backward on [BLOCK] channel vectors (``reference.bn_stats_backward``):
+    scale = gamma * r, shift = beta - mean * scale, r = (var + eps)^-1/2.  From the gradients
+    reaching scale and shift, returns those reaching the batch mean and (biased) variance
+    through them, and gamma's and beta's; ``mean`` is already loaded (fp32)."""
+    r = 1.0 / tl.sqrt(tl.load(var_ptr + offs, mask=ok, other=1.0) + eps)
+    d_scale = tl.load(dscale_ptr + offs, mask=ok, other=0.0)
+    d_shift = tl.load(dshift_ptr + offs, mask=ok, other=0.0)
+    if HAS_GAMMA:
+        gamma = tl.load(gamma_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    else:
+        gamma = tl.full((BLOCK,), 1.0, tl.float32)
+    d_gr = d_scale - d_shift * mean  # the gradient w.r.t. gamma * r
+    return -d_shift * gamma * r, d_gr * gamma * (-0.5 * r * r * r), d_gr * r, d_shift

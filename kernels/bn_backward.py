@@ -35,7 +35,7 @@ import triton.language as tl
 
 from . import _runtime
 from ._runtime import arrival_counters, cdiv, eager_or_op, INTERPRET, _pow2_clamp, rows_config
-from ._triton_helpers import last_arrival
+from ._triton_helpers import bn_stats_backward, last_arrival
 
 Tensor = torch.Tensor
 
@@ -121,22 +121,14 @@ def bn_backward_kernel(
         if STAT_DMV:
             d_mean += tl.load(dmean_ptr + offs_c, mask=c_ok, other=0.0)
             d_var += tl.load(dvar_ptr + offs_c, mask=c_ok, other=0.0)
-        if STAT_DAFF:
-            # The finalize's backward, on [C] vectors here rather than in a launch of its own:
-            # scale = gamma * r, shift = beta - mean * scale, r = (var + eps)^-1/2.
-            r = 1.0 / tl.sqrt(tl.load(var_ptr + offs_c, mask=c_ok, other=1.0) + eps)
-            d_scale = tl.load(dscale_ptr + offs_c, mask=c_ok, other=0.0)
-            d_shift = tl.load(dshift_ptr + offs_c, mask=c_ok, other=0.0)
-            if STAT_GAMMA:
-                gamma = tl.load(gamma_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
-            else:
-                gamma = tl.full((BLOCK_C,), 1.0, tl.float32)
-            d_gr = d_scale - d_shift * mean  # the gradient w.r.t. gamma * r
-            d_mean += -d_shift * gamma * r
-            d_var += d_gr * gamma * (-0.5 * r * r * r)
+        if STAT_DAFF:  # the finalize's backward, on [C] vectors here rather than in a launch of its own
+            dm_aff, dv_aff, d_gamma, d_beta = bn_stats_backward(offs_c, c_ok, mean, var_ptr, dscale_ptr, dshift_ptr,
+                                                                gamma_ptr, eps, STAT_GAMMA, BLOCK_C)
+            d_mean += dm_aff
+            d_var += dv_aff
             if pid_t == 0:  # one program per channel block writes gamma's and beta's gradients
-                tl.store(dparam_ptr + offs_c, d_gr * r, mask=c_ok)
-                tl.store(dparam_ptr + C + offs_c, d_shift, mask=c_ok)
+                tl.store(dparam_ptr + offs_c, d_gamma, mask=c_ok)
+                tl.store(dparam_ptr + C + offs_c, d_beta, mask=c_ok)
         dmean_term = d_mean / count
         dvar_coef = d_var * (2.0 / count)
 

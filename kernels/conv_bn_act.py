@@ -445,7 +445,11 @@ def fake_conv_outputs(x: Tensor, weight: Tensor, stride: int, padding: int, stat
 def conv_grads_impl(dz: Tensor, a: Tensor, weight: Tensor, packed: Optional[Tensor], stride: int,
                     padding: int, groups: int, need_input: bool, need_weight: bool,
                     in_scale: Optional[Tensor], in_shift: Optional[Tensor], in_relu: bool,
-                    in_gate: Optional[Tensor] = None, prologue_backward: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+                    in_gate: Optional[Tensor] = None, prologue_backward: bool = False,
+                    stats_z: Optional[Tensor] = None, stats_mean: Optional[Tensor] = None,
+                    stats_var: Optional[Tensor] = None, stats_dscale: Optional[Tensor] = None,
+                    stats_dshift: Optional[Tensor] = None, stats_gamma: Optional[Tensor] = None,
+                    stats_eps: float = 0.0) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Data and weight gradients of the convolution (Triton dgrad / wgrad kernels).
 
     Returns (da [N, Cin, H, W] channels_last in dz's dtype, dw fp32 in the weight's memory
@@ -456,19 +460,28 @@ def conv_grads_impl(dz: Tensor, a: Tensor, weight: Tensor, packed: Optional[Tens
     ``prologue_backward`` (both needed, in_scale, no gate): the data gradient's epilogue applies
     the prologue's backward (``conv_grad.conv_grads``): da is dx, and the third output holds
     [2, Cin] fp32 (sum g, sum g*x); otherwise the third output is empty.
+    ``stats_*`` (both needed; ``stats_z`` given): dz reaches z through its BN's scale and shift only, and
+    the batch-statistics terms join it on load (``conv_grad.conv_grads``' ``stats``): the fourth output
+    holds [2, Cout] fp32 (d gamma, d beta); otherwise it is empty.
     """
     if need_input and need_weight:
+        stats = None if stats_z is None else \
+            StatsGrad(stats_z, stats_mean, stats_var, None, None, stats_dscale, stats_dshift, stats_gamma, stats_eps)
         out = conv_grads(dz, a, weight, stride, padding, groups, packed=packed, in_scale=in_scale,
-                         in_shift=in_shift, in_relu=in_relu, in_gate=in_gate, prologue_backward=prologue_backward)
-        return out if prologue_backward else (*out, dz.new_empty(0, dtype=torch.float32))
-    if prologue_backward:
-        raise ValueError("prologue_backward needs both gradients")
+                         in_shift=in_shift, in_relu=in_relu, in_gate=in_gate, prologue_backward=prologue_backward,
+                         stats=stats)
+        empty = dz.new_empty
+        if not prologue_backward:
+            out = (out[0], out[1], empty(0, dtype=torch.float32), *out[2:])
+        return out if stats is not None else (*out, empty(0, dtype=torch.float32))
+    if prologue_backward or stats_z is not None:
+        raise ValueError("prologue_backward and stats need both gradients")
     da = conv_dgrad(dz, weight, a.shape[2:], stride, padding, groups, packed=packed) if need_input \
         else dz.new_empty(0)
     dw = conv_wgrad(dz, a, weight.shape, stride, padding, groups, in_scale=in_scale, in_shift=in_shift,
                     in_relu=in_relu, layout_like=weight, in_gate=in_gate) if need_weight \
         else dz.new_empty(0, dtype=torch.float32)
-    return da, dw, dz.new_empty(0, dtype=torch.float32)
+    return da, dw, dz.new_empty(0, dtype=torch.float32), dz.new_empty(0, dtype=torch.float32)
 
 
 conv_grads_op = torch.library.custom_op("resnext::conv_grads", conv_grads_impl, mutates_args=())
@@ -476,13 +489,15 @@ conv_grads_op = torch.library.custom_op("resnext::conv_grads", conv_grads_impl, 
 
 @conv_grads_op.register_fake
 def _(dz, a, weight, packed, stride, padding, groups, need_input, need_weight, in_scale, in_shift, in_relu,
-      in_gate=None, prologue_backward=False):
+      in_gate=None, prologue_backward=False, stats_z=None, stats_mean=None, stats_var=None, stats_dscale=None,
+      stats_dshift=None, stats_gamma=None, stats_eps=0.0):
     da = torch.empty(a.shape, device=a.device, dtype=dz.dtype, memory_format=torch.channels_last) if need_input \
         else dz.new_empty(0)
     dw_dtype = reference.acc_dtype(dz)
     dw = torch.empty_like(weight, dtype=dw_dtype) if need_weight else dz.new_empty(0, dtype=torch.float32)
     sums = dz.new_empty((2, a.shape[1]) if prologue_backward else (0,), dtype=torch.float32)
-    return da, dw, sums
+    dparam = dz.new_empty((2, dz.shape[1]) if stats_z is not None else (0,), dtype=torch.float32)
+    return da, dw, sums, dparam
 
 
 def _channel_sum(t: Tensor) -> Tensor:
@@ -524,25 +539,6 @@ class ConvBNActFn(torch.autograd.Function):
         return (*_backward(ctx, dy, dmean, dvar, dscale, dshift), None)  # None: group_name
 
 
-def _stats_grads_reference(mean, var, count, gamma, eps, dmean, dvar, dscale, dshift, acc):
-    """PyTorch formulas of the finalize's backward: the gradients reaching the batch mean
-    and variance (directly and through scale/shift), and those of gamma and beta."""
-    dgamma = dbeta = None
-    mean, var = mean.to(acc), var.to(acc)
-    dmean = dmean.to(acc) if dmean is not None else torch.zeros_like(mean)
-    dvar = dvar.to(acc) if dvar is not None else torch.zeros_like(var)
-    if dscale is not None or dshift is not None:
-        dscale = dscale.to(acc) if dscale is not None else torch.zeros_like(mean)
-        dshift = dshift.to(acc) if dshift is not None else torch.zeros_like(mean)
-        r = torch.rsqrt(var + eps)
-        g = gamma.to(acc) if gamma is not None else torch.ones_like(mean)
-        d_gr = dscale - dshift * mean
-        dmean = dmean - dshift * g * r
-        dvar = dvar - 0.5 * d_gr * g * r ** 3
-        dgamma, dbeta = d_gr * r, dshift
-    return dmean, dvar, dgamma, dbeta
-
-
 def _backward(ctx, dy, dmean, dvar, dscale, dshift, image_grad=None, image_mask=None, in_gate=None):
     """``image_grad`` ([N, Cout] or None): a gradient added to dy per (image, channel), that
     of the squeeze sums (``squeeze_excite.ConvSqueezeFn``), applied in the same pass;
@@ -578,11 +574,19 @@ def _backward(ctx, dy, dmean, dvar, dscale, dshift, image_grad=None, image_mask=
     else:
         a = x  # the weight gradient applies the prologue to x on load
 
+    need_da = need[_X] or need[_IN_SCALE] or need[_IN_SHIFT] or in_gate is not None
+    # Only the statistics terms between dy and z, and both gradients wanted: they join the
+    # gradients' loads (conv_grads' stats), which also give gamma's and beta's: no pass of their own.
+    stats_on_load = fused and stats_terms and not synced and dmean is None and dvar is None \
+        and dscale is not None and dshift is not None and dy is not None and not out_relu and out_scale is None \
+        and not (has_res and need[_RES]) and image_grad is None and need_da and need[_W] \
+        and dy.dtype == compute_dtype and dy.is_contiguous(memory_format=torch.channels_last)
+
     d_res = d_out_scale = d_out_shift = d_gamma = d_beta = None
     if fused:
-        if dy is not None and not out_relu and out_scale is None and not stats_terms and not (has_res and need[_RES]) \
-                and image_grad is None:
-            dz = dy  # nothing to do between y and z
+        if stats_on_load or (dy is not None and not out_relu and out_scale is None and not stats_terms
+                             and not (has_res and need[_RES]) and image_grad is None):
+            dz = dy  # nothing to do between y and z here
         else:
             # Recompute z rather than keep it; then one pass: ReLU mask from y, scale,
             # statistics terms (with the finalize's backward), d_res, the sums for gamma and beta.
@@ -620,21 +624,23 @@ def _backward(ctx, dy, dmean, dvar, dscale, dshift, image_grad=None, image_mask=
         if stats_terms:
             # y is the raw convolution output z here (no epilogue is allowed with stats).
             count = y.numel() // y.shape[1]
-            dm, dv, d_gamma, d_beta = _stats_grads_reference(mean, var, count, bn_weight, eps,
+            dm, dv, d_gamma, d_beta = reference.bn_stats_backward(mean, var, count, bn_weight, eps,
                                                              dmean, dvar, dscale, dshift, acc)
             dz = dz + pc(dm) / count + pc(dv) * (2.0 / count) * (y.to(acc) - pc(mean.to(acc)))
 
-    need_da = need[_X] or need[_IN_SCALE] or need[_IN_SHIFT] or in_gate is not None
     if packed is not None and packed.dtype != compute_dtype:
         packed = None
     wgrad_prologue = fused and in_scale is not None and a is x
     # Ungated prologue, both gradients: its backward runs in the data gradient's epilogue
     # (dx and the sums for in_scale / in_shift from the same launch; no pass of its own).
     in_epilogue = wgrad_prologue and in_gate is None and need_da and need[_W]
-    da, dw, pro_sums = eager_or_op(conv_grads_op, conv_grads_impl)(
+    stats_args = (y, mean, var, dscale, dshift, bn_weight, eps) if stats_on_load else ()
+    da, dw, pro_sums, stats_dparam = eager_or_op(conv_grads_op, conv_grads_impl)(
         dz.to(compute_dtype), a, weight, packed, stride, padding, groups, need_da, need[_W],
         in_scale if wgrad_prologue else None, in_shift if wgrad_prologue else None, in_relu and wgrad_prologue,
-        in_gate if wgrad_prologue else None, in_epilogue)
+        in_gate if wgrad_prologue else None, in_epilogue, *stats_args)
+    if stats_on_load:
+        d_gamma, d_beta = stats_dparam[0], stats_dparam[1]
     da = da if need_da else None
     dx = d_in_scale = d_in_shift = d_in_gate = None
     if in_epilogue:

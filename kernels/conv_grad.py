@@ -34,9 +34,10 @@ import triton
 import triton.language as tl
 
 
-from . import _runtime
+from . import _runtime, reference
 from ._runtime import allow_tf32, arrival_counters, cdiv, conv_config, _pow2_clamp, use_triton
-from ._triton_helpers import has_nonfinite, last_arrival, mma
+from ._triton_helpers import bn_stats_backward, has_nonfinite, last_arrival, mma
+from .bn_backward import StatsGrad
 
 Tensor = torch.Tensor
 
@@ -45,8 +46,30 @@ Tensor = torch.Tensor
 # Data gradient
 # --------------------------------------------------------------------------------------
 @triton.jit
-def _dz_tile(dz_ptr, img, ih, iw, m_ok, offs_k, k_ok, tap_c, kh0, kw0, n_kw, Ho, Wo, Cout, stride, padding):
-    """[BLOCK_M, BLOCK_K] tile of dz reaching input pixels (ih, iw) through the tap_c-th tap of their class."""
+def _stats_terms(offs, ok, mean_ptr, var_ptr, dscale_ptr, dshift_ptr, gamma_ptr, count, eps,
+                 HAS_GAMMA: tl.constexpr, BLOCK: tl.constexpr):
+    """The batch-statistics BN after the convolution, on [BLOCK] output channels: (mean,
+    dmean/count, dvar*2/count, d gamma, d beta), with dz = dy + dmean/count + dvar*2/count *
+    (z - mean) (``bn_backward``'s STATS terms, from the gradients of the BN's scale and shift)."""
+    mean = tl.load(mean_ptr + offs, mask=ok, other=0.0)
+    d_mean, d_var, d_gamma, d_beta = bn_stats_backward(offs, ok, mean, var_ptr, dscale_ptr, dshift_ptr, gamma_ptr,
+                                                       eps, HAS_GAMMA, BLOCK)
+    return mean, d_mean / count, d_var * (2.0 / count), d_gamma, d_beta
+
+
+@triton.jit
+def _plus_stats_terms(g, z, mean, dmean_term, dvar_coef):
+    """dy + the statistics terms, in fp32 (as ``bn_backward_kernel`` computes them)."""
+    return g.to(tl.float32) + (dmean_term[None, :] + dvar_coef[None, :] * (z.to(tl.float32) - mean[None, :]))
+
+
+@triton.jit
+def _dz_tile(dz_ptr, img, ih, iw, m_ok, offs_k, k_ok, tap_c, kh0, kw0, n_kw, Ho, Wo, Cout, stride, padding,
+             z_ptr, st_mean_ptr, st_var_ptr, st_dscale_ptr, st_dshift_ptr, st_gamma_ptr, st_count, st_eps,
+             STATS_DZ: tl.constexpr, ST_GAMMA: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BLOCK_M, BLOCK_K] tile of dz reaching input pixels (ih, iw) through the tap_c-th tap of their class.
+    ``STATS_DZ``: dz_ptr holds dy, and dz = dy + the statistics terms (``_stats_terms``) of z_ptr's
+    raw output, rounded to dy's dtype as a separate pass would store it."""
     kh = kh0 + (tap_c // n_kw) * stride
     kw = kw0 + (tap_c % n_kw) * stride
     # Exact divisions (by the choice of kh, kw), so rounding direction is moot.
@@ -56,8 +79,15 @@ def _dz_tile(dz_ptr, img, ih, iw, m_ok, offs_k, k_ok, tap_c, kh0, kw0, n_kw, Ho,
     dz_row = ((img * Ho + oh) * Wo + ow) * Cout
     # Mask the load by "< Cout" only (constant over 16 channels: vector loads), then zero
     # the channels outside this block's groups in registers.
-    g = tl.load(dz_ptr + dz_row[:, None] + offs_k[None, :],
-                mask=pix_ok[:, None] & (offs_k < Cout)[None, :], other=0.0)
+    ld_ok = pix_ok[:, None] & (offs_k < Cout)[None, :]
+    g = tl.load(dz_ptr + dz_row[:, None] + offs_k[None, :], mask=ld_ok, other=0.0)
+    if STATS_DZ:
+        mean, dmean_term, dvar_coef, _, _ = _stats_terms(offs_k, offs_k < Cout, st_mean_ptr, st_var_ptr, st_dscale_ptr,
+                                                         st_dshift_ptr, st_gamma_ptr, st_count, st_eps, ST_GAMMA,
+                                                         BLOCK_K)
+        z = tl.load(z_ptr + dz_row[:, None] + offs_k[None, :], mask=ld_ok, other=0.0)
+        # the terms are not zero outside the image: those pixels get none
+        g = tl.where(ld_ok, _plus_stats_terms(g, z, mean, dmean_term, dvar_coef), 0.0).to(dz_ptr.dtype.element_ty)
     return tl.where(k_ok[None, :], g, 0.0)
 
 
@@ -97,6 +127,13 @@ def _dgrad_program(
     n_rows=1,  # (PRO_BWD) partial rows per channel block: row blocks x parity classes
     PRO_BWD: tl.constexpr = False,  # apply the prologue's backward to the tile: dx = g*s, g = da*mask
     IN_RELU: tl.constexpr = False,  # (PRO_BWD) the prologue has a ReLU: mask x*s + b > 0
+    z_ptr=None,  # [N, Ho, Wo, Cout] NHWC (STATS_DZ): the convolution's raw output
+    st_mean_ptr=None, st_var_ptr=None,  # [Cout] fp32 (STATS_DZ): its batch mean and biased variance
+    st_dscale_ptr=None, st_dshift_ptr=None,  # [Cout] fp32 (STATS_DZ): the gradients of its BN's scale, shift
+    st_gamma_ptr=None,  # [Cout] fp32 (ST_GAMMA): the BN weight
+    st_count=1.0, st_eps=0.0,  # (STATS_DZ) elements per channel of the statistics; the BN's eps
+    STATS_DZ: tl.constexpr = False,  # dz_ptr holds dy: dz = dy + the statistics terms, applied on load
+    ST_GAMMA: tl.constexpr = False,
 ):
     ph = parity // stride
     pw = parity % stride
@@ -143,7 +180,8 @@ def _dgrad_program(
         offs_k = k_base + (it % n_k) * BLOCK_K + tl.arange(0, BLOCK_K)
         k_ok = (offs_k >= co_start) & (offs_k < co_end)
         g = _dz_tile(dz_ptr, img, ih, iw, m_ok, offs_k, k_ok, tap_c, kh0, kw0, n_kw, Ho, Wo, Cout,
-                     stride, padding)
+                     stride, padding, z_ptr, st_mean_ptr, st_var_ptr, st_dscale_ptr, st_dshift_ptr, st_gamma_ptr,
+                     st_count, st_eps, STATS_DZ, ST_GAMMA, BLOCK_K)
         wt = _dgrad_weight_tile(w_ptr, offs_k, k_ok, tap_c, kh0, kw0, n_kw, n_ok, group_n, ci_local,
                                 COUT_G, stride, w_stride_tap, w_stride_ci, w_stride_co, KSIZE)
         acc = mma(g, wt, acc, ALLOW_TF32)
@@ -163,7 +201,8 @@ def _dgrad_program(
                 offs_k = grp * COUT_G + (it % num_kg) * BLOCK_K + tl.arange(0, BLOCK_K)
                 k_ok = offs_k < (grp + 1) * COUT_G
                 g = _dz_tile(dz_ptr, img, ih, iw, m_ok, offs_k, k_ok, tap_c, kh0, kw0, n_kw, Ho, Wo, Cout,
-                             stride, padding)
+                             stride, padding, z_ptr, st_mean_ptr, st_var_ptr, st_dscale_ptr, st_dshift_ptr,
+                             st_gamma_ptr, st_count, st_eps, STATS_DZ, ST_GAMMA, BLOCK_K)
                 wt = _dgrad_weight_tile(w_ptr, offs_k, k_ok, tap_c, kh0, kw0, n_kw, n_ok, group_n, ci_local,
                                         COUT_G, stride, w_stride_tap, w_stride_ci, w_stride_co, KSIZE)
                 acc = tl.where((group_n == grp)[None, :], mma(g, wt, acc, ALLOW_TF32), acc)
@@ -392,6 +431,10 @@ def _wgrad_program(
     dw_stride_co, dw_stride_ci, dw_stride_kh, dw_stride_kw,
     in_gate_ptr,  # [N, Cin] fp32 (IN_GATE): the forward prologue's gate, after its ReLU
     IN_GATE: tl.constexpr,
+    z_ptr=None, st_mean_ptr=None, st_var_ptr=None, st_dscale_ptr=None, st_dshift_ptr=None,  # (STATS_DZ) as
+    st_gamma_ptr=None, st_count=1.0, st_eps=0.0,  # _dgrad_program's
+    dparam_ptr=None,  # [2, Cout] fp32 out (STATS_DZ): the gradients of the BN's gamma and beta
+    STATS_DZ: tl.constexpr = False, ST_GAMMA: tl.constexpr = False,
 ):
     pid_co = pid_c // n_ci_blocks
     pid_ci = pid_c % n_ci_blocks
@@ -430,8 +473,14 @@ def _wgrad_program(
         ih = oh * stride - padding + kh
         iw = ow * stride - padding + kw
         pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        g = tl.load(dz_ptr + offs_m.to(tl.int64)[:, None] * Cout + offs_co[None, :],
-                    mask=m_ok[:, None] & co_ok[None, :], other=0.0)
+        g_ok = m_ok[:, None] & co_ok[None, :]
+        g = tl.load(dz_ptr + offs_m.to(tl.int64)[:, None] * Cout + offs_co[None, :], mask=g_ok, other=0.0)
+        if STATS_DZ:  # dz = dy + the statistics terms, as in _dz_tile (the vectors re-read from L1, as below)
+            mean, dmean_term, dvar_coef, _, _ = _stats_terms(offs_co, co_ok, st_mean_ptr, st_var_ptr, st_dscale_ptr,
+                                                             st_dshift_ptr, st_gamma_ptr, st_count, st_eps, ST_GAMMA,
+                                                             BLOCK_CO)
+            z = tl.load(z_ptr + offs_m.to(tl.int64)[:, None] * Cout + offs_co[None, :], mask=g_ok, other=0.0)
+            g = tl.where(g_ok, _plus_stats_terms(g, z, mean, dmean_term, dvar_coef), 0.0).to(dz_ptr.dtype.element_ty)
         a_row = ((img * H + ih) * W + iw) * Cin
         a_ok = pix_ok[:, None] & (offs_ci < Cin)[None, :]
         a = tl.load(a_ptr + a_row[:, None] + offs_ci[None, :], mask=a_ok, other=0.0)
@@ -451,6 +500,13 @@ def _wgrad_program(
             acc = tl.dot(tl.trans(g), a, acc)
         else:
             acc = tl.dot(tl.trans(g), a, acc, input_precision="ieee")
+
+    if STATS_DZ:
+        if (pid_ci == 0) & (tap == 0) & (split == 0):  # one program per output-channel block
+            _, _, _, d_gamma, d_beta = _stats_terms(offs_co, co_ok, st_mean_ptr, st_var_ptr, st_dscale_ptr,
+                                                    st_dshift_ptr, st_gamma_ptr, st_count, st_eps, ST_GAMMA, BLOCK_CO)
+            tl.store(dparam_ptr + offs_co, d_gamma, mask=co_ok)
+            tl.store(dparam_ptr + Cout + offs_co, d_beta, mask=co_ok)
 
     # Keep the block diagonal: dw[co, ci] exists only when co and ci share a group.
     group_co = offs_co // COUT_G
@@ -601,8 +657,7 @@ def conv_wgrad(dz: Tensor, a: Tensor, weight_shape: Sequence[int], stride: int, 
                          f"with groups {groups}")
     _check_shapes(dz, weight_shape, a.shape[2], a.shape[3], stride, padding, groups)
     if not use_triton(dz) or dz.dtype == torch.float64:  # plain CPU, or float64 for gradcheck
-        from .reference import input_prologue
-        a = input_prologue(a, in_scale, in_shift, in_relu, in_gate)
+        a = reference.input_prologue(a, in_scale, in_shift, in_relu, in_gate)
         w_shape = dz.new_empty(1).expand(*weight_shape)  # only its shape is read
         dw = torch.ops.aten.convolution_backward(
             dz, a.to(dz.dtype), w_shape, None, [stride] * 2, [padding] * 2, [1, 1],
@@ -677,6 +732,14 @@ def conv_grads_kernel(
     sums_ptr=None,  # [2, Cin] fp32 out (PRO_BWD): sum g, sum g*x of the prologue's backward
     pro_counter_ptr=None,  # int32 [dgrad_n_blocks], zero (PRO_BWD)
     PRO_BWD: tl.constexpr = False,  # (IN_AFFINE, not IN_GATE) dx_ptr gets the prologue's backward
+    z_ptr=None,  # [N, Ho, Wo, Cout] NHWC (STATS_DZ): the convolution's raw output
+    st_mean_ptr=None, st_var_ptr=None,  # [Cout] fp32 (STATS_DZ): its batch mean and biased variance
+    st_dscale_ptr=None, st_dshift_ptr=None,  # [Cout] fp32 (STATS_DZ): the gradients of its BN's scale, shift
+    st_gamma_ptr=None,  # [Cout] fp32 (ST_GAMMA): the BN weight
+    dparam_ptr=None,  # [2, Cout] fp32 out (STATS_DZ): the gradients of gamma and beta
+    st_count=1.0, st_eps=0.0,  # (STATS_DZ) elements per channel of the statistics (N*Ho*Wo); the BN's eps
+    STATS_DZ: tl.constexpr = False,  # dz_ptr holds dy; dz = dy + the BN's statistics terms, on load
+    ST_GAMMA: tl.constexpr = False,
 ):
     """``conv_dgrad_kernel`` and ``conv_wgrad_kernel`` in one launch: a 1-D grid whose first
     ``dgrad_programs`` programs are the data gradient's grid and the rest the weight
@@ -689,7 +752,8 @@ def conv_grads_kernel(
                        dx_ptr, dz_ptr, w_ptr, N, H, W, Cin, Ho, Wo, Cout, CIN_G, COUT_G, stride, padding,
                        w_stride_tap, w_stride_ci, w_stride_co, KSIZE, ALLOW_TF32, D_BLOCK_M, D_BLOCK_N, D_BLOCK_K,
                        MULTI_GROUP, a_ptr, in_scale_ptr, in_shift_ptr, psum_ptr, sums_ptr, pro_counter_ptr,
-                       dgrad_programs // dgrad_n_blocks, PRO_BWD, IN_RELU)
+                       dgrad_programs // dgrad_n_blocks, PRO_BWD, IN_RELU, z_ptr, st_mean_ptr, st_var_ptr,
+                       st_dscale_ptr, st_dshift_ptr, st_gamma_ptr, st_count, st_eps, STATS_DZ, ST_GAMMA)
     else:
         q = pid - dgrad_programs
         rest = q // wgrad_c_blocks
@@ -697,22 +761,25 @@ def conv_grads_kernel(
                        part_ptr, dz_ptr, a_ptr, in_scale_ptr, in_shift_ptr, N, H, W, Cin, Ho, Wo, Cout, CIN_G, COUT_G,
                        stride, padding, rows_per_split, n_ci_blocks, KSIZE, ALLOW_TF32, IN_AFFINE, IN_RELU,
                        W_BLOCK_M, W_BLOCK_CO, W_BLOCK_CI, dw_ptr, counter_ptr, dw_stride_co, dw_stride_ci,
-                       dw_stride_kh, dw_stride_kw, in_gate_ptr, IN_GATE)
+                       dw_stride_kh, dw_stride_kw, in_gate_ptr, IN_GATE, z_ptr, st_mean_ptr, st_var_ptr,
+                       st_dscale_ptr, st_dshift_ptr, st_gamma_ptr, st_count, st_eps, dparam_ptr, STATS_DZ, ST_GAMMA)
 
 
 def grads_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype, in_affine=False,
-                 in_relu=False, w_strides=None, dw_strides=None, in_gate=False, prologue_backward=False):
+                 in_relu=False, w_strides=None, dw_strides=None, in_gate=False, prologue_backward=False,
+                 stats_dz=False, stats_gamma=False):
     """(grid, size arguments, constexprs and launch options, wgrad grid) of
     ``conv_grads_kernel``: ``dgrad_launch`` and ``wgrad_launch`` side by side (the block
     sizes of each, the larger warp count).  Shared with the offline compilation test.
     Memoised (every training backward of every convolution builds it): do not edit the
     dicts it returns."""
     return _memoised(_grads_launch, (N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype, in_affine,
-                                     in_relu, w_strides, dw_strides, in_gate, prologue_backward))[:4]
+                                     in_relu, w_strides, dw_strides, in_gate, prologue_backward, stats_dz,
+                                     stats_gamma))[:4]
 
 
 def _grads_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype, in_affine, in_relu,
-                  w_strides, dw_strides, in_gate, prologue_backward):
+                  w_strides, dw_strides, in_gate, prologue_backward, stats_dz, stats_gamma):
     d_grid, d_sizes, d_meta = dgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype,
                                            w_strides)
     w_grid, w_sizes, w_meta = wgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype,
@@ -726,7 +793,10 @@ def _grads_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dt
                 W_BLOCK_CO=w_meta["BLOCK_CO"], W_BLOCK_CI=w_meta["BLOCK_CI"],
                 num_warps=max(d_meta["num_warps"], w_meta["num_warps"]),
                 num_stages=max(d_meta["num_stages"], w_meta["num_stages"]),
-                PRO_BWD=bool(prologue_backward and in_affine and not in_gate))
+                PRO_BWD=bool(prologue_backward and in_affine and not in_gate),
+                STATS_DZ=bool(stats_dz), ST_GAMMA=bool(stats_dz and stats_gamma))
+    if stats_dz:
+        sizes["st_count"] = float(N * Ho * Wo)
     grid = (dgrad_programs + w_grid[0] * w_grid[1] * w_grid[2],)
     return grid, sizes, meta, w_grid, _launch_args(conv_grads_kernel, 9, {**sizes, **meta})
 
@@ -742,7 +812,7 @@ def _weight_helpers():
 def conv_grads(dz: Tensor, a: Tensor, weight: Tensor, stride: int, padding: int, groups: int,
                packed: Optional[Tensor] = None, in_scale: Optional[Tensor] = None,
                in_shift: Optional[Tensor] = None, in_relu: bool = False, in_gate: Optional[Tensor] = None,
-               prologue_backward: bool = False):
+               prologue_backward: bool = False, stats: Optional[StatsGrad] = None):
     """(``conv_dgrad(...)``, ``conv_wgrad(..., layout_like=weight)``) in one launch.
 
     Arguments as those two: a is the convolution's input (x with ``in_scale/in_shift/in_relu``:
@@ -753,22 +823,35 @@ def conv_grads(dz: Tensor, a: Tensor, weight: Tensor, stride: int, padding: int,
     epilogue also applies the prologue's backward, g = da * [x*in_scale + in_shift > 0]
     (the mask with ``in_relu``): returns (dx = g * in_scale in x's dtype, dw, sums [2, Cin]
     fp32 = (sum g, sum g*x) per channel: the gradients of in_shift and in_scale).
+
+    ``stats`` (``bn_backward.StatsGrad`` of the batch-statistics BN after the convolution: z
+    its raw output, with dscale and dshift, without dmean/dvar): dz is the gradient reaching
+    z through the BN's normalisation only, and both gradients take dz + the statistics terms
+    (dmean/M + dvar*2/M*(z - mean)) on load, as ``bn_backward`` would have written it; one
+    more output, last: [2, Cout] fp32, the gradients of the BN's gamma and beta.
     """
     if prologue_backward and (in_scale is None or in_gate is not None):
         raise ValueError("prologue_backward needs in_scale/in_shift and no in_gate")
+    if stats is not None and (stats.dmean is not None or stats.dvar is not None or stats.dscale is None
+                              or stats.dshift is None or tuple(stats.z.shape) != tuple(dz.shape)):
+        raise ValueError("stats needs z of dz's shape, dscale and dshift, and no dmean/dvar")
     N, Cout, Ho, Wo = dz.shape
     _, cin_g, ksize, _ = weight.shape
     if a.dim() != 4 or a.shape[0] != N or a.shape[1] != cin_g * groups:
         raise ValueError(f"input {list(a.shape)} does not match weight {list(weight.shape)} with groups {groups}")
     H, W = a.shape[2], a.shape[3]
     if not use_triton(dz) or dz.dtype == torch.float64 or dz.numel() == 0:  # the separate paths handle these
+        dparam = ()
+        if stats is not None:
+            dz, dparam = stats_terms_reference(dz, stats)
+            dparam = (dparam,)
         da = conv_dgrad(dz, weight, (H, W), stride, padding, groups, packed=packed)
         dw = conv_wgrad(dz, a, weight.shape, stride, padding, groups, in_scale=in_scale, in_shift=in_shift,
                         in_relu=in_relu, layout_like=weight, in_gate=in_gate)
         if not prologue_backward:
-            return da, dw
+            return (da, dw, *dparam)
         dx, sums = prologue_backward_reference(da, a, in_scale, in_shift, in_relu)
-        return dx, dw, sums
+        return (dx, dw, sums, *dparam)
     _check_shapes(dz, weight.shape, H, W, stride, padding, groups)
     weight_operand, weight_strides = _weight_helpers()
     Cin = cin_g * groups
@@ -781,7 +864,8 @@ def conv_grads(dz: Tensor, a: Tensor, weight: Tensor, stride: int, padding: int,
     gated = affine and in_gate is not None
     grid, sizes, _, w_grid, (size_args, options) = _memoised(_grads_launch, (
         N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dz.dtype, affine, in_relu and affine,
-        weight_strides(w), dw.stride(), gated, prologue_backward))
+        weight_strides(w), dw.stride(), gated, prologue_backward, stats is not None,
+        stats is not None and stats.gamma is not None))
     splits = w_grid[2]
     partials = _empty((splits, Cout, cin_g, ksize, ksize), device=dz.device, dtype=torch.float32) \
         if splits > 1 else dw  # (one split: dw itself is the partials operand, never read)
@@ -796,10 +880,30 @@ def conv_grads(dz: Tensor, a: Tensor, weight: Tensor, stride: int, padding: int,
         sums = _empty((2, Cin), device=dz.device, dtype=torch.float32)
         psum = _empty((2, n_rows, Cin), device=dz.device, dtype=torch.float32)
         pro_counters = counters[n_wc:]
+    st = {}
+    if stats is not None:  # (without gamma, the mean stands in for it: not read)
+        dparam = st["dparam_ptr"] = _empty((2, Cout), device=dz.device, dtype=torch.float32)
+        st.update(z_ptr=_channels_last(stats.z), st_mean_ptr=_vector_operand(stats.mean),
+                  st_var_ptr=_vector_operand(stats.var), st_dscale_ptr=_vector_operand(stats.dscale),
+                  st_dshift_ptr=_vector_operand(stats.dshift), st_eps=float(stats.eps),
+                  st_gamma_ptr=_vector_operand(stats.gamma if stats.gamma is not None else stats.mean))
     # (None: the keyword arguments' defaults, as when they are left out)
     conv_grads_kernel[grid](dx, partials, dw, counters, dz, w, a, scale, shift, *size_args, in_gate_ptr=gate,
-                            psum_ptr=psum, sums_ptr=sums, pro_counter_ptr=pro_counters, **options)
-    return (dx, dw, sums) if prologue_backward else (dx, dw)
+                            psum_ptr=psum, sums_ptr=sums, pro_counter_ptr=pro_counters, **st, **options)
+    out = (dx, dw, sums) if prologue_backward else (dx, dw)
+    return out if stats is None else (*out, dparam)
+
+
+def stats_terms_reference(dy: Tensor, stats: StatsGrad) -> Tuple[Tensor, Tensor]:
+    """PyTorch formulas of ``conv_grads(..., stats=...)``'s load (fp32, or float64 for float64):
+    (dz = dy + dmean/M + dvar*2/M*(z - mean) in dy's dtype, [2, Cout] = (d gamma, d beta))."""
+    acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
+    count = dy.numel() // max(dy.shape[1], 1)
+    dmean, dvar, dgamma, dbeta = reference.bn_stats_backward(stats.mean, stats.var, count, stats.gamma, stats.eps, None, None,
+                                                             stats.dscale, stats.dshift, acc)
+    c = lambda v: v.reshape(1, -1, 1, 1)  # noqa: E731
+    dz = dy.to(acc) + (c(dmean) / count + c(dvar) * (2.0 / count) * (stats.z.to(acc) - c(stats.mean.to(acc))))
+    return dz.to(dy.dtype), torch.stack([dgamma, dbeta])
 
 
 def prologue_backward_reference(da: Tensor, x: Tensor, in_scale: Tensor, in_shift: Tensor, in_relu: bool):

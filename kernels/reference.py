@@ -122,3 +122,22 @@ def bn_finalize_reference(mean, var, count: int, gamma=None, beta=None, running_
     if beta is not None:
         shift = shift + beta.to(scale.dtype)
     return scale, shift
+
+
+def bn_stats_backward(mean, var, count, gamma, eps, dmean, dvar, dscale, dshift, acc):
+    """PyTorch formulas of the finalize's backward: the gradients reaching the batch mean
+    and variance (directly and through scale/shift), and those of gamma and beta."""
+    dgamma = dbeta = None
+    mean, var = mean.to(acc), var.to(acc)
+    dmean = dmean.to(acc) if dmean is not None else torch.zeros_like(mean)
+    dvar = dvar.to(acc) if dvar is not None else torch.zeros_like(var)
+    if dscale is not None or dshift is not None:
+        dscale = dscale.to(acc) if dscale is not None else torch.zeros_like(mean)
+        dshift = dshift.to(acc) if dshift is not None else torch.zeros_like(mean)
+        r = torch.rsqrt(var + eps)
+        g = gamma.to(acc) if gamma is not None else torch.ones_like(mean)
+        d_gr = dscale - dshift * mean
+        dmean = dmean - dshift * g * r
+        dvar = dvar - 0.5 * d_gr * g * r ** 3
+        dgamma, dbeta = d_gr * r, dshift
+    return dmean, dvar, dgamma, dbeta

@@ -172,7 +172,6 @@ class CrossRankBNFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        from .conv_bn_act import _stats_grads_reference  # (conv_bn_act imports this module)
         x, weight, mean, var, scale = ctx.saved_tensors
         eps, name, affine = ctx.conf
         acc = reference.acc_dtype(x)
@@ -184,7 +183,7 @@ class CrossRankBNFn(torch.autograd.Function):
         dscale, dshift = (du * xf).sum(dims), du.sum(dims)
         dgamma, dbeta = local_affine_grads(mean, var, eps, dscale, dshift)
         dscale, dshift = sum_stats_grads([dscale, dshift], count, name)
-        dm, dv, _, _ = _stats_grads_reference(mean, var, count, weight, eps, None, None, dscale, dshift, acc)
+        dm, dv, _, _ = reference.bn_stats_backward(mean, var, count, weight, eps, None, None, dscale, dshift, acc)
         dx = du * scale.view(shape) + (dm.view(shape) + dv.view(shape) * 2.0 * (xf - mean.view(shape))) / max(count, 1)
         need = ctx.needs_input_grad
         return (dx.to(x.dtype) if need[0] else None,

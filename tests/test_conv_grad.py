@@ -272,6 +272,9 @@ def _resnext50_launches(dtype):
     convs = [(c, c, hw, 3, s, 1, g) for c, hw, s, g in RESNEXT50_GROUPED_3X3]
     convs += [(ci, co, hw, 1, s, 0, 1) for ci, co, hw, s in RESNEXT50_1X1]
     ty = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}[dtype]
+    grads_ptrs = {name: ty if name in ("dx_ptr", "dz_ptr", "w_ptr", "a_ptr", "z_ptr") else
+                  "*i32" if name in ("counter_ptr", "pro_counter_ptr") else "*fp32"
+                  for name in cg.conv_grads_kernel.arg_names if name.endswith("_ptr")}
     for N in BATCHES:
         for cin, cout, hw, k, s, p, g in convs:
             ho = (hw + 2 * p - k) // s + 1
@@ -287,22 +290,18 @@ def _resnext50_launches(dtype):
                                                  in_shift_ptr="*fp32", dw_ptr="*fp32", counter_ptr="*i32",
                                                  in_gate_ptr="*fp32"), sizes, meta
                 # both in one launch (what the training backward runs); with the prologue, also
-                # its backward in the data gradient's epilogue (PRO_BWD, what it runs ungated)
-                for pro_bwd in ((False, True) if prologue else (False,)):
+                # its backward in the data gradient's epilogue (PRO_BWD, what it runs ungated);
+                # with a batch-statistics BN after the convolution, its terms on load (STATS_DZ)
+                for pro_bwd, stats_dz in (((False, False), (True, False), (True, True)) if prologue
+                                          else ((False, False), (False, True))):
                     _, sizes, meta, _ = cg.grads_launch(*args, in_affine=prologue, in_relu=prologue,
                                                         w_strides=w_strides, dw_strides=dw_strides,
-                                                        prologue_backward=pro_bwd)
-                    yield cg.conv_grads_kernel, dict(dx_ptr=ty, part_ptr="*fp32", dw_ptr="*fp32", counter_ptr="*i32",
-                                                     dz_ptr=ty, w_ptr=ty, a_ptr=ty, in_scale_ptr="*fp32",
-                                                     in_shift_ptr="*fp32", in_gate_ptr="*fp32", psum_ptr="*fp32",
-                                                     sums_ptr="*fp32", pro_counter_ptr="*i32"), sizes, meta
+                                                        prologue_backward=pro_bwd, stats_dz=stats_dz, stats_gamma=True)
+                    yield cg.conv_grads_kernel, grads_ptrs, sizes, meta
             if k == 1 and s == 1:  # conv3 of a RegNetY block: the prologue's gate too (IN_GATE)
                 _, sizes, meta, _ = cg.grads_launch(*args, in_affine=True, in_relu=True, w_strides=w_strides,
                                                     dw_strides=dw_strides, in_gate=True)
-                yield cg.conv_grads_kernel, dict(dx_ptr=ty, part_ptr="*fp32", dw_ptr="*fp32", counter_ptr="*i32",
-                                                 dz_ptr=ty, w_ptr=ty, a_ptr=ty, in_scale_ptr="*fp32",
-                                                 in_shift_ptr="*fp32", in_gate_ptr="*fp32", psum_ptr="*fp32",
-                                                 sums_ptr="*fp32", pro_counter_ptr="*i32"), sizes, meta
+                yield cg.conv_grads_kernel, grads_ptrs, sizes, meta
 
 
 def _compile_for_hopper(dtype_name):
@@ -479,6 +478,90 @@ def test_prologue_backward_in_the_dgrad_epilogue_matches_float64(case_id, relu, 
     ops = count_device_ops(lambda: cg.conv_grads(dzl, xl, w, c.stride, c.padding, c.groups, prologue_backward=True,
                                                  **aff))
     assert ops.triton == 1 and set(ops.by_name) - {"aten::fill_"} == {"triton::conv_grads_kernel"}, ops
+
+
+def _stats_inputs(c: Case, dtype, seed, gamma=True):
+    """z (the conv's raw output), its batch statistics and the gradients of its BN's scale and shift."""
+    from kernels.bn_backward import StatsGrad
+    gen = torch.Generator().manual_seed(seed + 100)
+    z = (torch.randn(c.N, c.Cout, c.Ho, c.Wo, generator=gen) * 1.5 + 0.3).to(dtype)
+    z64 = z.double()
+    mean, var = z64.mean(dim=(0, 2, 3)).float(), z64.var(dim=(0, 2, 3), unbiased=False).float()
+    vec = lambda: torch.randn(c.Cout, generator=gen)  # noqa: E731
+    st = StatsGrad(z.to(DEVICE).contiguous(memory_format=torch.channels_last), mean.to(DEVICE), var.to(DEVICE),
+                   None, None, vec().to(DEVICE), vec().to(DEVICE),
+                   (torch.rand(c.Cout, generator=gen) + 0.5).to(DEVICE) if gamma else None, 1e-3)
+    return st
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("mode", ["plain", "prologue", "prologue_backward", "no_gamma"])
+@pytest.mark.parametrize("case_id", ["dense_3x3_cout_ne_cin", "4_per_group_s2_several_blocks",
+                                     "3_in_6_out_per_group_blocks_start_mid_group", "1x1_gemm_cout_ne_cin",
+                                     "1x1_s2_downsample_unreached_pixels"])
+def test_statistics_terms_on_load_match_the_separate_pass(case_id, mode, dtype, max_splits, ieee_fp32):
+    """conv_grads(stats=...): dz = dy + the batch-statistics terms applied as dgrad and wgrad
+    load dy (one launch, no dz tensor): the same bits as bn_backward's pass then conv_grads,
+    gamma's and beta's gradients included, and float64 to 1e-5 (fp32); idempotent."""
+    if dtype == torch.float16 and case_id not in FP16_CASES:
+        pytest.skip("fp16: the FP16_CASES only (interpreter time)")
+    from benchmarks.device_ops import count_device_ops
+    from kernels.bn_backward import bn_backward
+    c = Case(**{**CASES[case_id].__dict__, "N": 3})  # N*H*W rows: not a multiple of the row block
+    x, w, dy = make_inputs(c, dtype, seed=12)
+    x, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
+    st = _stats_inputs(c, dtype, seed=12, gamma=mode != "no_gamma")
+    kw = {}
+    if mode.startswith("prologue"):
+        kw = dict(in_scale=torch.rand(c.Cin) + 0.5, in_shift=torch.randn(c.Cin) * 0.3, in_relu=True,
+                  prologue_backward=mode == "prologue_backward")
+    out = cg.conv_grads(dy, x, w, c.stride, c.padding, c.groups, stats=st, **kw)
+    ep = bn_backward(dy, stats=st, dz_dtype=dtype)
+    two_pass = cg.conv_grads(ep.dz, x, w, c.stride, c.padding, c.groups, **kw)
+    assert len(out) == len(two_pass) + 1
+    for got, want, what in zip(out, two_pass, ("dx", "dw", "sums")):
+        assert torch.equal(got, want), what
+    dparam = out[-1]
+    assert torch.equal(dparam[0], ep.dgamma) and torch.equal(dparam[1], ep.dbeta)
+    if dtype == torch.float32:  # against float64: the statistics terms, then PyTorch's convolution backward
+        st64 = st._replace(z=st.z.double(), mean=st.mean.double(), var=st.var.double())
+        dz64, dparam64 = cg.stats_terms_reference(dy.double(), st64)
+        if not mode.startswith("prologue"):
+            ref_dx, ref_dw = reference(c, x, w, dz64)
+            assert_close_fp32(out[0], ref_dx, "dx")
+            assert_close_fp32(out[1], ref_dw, "dw")
+        assert_close_fp32(dparam, dparam64, "d gamma, d beta")
+    again = cg.conv_grads(dy, x, w, c.stride, c.padding, c.groups, stats=st, **kw)
+    assert all(torch.equal(p, q) for p, q in zip(out, again))
+    ops = count_device_ops(lambda: cg.conv_grads(dy, x, w, c.stride, c.padding, c.groups, stats=st, **kw))
+    assert ops.triton == 1 and set(ops.by_name) - {"aten::fill_"} == {"triton::conv_grads_kernel"}, ops
+
+
+def test_statistics_terms_on_load_nan_fallbacks_and_errors(ieee_fp32):
+    """A NaN in z or dy reaches the gradients as in the two-pass path; float64 runs the PyTorch
+    formulas (stats_terms_reference); a malformed stats is refused."""
+    from kernels.bn_backward import bn_backward
+    c = Case(**{**CASES["4_per_group_s2_several_blocks"].__dict__, "N": 2})
+    x, w, dy = make_inputs(c, torch.float32, seed=4)
+    x, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
+    st = _stats_inputs(c, torch.float32, seed=4)
+    st.z[1, 3, 0, 1] = float("nan")
+    dy[0, 9, 1, 0] = float("nan")
+    dx, dw, dparam = cg.conv_grads(dy, x, w, c.stride, c.padding, c.groups, stats=st)
+    want_dx, want_dw = cg.conv_grads(bn_backward(dy, stats=st, dz_dtype=torch.float32).dz, x, w, c.stride,
+                                     c.padding, c.groups)
+    assert torch.isnan(dx).any() and (~torch.isnan(dx)).any()
+    assert torch.equal(torch.isnan(dx), torch.isnan(want_dx)) and torch.equal(torch.isnan(dw), torch.isnan(want_dw))
+    assert torch.equal(torch.nan_to_num(dx), torch.nan_to_num(want_dx))
+    x64, w64, dy64 = (t.double() for t in make_inputs(c, torch.float32, seed=4))
+    st64 = _stats_inputs(c, torch.float64, seed=4)
+    dx64, dw64, dparam64 = cg.conv_grads(dy64, x64, w64, c.stride, c.padding, c.groups, stats=st64)
+    dz64, want_dparam = cg.stats_terms_reference(dy64, st64)
+    r_dx, r_dw = reference(c, x64, w64, dz64)
+    assert torch.allclose(dx64.cpu(), r_dx) and torch.allclose(dw64.cpu(), r_dw) and torch.equal(dparam64, want_dparam)
+    for bad in (st._replace(dshift=None), st._replace(dmean=st.mean), st._replace(z=st.z[:, :, :1])):
+        with pytest.raises(ValueError, match="stats"):
+            cg.conv_grads(dy, x, w, c.stride, c.padding, c.groups, stats=bad)
 
 
 def test_prologue_backward_nan_and_fallbacks(ieee_fp32):
