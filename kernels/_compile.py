@@ -51,6 +51,9 @@ def jit_specialization(kernel, ints: Dict[str, int], pointer_types: Dict[str, st
         elif name in pointer_types:
             signature[name] = pointer_types[name]
             attrs[(i,)] = [["tt.divisibility", 16]]
+        elif param.is_constexpr and name not in ints:  # a constexpr left out: its default
+            signature[name] = "constexpr"
+            constexprs[name] = defaults[name]
         elif isinstance(ints.get(name, defaults[name]), float):  # a float argument, or a float default left out
             signature[name] = "fp32"
         elif ints[name] == 1 and not param.do_not_specialize:
@@ -91,17 +94,19 @@ def sass(compiled) -> str:
 
 
 def conv_launches(shapes: Iterable[Tuple[int, int, int, int, int, int, int, int]], dtype: str,
-                  modes=("eval", "train", "squeeze_train", "squeeze_eval", "gated_train", "gated_eval")) -> List[dict]:
+                  modes=("eval", "train", "train_sync", "squeeze_train", "squeeze_eval", "gated_train",
+                         "gated_eval")) -> List[dict]:
     """The distinct compilations ``conv_bn_act`` performs for the given conv shapes, each
     specialised as the JIT would (``jit_specialization``).
 
     shapes: (N, Cin, H, W, Cout, groups, ksize, stride); mode "eval" = folded BN + residual +
-    ReLU epilogue, "train" = prologue (BN + ReLU on load) + statistics; "squeeze_*" = conv3 of
+    ReLU epilogue, "train" = prologue (BN + ReLU on load) + statistics, finalized in the launch
+    (FINALIZE), "train_sync" = the same, the statistics left to a finalize (a process group's); "squeeze_*" = conv3 of
     an SE block (1x1 only): the per-image sums (SQUEEZE), with statistics or without an epilogue;
     "gated_*" = conv3 of a RegNetY block (1x1 only): the prologue's gate after its ReLU (IN_GATE),
     with statistics or with the eval epilogue (folded BN + residual + ReLU).
     """
-    from .conv_bn_act import conv_bn_act_fwd_kernel, out_size
+    from .conv_bn_act import conv_bn_act_fwd_kernel, finalize_block_t, out_size
     from ._runtime import conv_config
     seen, launches = set(), []
     for (N, Cin, H, W, Cout, groups, ks, stride) in shapes:
@@ -115,13 +120,17 @@ def conv_launches(shapes: Iterable[Tuple[int, int, int, int, int, int, int, int]
             squeeze, gated = mode.startswith("squeeze"), mode.startswith("gated")
             if (squeeze or gated) and (ks != 1 or stride != 1 or Cout < 2 * Cin):  # conv3 of a bottleneck
                 continue
-            train = mode in ("train", "squeeze_train", "gated_train")
+            train = mode in ("train", "train_sync", "squeeze_train", "gated_train")
             flags = dict(KSIZE=ks, IN_AFFINE=train or gated, IN_RELU=train or gated,
                          OUT_AFFINE=not train and not squeeze, HAS_RESIDUAL=not train and not squeeze and ks == 1,
                          OUT_RELU=not train and not squeeze, STATS=train, ALLOW_TF32=dtype == "float32",
                          SQUEEZE=squeeze, IN_GATE=gated)
+            if train and mode != "train_sync":  # (a BN with running statistics, the momentum rule)
+                flags.update(FINALIZE=True, FIN_AFFINE=True, FIN_UPDATE=True, FIN_CUMULATIVE=False, FIN_COUNT=True,
+                             FIN_BLOCK_T=finalize_block_t(cfg["BLOCK_N"]))
             const = dict(flags, **{k: v for k, v in cfg.items() if k.isupper()})
-            pointers = {name: (_PTR[dtype] if name in ("out_ptr", "x_ptr", "w_ptr", "res_ptr") else "*fp32")
+            pointers = {name: (_PTR[dtype] if name in ("out_ptr", "x_ptr", "w_ptr", "res_ptr") else
+                               "*i32" if name == "counter_ptr" else "*i64" if name == "nbt_ptr" else "*fp32")
                         for name in conv_bn_act_fwd_kernel.arg_names if name.endswith("_ptr")}
             ints["sq_slots"] = min(N, (cfg["BLOCK_M"] - 1) // (Ho * Wo) + 2)
             sig, const, attrs = jit_specialization(conv_bn_act_fwd_kernel, ints, pointers, const)

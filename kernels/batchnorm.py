@@ -50,7 +50,23 @@ def bn_finalize_kernel(
 ):
     """One launch per BatchNorm: merge the partials (Chan et al.), then scale/shift and the
     running-statistics update of nn.BatchNorm2d, on [C] vectors, in place."""
-    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    finalize_channels(tl.program_id(0), mean_ptr, var_ptr, scale_ptr, shift_ptr, part_mean_ptr, part_m2_ptr,
+                      gamma_ptr, beta_ptr, run_mean_ptr, run_var_ptr, nbt_ptr, T, C, M, ROWS_PER_BLOCK, momentum, eps,
+                      AFFINE, UPDATE, CUMULATIVE, COUNT, BLOCK_T, BLOCK_C, ROW_COUNTS, MERGED_OUT)
+
+
+@triton.jit
+def finalize_channels(
+    block,  # which BLOCK_C channels: block * BLOCK_C + [0, BLOCK_C)
+    mean_ptr, var_ptr, scale_ptr, shift_ptr, part_mean_ptr, part_m2_ptr, gamma_ptr, beta_ptr,
+    run_mean_ptr, run_var_ptr, nbt_ptr, T, C, M, ROWS_PER_BLOCK, momentum, eps,
+    AFFINE: tl.constexpr, UPDATE: tl.constexpr, CUMULATIVE: tl.constexpr, COUNT: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, ROW_COUNTS: tl.constexpr, MERGED_OUT: tl.constexpr,
+):
+    """``bn_finalize_kernel``'s work for one block of channels (its arguments): also run by the
+    last program of a convolution's channel block (``conv_bn_act``, FINALIZE), where the
+    partials were written by other programs of the same launch: they are read from L2 (.cg)."""
+    offs_c = block * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
     if ROW_COUNTS:  # counts per row and channel: a vector (equal over channels)
         n_a = tl.zeros((BLOCK_C,), dtype=tl.float32)
@@ -80,8 +96,8 @@ def bn_finalize_kernel(
         else:
             rows = tl.where(t_ok, tl.minimum(M - offs_t * ROWS_PER_BLOCK, ROWS_PER_BLOCK), 0).to(tl.float32)
             off = offs_t[:, None] * C + offs_c[None, :]
-            pm = tl.load(part_mean_ptr + off, mask=ok, other=0.0)
-            pm2 = tl.load(part_m2_ptr + off, mask=ok, other=0.0)
+            pm = tl.load(part_mean_ptr + off, mask=ok, other=0.0, cache_modifier=".cg")
+            pm2 = tl.load(part_m2_ptr + off, mask=ok, other=0.0, cache_modifier=".cg")
             # merge this chunk of blocks exactly (two-pass about the chunk mean) ...
             n_b = tl.sum(rows, axis=0)
             mean_b = tl.sum(rows[:, None] * pm, axis=0) / n_b
@@ -121,7 +137,7 @@ def bn_finalize_kernel(
         else:
             factor = momentum
     if COUNT:
-        if tl.program_id(0) == 0:  # no program reads the counter then: no race
+        if block == 0:  # no program reads the counter then: no race
             tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
     if UPDATE:
         if ROW_COUNTS:  # an all-empty group leaves the statistics alone, as an empty batch below
@@ -173,10 +189,8 @@ def bn_finalize(part_mean: Tensor, part_m2: Tensor, M: int, rows_per_block: int,
     ``kernels.sync_bn``): a launch merges this rank's blocks, one all-gather, then the launch
     above merges the ranks' rows."""
     T, C = part_mean.shape
-    # four buffers, not views of one: outputs of a custom op may not alias
-    out = [torch.empty(C, device=part_mean.device, dtype=torch.float32) for _ in range(4)]
-    update = running_mean is not None
-    cumulative = update and momentum is None
+    out = finalize_outputs(C, part_mean.device)
+    update, cumulative = running_mean is not None, running_mean is not None and momentum is None
     grid, flags = _finalize_consts(C, gamma is not None, update, cumulative, num_batches_tracked is not None,
                                    group_name is not None)
     block_c = flags["BLOCK_C"]
@@ -195,22 +209,42 @@ def bn_finalize(part_mean: Tensor, part_m2: Tensor, M: int, rows_per_block: int,
         running_mean if update else dummy, running_var if update else dummy,
         num_batches_tracked if num_batches_tracked is not None else dummy,
         T, C, M, rows_per_block, float(momentum or 0.0), float(eps), **flags)
+    finalize_done(running_mean, running_var, num_batches_tracked, momentum)
+    return BNStats(*out)
+
+
+def finalize_outputs(C: int, device) -> list:
+    """mean, var, scale, shift of a finalize: four buffers, not views of one (outputs of a
+    custom op may not alias)."""
+    return [torch.empty(C, device=device, dtype=torch.float32) for _ in range(4)]
+
+
+def finalize_flags(affine: bool, update: bool, cumulative: bool, count: bool) -> dict:
+    """The constexprs of ``finalize_channels`` for a BN (update: running statistics given;
+    cumulative: momentum None; count: num_batches_tracked given)."""
+    return dict(AFFINE=affine, UPDATE=update, CUMULATIVE=cumulative, COUNT=count and not cumulative)
+
+
+def finalize_done(running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                  num_batches_tracked: Optional[Tensor], momentum: Optional[float]) -> None:
+    """The host's share of a finalize, after its launch (``bn_finalize``, or a convolution's FINALIZE)."""
+    if running_mean is None:
+        return
+    cumulative = momentum is None
     if cumulative:  # momentum=None reads the counter in the kernel, so it is counted here
         num_batches_tracked.add_(1)
     # A kernel's writes do not bump version counters: bump them (host only), so that caches
     # keyed on them (the eval-mode fold) and autograd's checks see the update.
-    if update:  # (one call for the list: each call costs ~0.5 us of host time)
-        torch.autograd.graph.increment_version(
-            [t for t in (running_mean, running_var, None if cumulative else num_batches_tracked) if t is not None])
-    return BNStats(*out)
+    # (one call for the list: each call costs ~0.5 us of host time)
+    torch.autograd.graph.increment_version(
+        [t for t in (running_mean, running_var, None if cumulative else num_batches_tracked) if t is not None])
 
 
 @functools.lru_cache(maxsize=4096)
 def _finalize_consts(C: int, affine: bool, update: bool, cumulative: bool, count: bool, row_counts: bool):
     """The grid and constexprs of a finalize launch (host time: built once per combination)."""
     block_c = min(64, next_power_of_2(max(C, 1)))
-    return (cdiv(C, block_c),), dict(AFFINE=affine, UPDATE=update, CUMULATIVE=cumulative,
-                                      COUNT=count and not cumulative, BLOCK_T=32, BLOCK_C=block_c,
+    return (cdiv(C, block_c),), dict(finalize_flags(affine, update, cumulative, count), BLOCK_T=32, BLOCK_C=block_c,
                                       ROW_COUNTS=row_counts)
 
 

@@ -37,9 +37,9 @@ import triton.language as tl
 
 from . import reference, sync_bn
 from . import _runtime
-from ._runtime import allow_tf32, cdiv, conv_config, DerivedCache, eager_or_op, use_triton
-from ._triton_helpers import has_nonfinite, mma
-from .batchnorm import bn_finalize, run_bn_act
+from ._runtime import allow_tf32, arrival_counters, cdiv, conv_config, DerivedCache, eager_or_op, use_triton
+from ._triton_helpers import has_nonfinite, last_arrival, mma
+from .batchnorm import BNStats, bn_finalize, finalize_channels, finalize_done, finalize_flags, finalize_outputs, run_bn_act
 from .bn_backward import StatsGrad, bn_backward
 from .conv_grad import conv_dgrad, conv_grads, conv_wgrad
 
@@ -116,6 +116,15 @@ def conv_bn_act_fwd_kernel(
     SQUEEZE: tl.constexpr = False,
     in_gate_ptr=None,  # [N, Cin] fp32 (IN_GATE, with IN_AFFINE): multiplies the prologue's output
     IN_GATE: tl.constexpr = False,
+    # FINALIZE (with STATS): the last row block of each channel block to finish merges the
+    # partials and writes what a bn_finalize launch would (batchnorm.finalize_channels)
+    mean_ptr=None, var_ptr=None, scale_ptr=None, shift_ptr=None,  # [Cout] fp32 out
+    gamma_ptr=None, beta_ptr=None,  # [Cout] (FIN_AFFINE), any float dtype
+    run_mean_ptr=None, run_var_ptr=None, nbt_ptr=None,  # (FIN_UPDATE, FIN_COUNT) updated in place
+    counter_ptr=None,  # int32 [channel blocks], zero (_runtime.arrival_counters): row blocks arrived
+    momentum=0.0, eps=1e-5,  # fp32
+    FINALIZE: tl.constexpr = False, FIN_AFFINE: tl.constexpr = False, FIN_UPDATE: tl.constexpr = False,
+    FIN_CUMULATIVE: tl.constexpr = False, FIN_COUNT: tl.constexpr = False, FIN_BLOCK_T: tl.constexpr = 32,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -210,6 +219,12 @@ def conv_bn_act_fwd_kernel(
             sq = tl.sum(tl.where((img_local == k)[:, None], yq, 0.0), axis=0)
             tl.store(sq_part_ptr + (pid_m * sq_slots + k) * Cout + offs_n, sq, mask=n_ok)
     tl.store(out_ptr + out_off, y.to(out_ptr.dtype.element_ty), mask=out_ok)
+    if FINALIZE:  # after the tile's store: acc's registers are free for the merge
+        if last_arrival(counter_ptr + pid_n, tl.num_programs(0)):
+            finalize_channels(pid_n, mean_ptr, var_ptr, scale_ptr, shift_ptr, part_mean_ptr, part_m2_ptr, gamma_ptr,
+                              beta_ptr, run_mean_ptr, run_var_ptr, nbt_ptr, tl.num_programs(0), Cout, M, BLOCK_M,
+                              momentum, eps, FIN_AFFINE, FIN_UPDATE, FIN_CUMULATIVE, FIN_COUNT, FIN_BLOCK_T, BLOCK_N,
+                              False, False)
 
 
 _PACKED = DerivedCache()
@@ -317,12 +332,18 @@ def conv_bn_act_forward(
             squeeze_sums.copy_(y.to(reference.acc_dtype(y)).sum(dim=(2, 3)))
         return _channels_last(y), mean, var, scale, shift
 
-    y, part_mean, part_m2, sq_part, (M, block_m, hw) = _launch(
+    # The statistics finalized in the convolution's own launch, unless they are a process
+    # group's (a gather between the two merges) or the batch is empty (no program runs).
+    in_launch = stats and group_name is None and x.numel() > 0
+    y, part_mean, part_m2, sq_part, (M, block_m, hw), bn_stats = _launch(
         x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu, out_scale, out_shift, residual,
-        out_relu, stats, squeeze_sums is not None, in_gate)
+        out_relu, stats, squeeze_sums is not None, in_gate,
+        (bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps) if in_launch else None)
     if sq_part is not None:
         from .squeeze_excite import merge_squeeze_sums
         merge_squeeze_sums(squeeze_sums, sq_part, hw, block_m)
+    if bn_stats is not None:
+        return (y, *bn_stats)
     if stats:
         return (y, *bn_finalize(part_mean, part_m2, M, block_m, bn_weight, bn_bias, running_mean,
                                 running_var, num_batches_tracked, momentum, eps, group_name))
@@ -353,10 +374,11 @@ def _launch_consts(N: int, H: int, W: int, Cin: int, Cout: int, cin_g: int, grou
                    stride: int, padding: int, dtype: torch.dtype, in_affine: bool, in_relu: bool,
                    out_affine: bool, has_residual: bool, out_relu: bool, stats: bool, squeeze: bool,
                    in_gate: bool, tf32: bool, w_strides: Tuple[int, int, int], interpret: bool,
-                   config=conv_config):
+                   config=conv_config, finalize: Optional[Tuple[bool, bool, bool, bool]] = None):
     """The constant part of a forward launch, per shape, dtype and flags (host time: ~40
     arguments built per call otherwise): the output shape, the grid, the keyword arguments
-    after the ten pointers, the partials' shapes and (M, BLOCK_M, Ho*Wo)."""
+    after the ten pointers, the partials' shapes and (M, BLOCK_M, Ho*Wo).  ``finalize``: the
+    launch also finalizes the statistics (``batchnorm.finalize_flags``' four arguments)."""
     del interpret  # conv_config reads it: a part of the key (and ``config``: the function in use)
     Ho, Wo = out_size(H, ksize, stride, padding), out_size(W, ksize, stride, padding)
     M = N * Ho * Wo
@@ -375,16 +397,27 @@ def _launch_consts(N: int, H: int, W: int, Cin: int, Cout: int, cin_g: int, grou
         kwargs.update(sq_slots=sq_slots, SQUEEZE=True)
     if in_gate:
         kwargs.update(IN_GATE=True)
+    if finalize is not None:
+        kwargs.update({"FIN_" + k: v for k, v in finalize_flags(*finalize).items()}, FINALIZE=True,
+                      FIN_BLOCK_T=finalize_block_t(cfg["BLOCK_N"]))
     return (N, Cout, Ho, Wo), grid, kwargs, (n_row_blocks, Cout) if stats else None, sq_shape, \
         (M, cfg["BLOCK_M"], Ho * Wo)
+
+
+def finalize_block_t(block_n: int) -> int:
+    """Partial rows the FINALIZE merge reads at a time: [FIN_BLOCK_T, BLOCK_N] tiles of at most
+    4096 elements (the registers of the finished main loop)."""
+    return max(8, min(32, 4096 // block_n))
 
 
 def _launch(x: Tensor, weight: Tensor, packed: Optional[Tensor], stride: int, padding: int, groups: int,
             in_scale: Optional[Tensor], in_shift: Optional[Tensor], in_relu: bool,
             out_scale: Optional[Tensor], out_shift: Optional[Tensor], residual: Optional[Tensor], out_relu: bool,
-            stats: bool, squeeze: bool, in_gate: Optional[Tensor]):
+            stats: bool, squeeze: bool, in_gate: Optional[Tensor], finalize: Optional[tuple] = None):
     """One ``conv_bn_act_fwd_kernel`` launch: (y, statistics partials or None (x2), squeeze
-    partials or None, (M, BLOCK_M, Ho*Wo))."""
+    partials or None, (M, BLOCK_M, Ho*Wo), BNStats or None).  ``finalize`` (with stats):
+    (gamma, beta, running_mean, running_var, num_batches_tracked, momentum, eps) of the BN the
+    launch also finalizes, as ``batchnorm.bn_finalize`` would (then the BNStats)."""
     x = _channels_last(x)
     w = weight_operand(weight, packed, x.dtype)
     N, Cin, H, W = x.shape
@@ -392,7 +425,9 @@ def _launch(x: Tensor, weight: Tensor, packed: Optional[Tensor], stride: int, pa
     y_shape, grid, kwargs, part_shape, sq_shape, sizes = _launch_consts(
         N, H, W, Cin, Cout, cin_g, groups, ksize, stride, padding, x.dtype, in_scale is not None, in_relu,
         out_scale is not None, residual is not None, out_relu, stats, squeeze, in_gate is not None,
-        allow_tf32(x.dtype), weight_strides(w), _runtime.INTERPRET, conv_config)
+        allow_tf32(x.dtype), weight_strides(w), _runtime.INTERPRET, conv_config,
+        None if finalize is None else (finalize[0] is not None, finalize[2] is not None,
+                                       finalize[2] is not None and finalize[5] is None, finalize[4] is not None))
     y = torch.empty(y_shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     part_mean = part_m2 = sq_part = None
     if part_shape is not None:
@@ -403,13 +438,26 @@ def _launch(x: Tensor, weight: Tensor, packed: Optional[Tensor], stride: int, pa
         sq_part = extra["sq_part_ptr"] = torch.empty(sq_shape, device=x.device, dtype=torch.float32)
     if in_gate is not None:
         extra["in_gate_ptr"] = _f32(in_gate.reshape(N, Cin))
+    fin_out = None
+    if finalize is not None:
+        gamma, beta, running_mean, running_var, nbt, momentum, eps = finalize
+        fin_out = finalize_outputs(Cout, x.device)
+        d = fin_out[0]  # stands in for what is not given (not read)
+        extra.update(mean_ptr=fin_out[0], var_ptr=fin_out[1], scale_ptr=fin_out[2], shift_ptr=fin_out[3],
+                     gamma_ptr=d if gamma is None else gamma, beta_ptr=d if beta is None else beta,
+                     run_mean_ptr=d if running_mean is None else running_mean,
+                     run_var_ptr=d if running_var is None else running_var, nbt_ptr=d if nbt is None else nbt,
+                     counter_ptr=arrival_counters(x.device, grid[1]), momentum=float(momentum or 0.0), eps=float(eps))
     conv_bn_act_fwd_kernel[grid](
         y, y if part_mean is None else part_mean, y if part_m2 is None else part_m2, x, w,  # (y: never read)
         y if in_scale is None else _f32(in_scale), y if in_shift is None else _f32(in_shift),
         y if out_scale is None else _f32(out_scale), y if out_shift is None else _f32(out_shift),
         y if residual is None else _channels_last(residual),
         **kwargs, **extra)
-    return y, part_mean, part_m2, sq_part, sizes
+    if finalize is not None:
+        finalize_done(running_mean, running_var, nbt, momentum)
+        fin_out = BNStats(*fin_out)
+    return y, part_mean, part_m2, sq_part, sizes, fin_out
 
 
 # --------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from . import reference
 from ._runtime import eager_or_op
 
 Tensor = torch.Tensor
+_DIST_AVAILABLE = dist.is_available()
 
 
 def _has_process_group(bn: torch.nn.Module) -> bool:
@@ -54,9 +55,8 @@ def group_name(bn: torch.nn.Module) -> Optional[str]:
     nn.SyncBatchNorm's rule: a module with a ``process_group`` attribute (None: the world)
     syncs in training mode, when torch.distributed is initialised and the group has more
     than one rank; eval mode never syncs."""
-    if not bn.training or not _has_process_group(bn):
-        return None
-    if not (dist.is_available() and dist.is_initialized()):
+    # (the cheap tests first: outside torch.distributed, the attribute search never runs)
+    if not bn.training or not (_DIST_AVAILABLE and dist.is_initialized()) or not _has_process_group(bn):
         return None
     group = bn.process_group if bn.process_group is not None else dist.group.WORLD
     if dist.get_world_size(group) < 2:

@@ -30,7 +30,7 @@ def compiled(tmp_path_factory):
 def test_every_variant_compiles(compiled):
     kinds = {(r["kernel"], r["mode"], r["dtype"]) for r in compiled}
     for dtype in ("bfloat16", "float16", "float32"):
-        for mode in ("eval", "train", "squeeze_train", "squeeze_eval", "gated_train", "gated_eval"):
+        for mode in ("eval", "train", "train_sync", "squeeze_train", "squeeze_eval", "gated_train", "gated_eval"):
             assert ("conv_bn_act_fwd_kernel", mode, dtype) in kinds
         assert ("bn_act_kernel", "bn_act", dtype) in kinds
         assert ("bn_act_kernel", "bn_act_gated", dtype) in kinds
