@@ -99,3 +99,63 @@ def test_one_value_per_channel_raises_like_pytorch():
     m = resnext.ConvBNAct(4, 4, 1).train()
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
         m(torch.randn(1, 4, 1, 1))
+
+
+@pytest.mark.parametrize("bn_kwargs", [dict(momentum=0.1), dict(momentum=None), dict(affine=False),
+                                       dict(track_running_stats=False)],
+                         ids=["momentum", "momentum-None", "no-affine", "no-running-stats"])
+def test_finalize_in_the_convolution_launch(bn_kwargs, monkeypatch):
+    """One rank: the convolution's last row block of each channel block merges the statistics
+    partials (FINALIZE) and writes what a bn_finalize launch writes: mean, var, scale, shift and
+    the running statistics (as nn.BatchNorm2d, to float64), in the same launch.  Small row blocks
+    and channel blocks: many partial rows per channel block, merged in several chunks."""
+    from benchmarks.device_ops import count_device_ops
+    import sys
+    from kernels import _runtime
+    cba = sys.modules["kernels.conv_bn_act"]  # (the package's conv_bn_act is the function)
+    config = cba.conv_config
+
+    def small(*args, **kw):
+        cfg = config(*args, **kw)
+        cfg.update(BLOCK_M=16, BLOCK_N=16)
+        return cfg
+    monkeypatch.setattr(cba, "conv_config", small)
+    monkeypatch.setattr(cba, "finalize_block_t", lambda block_n: 8)  # 3 x 7 x 9 rows / 16: 12 partial rows, 2 chunks
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(3, 8, 7, 9, generator=gen) + 2.0).to(DEVICE).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(40, 2, 3, 3, generator=gen) / 4).to(DEVICE)
+    bn = nn.BatchNorm2d(40, **bn_kwargs).to(DEVICE)
+    randomize_bn(bn)
+    bn.train()
+    if bn.running_mean is not None:
+        bn.num_batches_tracked.fill_(3)
+    ref_bn = copy.deepcopy(bn).double()
+    before = None if bn.running_mean is None else [t.clone() for t in (bn.running_mean, bn.running_var)]
+
+    def run(b):
+        return cba.conv_bn_act_forward(x, w, None, 1, 1, 4, None, None, False, None, None, None, False, True,
+                                       b.weight, b.bias, b.running_mean, b.running_var,
+                                       b.num_batches_tracked if b.running_mean is not None else None, b.momentum,
+                                       b.eps)
+    y, mean, var, scale, shift = run(bn)
+    z64 = torch.nn.functional.conv2d(x.double(), w.double(), padding=1, groups=4)
+    assert_close_to_ref(y, z64, torch.float32)
+    zq = y.double()  # the statistics are those of z as stored
+    torch.testing.assert_close(mean.double(), zq.mean(dim=(0, 2, 3)), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(var.double(), zq.var(dim=(0, 2, 3), unbiased=False), rtol=1e-5, atol=1e-6)
+    ref_y = ref_bn(zq)  # nn.BatchNorm2d in float64: the running statistics' update
+    inv = (var.double() + bn.eps).rsqrt()
+    g = bn.weight.double() if bn.weight is not None else 1.0
+    torch.testing.assert_close(scale.double(), g * inv, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close((zq * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)), ref_y,
+                               rtol=1e-5, atol=1e-5)
+    if bn.running_mean is not None:
+        torch.testing.assert_close(bn.running_mean.double(), ref_bn.running_mean, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(bn.running_var.double(), ref_bn.running_var, rtol=1e-6, atol=1e-6)
+        assert int(bn.num_batches_tracked) == int(ref_bn.num_batches_tracked) == 4
+        assert not torch.equal(bn.running_mean, before[0])
+    assert all(int(buf.abs().sum()) == 0 for buf in _runtime._ARRIVAL_COUNTERS.values())  # left zero
+    # one launch: the convolution's (momentum=None also counts num_batches_tracked on the host, as before)
+    ops = count_device_ops(lambda: run(copy.deepcopy(bn)))
+    assert ops.triton == 1 and set(ops.by_name) - {"aten::fill_", "aten::add_", "aten::copy_", "aten::clone"} \
+        == {"triton::conv_bn_act_fwd_kernel"}, ops
