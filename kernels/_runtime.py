@@ -15,6 +15,7 @@ most two binaries per dtype and mode over all batch sizes (tests/test_recompile.
 import functools
 import os
 import weakref
+from typing import Tuple
 
 import torch
 
@@ -177,3 +178,16 @@ def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
     if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         _ARRIVAL_COUNTERS[key] = buf
     return buf
+
+
+def positional_launch_args(kernel, n_operands: int, kwargs: dict) -> Tuple[tuple, dict]:
+    """A launch's sizes and constexprs (``kwargs``) split into the positional arguments that
+    follow the kernel's first ``n_operands`` parameters (as far as ``kwargs`` has them) and
+    the rest, keywords: the same launch, but a tuple goes down Triton's call levels more
+    cheaply than ~40 keywords (~3 us of host time per launch, measured here)."""
+    names = []
+    for name in kernel.arg_names[n_operands:]:
+        if name not in kwargs:
+            break
+        names.append(name)
+    return tuple(kwargs[name] for name in names), {k: v for k, v in kwargs.items() if k not in names}

@@ -37,7 +37,8 @@ import triton.language as tl
 
 from . import reference, sync_bn
 from . import _runtime
-from ._runtime import allow_tf32, arrival_counters, cdiv, conv_config, DerivedCache, eager_or_op, use_triton
+from ._runtime import allow_tf32, arrival_counters, cdiv, conv_config, DerivedCache, eager_or_op, positional_launch_args
+from ._runtime import use_triton
 from ._triton_helpers import has_nonfinite, last_arrival, mma
 from .batchnorm import BNStats, bn_finalize, finalize_channels, finalize_done, finalize_flags, finalize_outputs, run_bn_act
 from .bn_backward import StatsGrad, bn_backward
@@ -376,8 +377,9 @@ def _launch_consts(N: int, H: int, W: int, Cin: int, Cout: int, cin_g: int, grou
                    in_gate: bool, tf32: bool, w_strides: Tuple[int, int, int], interpret: bool,
                    config=conv_config, finalize: Optional[Tuple[bool, bool, bool, bool]] = None):
     """The constant part of a forward launch, per shape, dtype and flags (host time: ~40
-    arguments built per call otherwise): the output shape, the grid, the keyword arguments
-    after the ten pointers, the partials' shapes and (M, BLOCK_M, Ho*Wo).  ``finalize``: the
+    arguments built per call otherwise): the output shape, the grid, the arguments after the
+    ten pointers (``positional_launch_args``: positional, keywords), the partials' shapes and
+    (M, BLOCK_M, Ho*Wo).  ``finalize``: the
     launch also finalizes the statistics (``batchnorm.finalize_flags``' four arguments)."""
     del interpret  # conv_config reads it: a part of the key (and ``config``: the function in use)
     Ho, Wo = out_size(H, ksize, stride, padding), out_size(W, ksize, stride, padding)
@@ -400,7 +402,8 @@ def _launch_consts(N: int, H: int, W: int, Cin: int, Cout: int, cin_g: int, grou
     if finalize is not None:
         kwargs.update({"FIN_" + k: v for k, v in finalize_flags(*finalize).items()}, FINALIZE=True,
                       FIN_BLOCK_T=finalize_block_t(cfg["BLOCK_N"]))
-    return (N, Cout, Ho, Wo), grid, kwargs, (n_row_blocks, Cout) if stats else None, sq_shape, \
+    return (N, Cout, Ho, Wo), grid, positional_launch_args(conv_bn_act_fwd_kernel, 10, kwargs), \
+        (n_row_blocks, Cout) if stats else None, sq_shape, \
         (M, cfg["BLOCK_M"], Ho * Wo)
 
 
@@ -422,7 +425,7 @@ def _launch(x: Tensor, weight: Tensor, packed: Optional[Tensor], stride: int, pa
     w = weight_operand(weight, packed, x.dtype)
     N, Cin, H, W = x.shape
     Cout, cin_g, ksize, _ = weight.shape
-    y_shape, grid, kwargs, part_shape, sq_shape, sizes = _launch_consts(
+    y_shape, grid, (args, kwargs), part_shape, sq_shape, sizes = _launch_consts(
         N, H, W, Cin, Cout, cin_g, groups, ksize, stride, padding, x.dtype, in_scale is not None, in_relu,
         out_scale is not None, residual is not None, out_relu, stats, squeeze, in_gate is not None,
         allow_tf32(x.dtype), weight_strides(w), _runtime.INTERPRET, conv_config,
@@ -453,7 +456,7 @@ def _launch(x: Tensor, weight: Tensor, packed: Optional[Tensor], stride: int, pa
         y if in_scale is None else _f32(in_scale), y if in_shift is None else _f32(in_shift),
         y if out_scale is None else _f32(out_scale), y if out_shift is None else _f32(out_shift),
         y if residual is None else _channels_last(residual),
-        **kwargs, **extra)
+        *args, **kwargs, **extra)
     if finalize is not None:
         finalize_done(running_mean, running_var, nbt, momentum)
         fin_out = BNStats(*fin_out)

@@ -35,7 +35,7 @@ import triton.language as tl
 
 
 from . import _runtime, reference
-from ._runtime import allow_tf32, arrival_counters, cdiv, conv_config, _pow2_clamp, use_triton
+from ._runtime import allow_tf32, arrival_counters, cdiv, conv_config, positional_launch_args, _pow2_clamp, use_triton
 from ._triton_helpers import bn_stats_backward, has_nonfinite, last_arrival, mma
 from .bn_backward import StatsGrad
 
@@ -305,20 +305,7 @@ def _dgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dt
     rows_per_class = N * cdiv(H, stride) * cdiv(W, stride)
     grid = (cdiv(rows_per_class, meta["BLOCK_M"]), cdiv(Cin, meta["BLOCK_N"]), stride * stride)
     meta = dict(KSIZE=ksize, ALLOW_TF32=allow_tf32(dtype), **meta)
-    return grid, sizes, meta, _launch_args(conv_dgrad_kernel, 3, {**sizes, **meta})
-
-
-def _launch_args(kernel, n_operands: int, kwargs: dict) -> Tuple[tuple, dict]:
-    """A launch's sizes and constexprs (``kwargs``) split into the positional arguments that
-    follow the kernel's first ``n_operands`` parameters (as far as ``kwargs`` has them) and
-    the rest, keywords: the same launch, but a tuple goes down Triton's call levels more
-    cheaply than ~40 keywords (~3 us of host time per launch, measured here)."""
-    names = []
-    for name in kernel.arg_names[n_operands:]:
-        if name not in kwargs:
-            break
-        names.append(name)
-    return tuple(kwargs[name] for name in names), {k: v for k, v in kwargs.items() if k not in names}
+    return grid, sizes, meta, positional_launch_args(conv_dgrad_kernel, 3, {**sizes, **meta})
 
 
 _LAUNCHES = {}
@@ -328,7 +315,7 @@ def _memoised(build, args: tuple) -> tuple:
     """``build(*args)``, kept per arguments and the settings the launch configurations read
     (every backward of every convolution asks; the callers may replace the config functions):
     do not edit what it returns.  A ``_*_launch`` builder returns its public launcher's
-    tuple plus ``_launch_args`` of its kernel."""
+    tuple plus ``positional_launch_args`` of its kernel."""
     key = (build, args, _runtime.INTERPRET, torch.backends.cudnn.allow_tf32, wgrad_config, dgrad_config)
     launch = _LAUNCHES.get(key)
     if launch is None:
@@ -625,7 +612,7 @@ def _wgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dt
     grid = (cdiv(Cout, meta["BLOCK_CO"]) * n_ci_blocks, ksize * ksize, splits)
     meta = dict(KSIZE=ksize, ALLOW_TF32=allow_tf32(dtype), IN_AFFINE=in_affine, IN_RELU=in_relu,
                 IN_GATE=in_gate and in_affine, **meta)
-    return grid, sizes, meta, _launch_args(conv_wgrad_kernel, 5, {**sizes, **meta})
+    return grid, sizes, meta, positional_launch_args(conv_wgrad_kernel, 5, {**sizes, **meta})
 
 
 def conv_wgrad(dz: Tensor, a: Tensor, weight_shape: Sequence[int], stride: int, padding: int,
@@ -798,7 +785,7 @@ def _grads_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dt
     if stats_dz:
         sizes["st_count"] = float(N * Ho * Wo)
     grid = (dgrad_programs + w_grid[0] * w_grid[1] * w_grid[2],)
-    return grid, sizes, meta, w_grid, _launch_args(conv_grads_kernel, 9, {**sizes, **meta})
+    return grid, sizes, meta, w_grid, positional_launch_args(conv_grads_kernel, 9, {**sizes, **meta})
 
 
 @functools.lru_cache(maxsize=1)
