@@ -115,15 +115,17 @@ class BottleneckFn(torch.autograd.Function):
         g = conv_backward(stage(z1, w2, c2, s1, h1, z2, m2, v2, g2, _conv_needs(r1, nw2, r1, ng2, nb2)),
                            g[_X], None, None, g[_IN_SCALE], g[_IN_SHIFT])
         dw2, dg2, db2 = g[_W], g[_GAMMA], g[_BETA]
-        g = conv_backward(stage(xc, w1, c1, None, None, z1, m1, v1, g1, _conv_needs(nx, nw1, False, ng1, nb1)),
-                           g[_X], None, None, g[_IN_SCALE], g[_IN_SHIFT])
-        dx, dw1, dg1, db1 = g[_X], g[_W], g[_GAMMA], g[_BETA]
         dwd = dgd = dbd = None
-        if zd is not None:
-            g = conv_backward(stage(xc, wd, cd, None, None, zd, md, vd, gd, _conv_needs(nx, nwd, False, ngd, nbd)),
-                               dres, None, None, dsd, dhd)
-            dres, dwd, dgd, dbd = g[_X], g[_W], g[_GAMMA], g[_BETA]
-        if nx:  # x feeds conv1 and the shortcut: summed as autograd would, after each one's cast to x's dtype
+        if zd is not None:  # the shortcut first: its dx joins conv1's as that is stored
+            gs = conv_backward(stage(xc, wd, cd, None, None, zd, md, vd, gd, _conv_needs(nx, nwd, False, ngd, nbd)),
+                                dres, None, None, dsd, dhd)
+            dres, dwd, dgd, dbd = gs[_X], gs[_W], gs[_GAMMA], gs[_BETA]
+        # x feeds conv1 and the shortcut: summed as autograd would, after each one's cast to x's dtype
+        same = nx and dres.dtype == ctx.x_dtype == xc.dtype
+        g = conv_backward(stage(xc, w1, c1, None, None, z1, m1, v1, g1, _conv_needs(nx, nw1, False, ng1, nb1)),
+                          g[_X], None, None, g[_IN_SCALE], g[_IN_SHIFT], dx_add=dres if same else None)
+        dx, dw1, dg1, db1 = g[_X], g[_W], g[_GAMMA], g[_BETA]
+        if nx and not same:
             cast = lambda t: t if t.dtype == ctx.x_dtype else t.to(ctx.x_dtype)  # noqa: E731
             dx = cast(dx) + cast(dres)
         return (dx, dw1, dg1, db1, dw2, dg2, db2, dw3, dg3, db3, dwd, dgd, dbd, None, None)

@@ -500,7 +500,7 @@ def conv_grads_impl(dz: Tensor, a: Tensor, weight: Tensor, packed: Optional[Tens
                     stats_z: Optional[Tensor] = None, stats_mean: Optional[Tensor] = None,
                     stats_var: Optional[Tensor] = None, stats_dscale: Optional[Tensor] = None,
                     stats_dshift: Optional[Tensor] = None, stats_gamma: Optional[Tensor] = None,
-                    stats_eps: float = 0.0) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                    stats_eps: float = 0.0, dx_add: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Data and weight gradients of the convolution (Triton dgrad / wgrad kernels).
 
     Returns (da [N, Cin, H, W] channels_last in dz's dtype, dw fp32 in the weight's memory
@@ -514,19 +514,20 @@ def conv_grads_impl(dz: Tensor, a: Tensor, weight: Tensor, packed: Optional[Tens
     ``stats_*`` (both needed; ``stats_z`` given): dz reaches z through its BN's scale and shift only, and
     the batch-statistics terms join it on load (``conv_grad.conv_grads``' ``stats``): the fourth output
     holds [2, Cout] fp32 (d gamma, d beta); otherwise it is empty.
+    ``dx_add`` (both needed, no prologue_backward): added to da (``conv_grad.conv_grads``).
     """
     if need_input and need_weight:
         stats = None if stats_z is None else \
             StatsGrad(stats_z, stats_mean, stats_var, None, None, stats_dscale, stats_dshift, stats_gamma, stats_eps)
         out = conv_grads(dz, a, weight, stride, padding, groups, packed=packed, in_scale=in_scale,
                          in_shift=in_shift, in_relu=in_relu, in_gate=in_gate, prologue_backward=prologue_backward,
-                         stats=stats)
+                         stats=stats, dx_add=dx_add)
         empty = dz.new_empty
         if not prologue_backward:
             out = (out[0], out[1], empty(0, dtype=torch.float32), *out[2:])
         return out if stats is not None else (*out, empty(0, dtype=torch.float32))
-    if prologue_backward or stats_z is not None:
-        raise ValueError("prologue_backward and stats need both gradients")
+    if prologue_backward or stats_z is not None or dx_add is not None:
+        raise ValueError("prologue_backward, stats and dx_add need both gradients")
     da = conv_dgrad(dz, weight, a.shape[2:], stride, padding, groups, packed=packed) if need_input \
         else dz.new_empty(0)
     dw = conv_wgrad(dz, a, weight.shape, stride, padding, groups, in_scale=in_scale, in_shift=in_shift,
@@ -541,7 +542,7 @@ conv_grads_op = torch.library.custom_op("resnext::conv_grads", conv_grads_impl, 
 @conv_grads_op.register_fake
 def _(dz, a, weight, packed, stride, padding, groups, need_input, need_weight, in_scale, in_shift, in_relu,
       in_gate=None, prologue_backward=False, stats_z=None, stats_mean=None, stats_var=None, stats_dscale=None,
-      stats_dshift=None, stats_gamma=None, stats_eps=0.0):
+      stats_dshift=None, stats_gamma=None, stats_eps=0.0, dx_add=None):
     da = torch.empty(a.shape, device=a.device, dtype=dz.dtype, memory_format=torch.channels_last) if need_input \
         else dz.new_empty(0)
     dw_dtype = reference.acc_dtype(dz)
@@ -590,12 +591,13 @@ class ConvBNActFn(torch.autograd.Function):
         return (*_backward(ctx, dy, dmean, dvar, dscale, dshift), None)  # None: group_name
 
 
-def _backward(ctx, dy, dmean, dvar, dscale, dshift, image_grad=None, image_mask=None, in_gate=None):
+def _backward(ctx, dy, dmean, dvar, dscale, dshift, image_grad=None, image_mask=None, in_gate=None, dx_add=None):
     """``image_grad`` ([N, Cout] or None): a gradient added to dy per (image, channel), that
     of the squeeze sums (``squeeze_excite.ConvSqueezeFn``), applied in the same pass;
     ``image_mask`` ((scale, shift) [Cout]): only where y*scale + shift > 0, a squeeze after a
     ReLU (``squeeze_excite.ConvReluSqueezeFn``).  ``in_gate`` ([N, Cin] fp32): the forward's
-    prologue gate (``squeeze_excite.GatedConvFn``).
+    prologue gate (``squeeze_excite.GatedConvFn``).  ``dx_add`` (x's shape and dtype, with need[_X]):
+    another branch's gradient of x, summed into dx (by the gradient launch when it can).
     Returns the gradients of ConvBNActFn's first 21 arguments (all but ``group_name``), then
     with ``in_gate`` the gate's ([N, Cin] fp32)."""
     x, weight, packed, in_scale, in_shift, out_scale, out_shift, y, mean, var, bn_weight = ctx.saved_tensors
@@ -686,10 +688,13 @@ def _backward(ctx, dy, dmean, dvar, dscale, dshift, image_grad=None, image_mask=
     # (dx and the sums for in_scale / in_shift from the same launch; no pass of its own).
     in_epilogue = wgrad_prologue and in_gate is None and need_da and need[_W]
     stats_args = (y, mean, var, dscale, dshift, bn_weight, eps) if stats_on_load else ()
+    # the other branch's gradient of x added as dx is stored (no prologue: da is dx)
+    add_in_launch = dx_add is not None and fused and in_scale is None and need[_X] and need[_W] \
+        and dx_add.dtype == x.dtype and dx_add.shape == x.shape
     da, dw, pro_sums, stats_dparam = eager_or_op(conv_grads_op, conv_grads_impl)(
         dz.to(compute_dtype), a, weight, packed, stride, padding, groups, need_da, need[_W],
         in_scale if wgrad_prologue else None, in_shift if wgrad_prologue else None, in_relu and wgrad_prologue,
-        in_gate if wgrad_prologue else None, in_epilogue, *stats_args)
+        in_gate if wgrad_prologue else None, in_epilogue, *stats_args, dx_add=dx_add if add_in_launch else None)
     if stats_on_load:
         d_gamma, d_beta = stats_dparam[0], stats_dparam[1]
     da = da if need_da else None
@@ -723,6 +728,8 @@ def _backward(ctx, dy, dmean, dvar, dscale, dshift, image_grad=None, image_mask=
         d_in_shift = _channel_sum(da).to(in_shift.dtype) if need[_IN_SHIFT] else None
     elif da is not None:
         dx = da if da.dtype == x.dtype else da.to(x.dtype)
+    if dx_add is not None and not add_in_launch and dx is not None:
+        dx = dx + dx_add
     if synced:
         d_gamma, d_beta = sync_dgamma, sync_dbeta
     dw = (dw if dw.dtype == weight.dtype else dw.to(weight.dtype)) if need[_W] else None

@@ -134,6 +134,8 @@ def _dgrad_program(
     st_count=1.0, st_eps=0.0,  # (STATS_DZ) elements per channel of the statistics; the BN's eps
     STATS_DZ: tl.constexpr = False,  # dz_ptr holds dy: dz = dy + the statistics terms, applied on load
     ST_GAMMA: tl.constexpr = False,
+    dx_add_ptr=None,  # [N, H, W, Cin] NHWC, dx's dtype (DX_ADD, not PRO_BWD): added to dx
+    DX_ADD: tl.constexpr = False,  # another branch's gradient of the same input (a block's shortcut)
 ):
     ph = parity // stride
     pw = parity % stride
@@ -245,7 +247,11 @@ def _dgrad_program(
             tl.store(sums_ptr + offs_n, tot_g, mask=n_ok)
             tl.store(sums_ptr + Cin + offs_n, tot_gx, mask=n_ok)
     else:
-        tl.store(dx_ptr + dx_row[:, None] + offs_n[None, :], acc.to(dx_ptr.dtype.element_ty), mask=out_ok)
+        dx = acc.to(dx_ptr.dtype.element_ty)
+        if DX_ADD:  # as PyTorch's add of the two gradients: each rounded to dx's dtype, summed in fp32
+            dx = (dx.to(tl.float32) + tl.load(dx_add_ptr + dx_row[:, None] + offs_n[None, :], mask=out_ok,
+                                              other=0.0).to(tl.float32)).to(dx_ptr.dtype.element_ty)
+        tl.store(dx_ptr + dx_row[:, None] + offs_n[None, :], dx, mask=out_ok)
 
 
 @triton.jit(do_not_specialize=["N"])  # batch-dependent sizes: see _runtime
@@ -727,6 +733,8 @@ def conv_grads_kernel(
     st_count=1.0, st_eps=0.0,  # (STATS_DZ) elements per channel of the statistics (N*Ho*Wo); the BN's eps
     STATS_DZ: tl.constexpr = False,  # dz_ptr holds dy; dz = dy + the BN's statistics terms, on load
     ST_GAMMA: tl.constexpr = False,
+    dx_add_ptr=None,  # [N, H, W, Cin] NHWC, dx's dtype (DX_ADD, not PRO_BWD): added to dx as it is stored
+    DX_ADD: tl.constexpr = False,
 ):
     """``conv_dgrad_kernel`` and ``conv_wgrad_kernel`` in one launch: a 1-D grid whose first
     ``dgrad_programs`` programs are the data gradient's grid and the rest the weight
@@ -740,7 +748,8 @@ def conv_grads_kernel(
                        w_stride_tap, w_stride_ci, w_stride_co, KSIZE, ALLOW_TF32, D_BLOCK_M, D_BLOCK_N, D_BLOCK_K,
                        MULTI_GROUP, a_ptr, in_scale_ptr, in_shift_ptr, psum_ptr, sums_ptr, pro_counter_ptr,
                        dgrad_programs // dgrad_n_blocks, PRO_BWD, IN_RELU, z_ptr, st_mean_ptr, st_var_ptr,
-                       st_dscale_ptr, st_dshift_ptr, st_gamma_ptr, st_count, st_eps, STATS_DZ, ST_GAMMA)
+                       st_dscale_ptr, st_dshift_ptr, st_gamma_ptr, st_count, st_eps, STATS_DZ, ST_GAMMA,
+                       dx_add_ptr, DX_ADD)
     else:
         q = pid - dgrad_programs
         rest = q // wgrad_c_blocks
@@ -754,7 +763,7 @@ def conv_grads_kernel(
 
 def grads_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype, in_affine=False,
                  in_relu=False, w_strides=None, dw_strides=None, in_gate=False, prologue_backward=False,
-                 stats_dz=False, stats_gamma=False):
+                 stats_dz=False, stats_gamma=False, dx_add=False):
     """(grid, size arguments, constexprs and launch options, wgrad grid) of
     ``conv_grads_kernel``: ``dgrad_launch`` and ``wgrad_launch`` side by side (the block
     sizes of each, the larger warp count).  Shared with the offline compilation test.
@@ -762,11 +771,11 @@ def grads_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dty
     dicts it returns."""
     return _memoised(_grads_launch, (N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype, in_affine,
                                      in_relu, w_strides, dw_strides, in_gate, prologue_backward, stats_dz,
-                                     stats_gamma))[:4]
+                                     stats_gamma, dx_add))[:4]
 
 
 def _grads_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype, in_affine, in_relu,
-                  w_strides, dw_strides, in_gate, prologue_backward, stats_dz, stats_gamma):
+                  w_strides, dw_strides, in_gate, prologue_backward, stats_dz, stats_gamma, dx_add):
     d_grid, d_sizes, d_meta = dgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype,
                                            w_strides)
     w_grid, w_sizes, w_meta = wgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype,
@@ -781,7 +790,7 @@ def _grads_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dt
                 num_warps=max(d_meta["num_warps"], w_meta["num_warps"]),
                 num_stages=max(d_meta["num_stages"], w_meta["num_stages"]),
                 PRO_BWD=bool(prologue_backward and in_affine and not in_gate),
-                STATS_DZ=bool(stats_dz), ST_GAMMA=bool(stats_dz and stats_gamma))
+                STATS_DZ=bool(stats_dz), ST_GAMMA=bool(stats_dz and stats_gamma), DX_ADD=bool(dx_add))
     if stats_dz:
         sizes["st_count"] = float(N * Ho * Wo)
     grid = (dgrad_programs + w_grid[0] * w_grid[1] * w_grid[2],)
@@ -799,7 +808,7 @@ def _weight_helpers():
 def conv_grads(dz: Tensor, a: Tensor, weight: Tensor, stride: int, padding: int, groups: int,
                packed: Optional[Tensor] = None, in_scale: Optional[Tensor] = None,
                in_shift: Optional[Tensor] = None, in_relu: bool = False, in_gate: Optional[Tensor] = None,
-               prologue_backward: bool = False, stats: Optional[StatsGrad] = None):
+               prologue_backward: bool = False, stats: Optional[StatsGrad] = None, dx_add: Optional[Tensor] = None):
     """(``conv_dgrad(...)``, ``conv_wgrad(..., layout_like=weight)``) in one launch.
 
     Arguments as those two: a is the convolution's input (x with ``in_scale/in_shift/in_relu``:
@@ -816,12 +825,18 @@ def conv_grads(dz: Tensor, a: Tensor, weight: Tensor, stride: int, padding: int,
     z through the BN's normalisation only, and both gradients take dz + the statistics terms
     (dmean/M + dvar*2/M*(z - mean)) on load, as ``bn_backward`` would have written it; one
     more output, last: [2, Cout] fp32, the gradients of the BN's gamma and beta.
+
+    ``dx_add`` (x's shape, channels_last, dz's dtype; not with ``prologue_backward``): added to dx
+    as it is stored (another branch's gradient of the same input: a bottleneck's shortcut), as
+    ``dx + dx_add`` would round it.
     """
     if prologue_backward and (in_scale is None or in_gate is not None):
         raise ValueError("prologue_backward needs in_scale/in_shift and no in_gate")
     if stats is not None and (stats.dmean is not None or stats.dvar is not None or stats.dscale is None
                               or stats.dshift is None or tuple(stats.z.shape) != tuple(dz.shape)):
         raise ValueError("stats needs z of dz's shape, dscale and dshift, and no dmean/dvar")
+    if dx_add is not None and (prologue_backward or tuple(dx_add.shape) != tuple(a.shape) or dx_add.dtype != dz.dtype):
+        raise ValueError("dx_add needs the input's shape, dz's dtype and no prologue_backward")
     N, Cout, Ho, Wo = dz.shape
     _, cin_g, ksize, _ = weight.shape
     if a.dim() != 4 or a.shape[0] != N or a.shape[1] != cin_g * groups:
@@ -833,6 +848,8 @@ def conv_grads(dz: Tensor, a: Tensor, weight: Tensor, stride: int, padding: int,
             dz, dparam = stats_terms_reference(dz, stats)
             dparam = (dparam,)
         da = conv_dgrad(dz, weight, (H, W), stride, padding, groups, packed=packed)
+        if dx_add is not None:
+            da = da + dx_add
         dw = conv_wgrad(dz, a, weight.shape, stride, padding, groups, in_scale=in_scale, in_shift=in_shift,
                         in_relu=in_relu, layout_like=weight, in_gate=in_gate)
         if not prologue_backward:
@@ -852,7 +869,7 @@ def conv_grads(dz: Tensor, a: Tensor, weight: Tensor, stride: int, padding: int,
     grid, sizes, _, w_grid, (size_args, options) = _memoised(_grads_launch, (
         N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dz.dtype, affine, in_relu and affine,
         weight_strides(w), dw.stride(), gated, prologue_backward, stats is not None,
-        stats is not None and stats.gamma is not None))
+        stats is not None and stats.gamma is not None, dx_add is not None))
     splits = w_grid[2]
     partials = _empty((splits, Cout, cin_g, ksize, ksize), device=dz.device, dtype=torch.float32) \
         if splits > 1 else dw  # (one split: dw itself is the partials operand, never read)
@@ -867,7 +884,7 @@ def conv_grads(dz: Tensor, a: Tensor, weight: Tensor, stride: int, padding: int,
         sums = _empty((2, Cin), device=dz.device, dtype=torch.float32)
         psum = _empty((2, n_rows, Cin), device=dz.device, dtype=torch.float32)
         pro_counters = counters[n_wc:]
-    st = {}
+    st = {} if dx_add is None else {"dx_add_ptr": _channels_last(dx_add)}
     if stats is not None:  # (without gamma, the mean stands in for it: not read)
         dparam = st["dparam_ptr"] = _empty((2, Cout), device=dz.device, dtype=torch.float32)
         st.update(z_ptr=_channels_last(stats.z), st_mean_ptr=_vector_operand(stats.mean),

@@ -99,17 +99,23 @@ def test_one_node_block_matches_the_per_stage_path_bit_for_bit(monkeypatch, down
     assert ours["buffers"]["bn1.num_batches_tracked"].item() == 2
 
 
-@pytest.mark.parametrize("case", ["frozen_conv1_bn1", "input_without_grad", "momentum_none", "autocast_fp16"])
+@pytest.mark.parametrize("case", ["frozen_conv1_bn1", "input_without_grad", "momentum_none", "autocast_fp16",
+                                  "half_model"])
 def test_one_node_block_partial_grads_momentum_none_and_autocast(monkeypatch, case):
     """Inputs that need no gradient get none (autograd's rule per stage), cumulative running
-    averages (momentum=None), and fp16 autocast (fp32 weights: the packs, gradients cast back)."""
+    averages (momentum=None), fp16 autocast (fp32 weights: the packs, gradients cast back), and
+    a model.half() block (the shortcut's dx added in conv1's gradient launch, in fp16)."""
     block = _block(True, 2, momentum=None if case == "momentum_none" else 0.1)
     fused = resnext.convert(block)
+    if case == "half_model":
+        fused.half()
     if case == "frozen_conv1_bn1":
         for p in (fused.conv1.weight, fused.bn1.weight, fused.bn1.bias):
             p.requires_grad_(False)
     per_stage = copy.deepcopy(fused)
     x = torch.randn(2, 16, 6, 6, device=DEVICE).to(memory_format=torch.channels_last)
+    if case == "half_model":
+        x = x.half()
     x.requires_grad_(case != "input_without_grad")
     calls = _counting_apply(monkeypatch)
     ours = _run(fused, x, autocast=case == "autocast_fp16")
@@ -124,6 +130,8 @@ def test_one_node_block_partial_grads_momentum_none_and_autocast(monkeypatch, ca
         assert ours["x_grad"] is None
     if case == "autocast_fp16":
         assert ours["dtype"] == torch.float16 and ours["grads"]["conv1.weight"].dtype == torch.float32
+    if case == "half_model":
+        assert ours["dtype"] == ours["x_grad"].dtype == torch.float16
 
 
 def test_per_stage_path_where_the_one_node_block_does_not_apply(monkeypatch):

@@ -272,7 +272,7 @@ def _resnext50_launches(dtype):
     convs = [(c, c, hw, 3, s, 1, g) for c, hw, s, g in RESNEXT50_GROUPED_3X3]
     convs += [(ci, co, hw, 1, s, 0, 1) for ci, co, hw, s in RESNEXT50_1X1]
     ty = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}[dtype]
-    grads_ptrs = {name: ty if name in ("dx_ptr", "dz_ptr", "w_ptr", "a_ptr", "z_ptr") else
+    grads_ptrs = {name: ty if name in ("dx_ptr", "dz_ptr", "w_ptr", "a_ptr", "z_ptr", "dx_add_ptr") else
                   "*i32" if name in ("counter_ptr", "pro_counter_ptr") else "*fp32"
                   for name in cg.conv_grads_kernel.arg_names if name.endswith("_ptr")}
     for N in BATCHES:
@@ -291,12 +291,15 @@ def _resnext50_launches(dtype):
                                                  in_gate_ptr="*fp32"), sizes, meta
                 # both in one launch (what the training backward runs); with the prologue, also
                 # its backward in the data gradient's epilogue (PRO_BWD, what it runs ungated);
-                # with a batch-statistics BN after the convolution, its terms on load (STATS_DZ)
-                for pro_bwd, stats_dz in (((False, False), (True, False), (True, True)) if prologue
-                                          else ((False, False), (False, True))):
+                # with a batch-statistics BN after the convolution, its terms on load (STATS_DZ);
+                # a block's conv1: the shortcut's gradient added to dx (DX_ADD)
+                for pro_bwd, stats_dz, dx_add in (((False, False, False), (True, False, False), (True, True, False))
+                                                  if prologue else
+                                                  ((False, False, False), (False, True, False), (False, True, True))):
                     _, sizes, meta, _ = cg.grads_launch(*args, in_affine=prologue, in_relu=prologue,
                                                         w_strides=w_strides, dw_strides=dw_strides,
-                                                        prologue_backward=pro_bwd, stats_dz=stats_dz, stats_gamma=True)
+                                                        prologue_backward=pro_bwd, stats_dz=stats_dz, stats_gamma=True,
+                                                        dx_add=dx_add)
                     yield cg.conv_grads_kernel, grads_ptrs, sizes, meta
             if k == 1 and s == 1:  # conv3 of a RegNetY block: the prologue's gate too (IN_GATE)
                 _, sizes, meta, _ = cg.grads_launch(*args, in_affine=True, in_relu=True, w_strides=w_strides,
@@ -562,6 +565,30 @@ def test_statistics_terms_on_load_nan_fallbacks_and_errors(ieee_fp32):
     for bad in (st._replace(dshift=None), st._replace(dmean=st.mean), st._replace(z=st.z[:, :, :1])):
         with pytest.raises(ValueError, match="stats"):
             cg.conv_grads(dy, x, w, c.stride, c.padding, c.groups, stats=bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case_id", ["dense_3x3_cout_ne_cin", "1x1_s2_downsample_unreached_pixels"])
+def test_dx_add_in_the_gradient_launch(case_id, dtype, ieee_fp32):
+    """conv_grads(dx_add=r): dx + r as PyTorch's add rounds it, from the same launch (a block's
+    shortcut gradient joining conv1's), with the statistics terms too; refused with a prologue
+    backward or another shape."""
+    c = Case(**{**CASES[case_id].__dict__, "N": 2})
+    x, w, dy = make_inputs(c, dtype, seed=21)
+    x, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
+    r = torch.randn(x.shape, generator=torch.Generator().manual_seed(22)).to(dtype).to(DEVICE)
+    r = r.contiguous(memory_format=torch.channels_last)
+    st = _stats_inputs(c, dtype, seed=21)
+    for stats in (None, st):
+        want = cg.conv_grads(dy, x, w, c.stride, c.padding, c.groups, stats=stats)
+        got = cg.conv_grads(dy, x, w, c.stride, c.padding, c.groups, stats=stats, dx_add=r)
+        assert torch.equal(got[0], want[0] + r) and got[0].is_contiguous(memory_format=torch.channels_last)
+        assert all(torch.equal(p, q) for p, q in zip(got[1:], want[1:]))
+    with pytest.raises(ValueError, match="dx_add"):
+        cg.conv_grads(dy, x, w, c.stride, c.padding, c.groups, dx_add=r[:, :, :1])
+    with pytest.raises(ValueError, match="dx_add"):
+        cg.conv_grads(dy, x, w, c.stride, c.padding, c.groups, in_scale=torch.ones(c.Cin), in_shift=torch.zeros(c.Cin),
+                      prologue_backward=True, dx_add=r)
 
 
 def test_prologue_backward_nan_and_fallbacks(ieee_fp32):

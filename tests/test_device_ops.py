@@ -110,15 +110,16 @@ def test_interpreter_host_copies_are_not_counted():
 # The counts of a fused bottleneck (limits of issue 13)
 #
 # Eval meets the issue's limit exactly: one launch per convolution, nothing per BatchNorm.
-# Training is under the aim of 0.7x: 11 vs 25 ops for a bottleneck (0.44x), 13 vs 30 with a
-# downsample (0.43x), 69 vs 173 for stages 1-2 of ResNeXt-50 (0.40x); it was 4.2x, then 1.35x,
+# Training is under the aim of 0.7x: 10 vs 25 ops for a bottleneck (0.40x), 12 vs 30 with a
+# downsample (0.40x), 62 vs 173 for stages 1-2 of ResNeXt-50 (0.36x); it was 4.2x, then 1.35x,
 # 0.80x, 0.70x.  No weight pack in fp32, dgrad + wgrad in one launch, the wgrad split and
 # BN-backward sums reduced inside their launches, the prologue's BN backward in the data
 # gradient's epilogue, the final pass writing both shift gradients (no clone), each BN's
 # statistics finalized in its convolution's launch and its statistics terms applied as the
-# gradient launch loads dy.  The limit is just above the worst of the three (the bottleneck),
-# so any added op fails here.  What is left: see benchmarks/NOTES.md, "Launch economy".
-TRAIN_LIMIT = 0.45
+# gradient launch loads dy, the shortcut's gradient added as conv1's dx is stored.  The limit
+# is just above the worst (0.40x), so any added op fails here.  What is left: see
+# benchmarks/NOTES.md, "Launch economy".
+TRAIN_LIMIT = 0.41
 # Blocks with a squeeze-excite gate (tests/test_se_blocks.py, RegNetY in tests/test_real_models.py):
 # the SE's excite ops and its squeeze launches on top, 25 vs 45 (SE after bn3), 25 vs 45 (RegNetY).
 GATED_TRAIN_LIMIT = 0.60
