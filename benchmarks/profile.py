@@ -17,6 +17,7 @@ to the longest kernel the operator launched.  Without CUDA the table lists CPU o
 """
 import argparse
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -314,6 +315,9 @@ def conv_kernel_flags(c: shapes.ConvShape, mode: str, dtype: str) -> dict:
         STATS=train, ALLOW_TF32=dtype == "fp32" and torch.backends.cudnn.allow_tf32,
         SQUEEZE=False,  # the squeeze-excite variant (conv3 of an SE block) is in kernels/_compile.py
         IN_GATE=False,  # so is the gated prologue (conv3 of a RegNetY block)
+        # train: the BN's statistics finalized in the launch (running statistics, momentum);
+        # FIN_BLOCK_T follows BLOCK_N (kernels.conv_bn_act.finalize_block_t)
+        FINALIZE=train, FIN_AFFINE=train, FIN_UPDATE=train, FIN_CUMULATIVE=False, FIN_COUNT=train,
     )
 
 
@@ -425,10 +429,15 @@ def _compile_one(req: dict) -> dict:
             kern = triton.runtime.JITFunction(kern.fn)
         from kernels._compile import jit_specialization
         act = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}[dtype]
-        missing = [p.name for p in kern.params if p.is_constexpr and p.name not in constexprs]
+        # (a constexpr the launcher leaves out takes its default, in jit_specialization too)
+        defaults = inspect.signature(kern.fn).parameters
+        missing = [p.name for p in kern.params if p.is_constexpr and p.name not in constexprs
+                   and defaults[p.name].default is inspect.Parameter.empty]
         if missing:
             raise KeyError(f"no value for constexpr(s) {missing}")
-        pointers = {n: ("*fp32" if any(t in n for t in ("part_", "scale", "shift", "mean", "var", "m2")) else act)
+        pointers = {n: ("*i32" if n == "counter_ptr" else "*i64" if n == "nbt_ptr" else
+                        "*fp32" if any(t in n for t in ("part_", "scale", "shift", "mean", "var", "m2", "gamma", "beta"))
+                        else act)
                     for n in kern.arg_names if n.endswith("_ptr")}
         # as the JIT specialises the launch: aligned pointers, ints == 1 constant, multiples of 16
         sig, constexprs, attrs = jit_specialization(kern, int_args, pointers, constexprs)
@@ -501,6 +510,7 @@ def _triton_kernel_report_here(conv_list, batch, dtype, mode, compile_offline, i
     try:
         from kernels._compile import weight_operand_strides
         from kernels._runtime import conv_config
+        from kernels.conv_bn_act import finalize_block_t
     except ImportError as err:
         return [dict(error=f"kernels._runtime.conv_config unavailable: {err}")]
     rows, requests = [], []
@@ -513,6 +523,8 @@ def _triton_kernel_report_here(conv_list, batch, dtype, mode, compile_offline, i
             cfg = conv_config(M, c.cout, c.cin_per_group, c.cout_per_group)
         blocks = {k: v for k, v in cfg.items() if k.isupper()}
         flags = conv_kernel_flags(c, mode, dtype)
+        if flags["FINALIZE"]:  # (eval leaves it at its default, as the launcher does)
+            flags["FIN_BLOCK_T"] = finalize_block_t(cfg["BLOCK_N"])
         row = dict(layer=c.label, role=c.role, M=M, cout=c.cout, cin_g=c.cin_per_group, cout_g=c.cout_per_group,
                    config=cfg, flags={k: v for k, v in flags.items() if v not in (False,)},
                    grid=[-(-M // cfg["BLOCK_M"]), -(-c.cout // cfg["BLOCK_N"])])

@@ -4,13 +4,15 @@ Train-mode statistics flow (see README, "How it works"):
 
 1. the convolution epilogue writes, per block of ``BLOCK_M`` rows, each channel's mean
    and M2 (sum of squared deviations from that block's mean), in fp32;
-2. ``bn_finalize_kernel``, one launch per BatchNorm, merges the blocks with Chan's parallel
-   formula into the batch mean and biased variance (no E[z^2] - E[z]^2 cancellation when
-   |mean| >> std), turns them into ``scale = gamma / sqrt(var + eps)`` and
-   ``shift = beta - mean * scale``, and updates ``running_mean``, ``running_var`` and
-   ``num_batches_tracked`` in place exactly as ``nn.BatchNorm2d`` does.  Its backward
-   (gradients of gamma, beta and the batch mean/var) is folded into the producing
-   convolution's ``bn_backward`` pass: no [C]-vector PyTorch ops in either direction;
+2. ``finalize_channels`` merges the blocks with Chan's parallel formula into the batch mean
+   and biased variance (no E[z^2] - E[z]^2 cancellation when |mean| >> std), turns them into
+   ``scale = gamma / sqrt(var + eps)`` and ``shift = beta - mean * scale``, and updates
+   ``running_mean``, ``running_var`` and ``num_batches_tracked`` in place exactly as
+   ``nn.BatchNorm2d`` does: run by the convolution's own launch (its last row block per
+   channel block, ``conv_bn_act`` FINALIZE), or, for a process group's statistics, by
+   ``bn_finalize_kernel`` after it.  Its backward (gradients of gamma, beta and the batch
+   mean/var) is folded into the producing convolution's gradient launch (``conv_grad``
+   STATS_DZ) or its ``bn_backward`` pass: no [C]-vector PyTorch ops in either direction;
 4. the consumer applies ``scale/shift (+ residual) + ReLU``: the next convolution's
    prologue, or ``bn_act`` (one read of z, one write of y) at the end of a block.
 """

@@ -1,10 +1,12 @@
 """A train-mode bottleneck as one autograd node (host time, issue 13).
 
 The launches are those of the per-stage path (``resnext.modules.conv_bn_stage`` + ``finish``):
-conv1, conv2 and conv3 (and the downsample's conv), each writing its statistics partials and
-followed by one finalize launch, then one ``bn_act`` pass (bn3 + the shortcut, with its own BN
-+ ReLU); in the backward their passes, in reverse.  Only the host side changes: one
-``autograd.Function`` call and one backward node for the whole block instead of one per
+conv1, conv2 and conv3 (and the downsample's conv), each finalizing its BN's statistics in its
+own launch, then one ``bn_act`` pass (bn3 + the shortcut, with its own BN + ReLU); in the
+backward their passes, in reverse, except that conv1's gradient launch also adds the
+shortcut's gradient of x (autograd's add in the per-stage path; the same bits).  Otherwise
+only the host side changes: one ``autograd.Function`` call and one backward node for the
+whole block instead of one per
 convolution and one for the final pass (a Function call with ~20 arguments costs ~10-30 us of
 host time, each node's backward ~10 us), and the stages' pending outputs (z, scale, shift)
 never leave it.
