@@ -120,6 +120,9 @@ def test_interpreter_host_copies_are_not_counted():
 # is just above the worst (0.40x), so any added op fails here.  What is left: see
 # benchmarks/NOTES.md, "Launch economy".
 TRAIN_LIMIT = 0.41
+# Blocks on the per-stage Functions (timm's RegNet bottleneck: tests/test_real_models.py) keep
+# autograd's add of the shortcut's gradient (13 vs 30 for a RegNetX block with a downsample).
+PER_STAGE_TRAIN_LIMIT = 0.45
 # Blocks with a squeeze-excite gate (tests/test_se_blocks.py, RegNetY in tests/test_real_models.py):
 # the SE's excite ops and its squeeze launches on top, 25 vs 45 (SE after bn3), 25 vs 45 (RegNetY).
 GATED_TRAIN_LIMIT = 0.60
