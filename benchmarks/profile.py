@@ -315,9 +315,6 @@ def conv_kernel_flags(c: shapes.ConvShape, mode: str, dtype: str) -> dict:
         STATS=train, ALLOW_TF32=dtype == "fp32" and torch.backends.cudnn.allow_tf32,
         SQUEEZE=False,  # the squeeze-excite variant (conv3 of an SE block) is in kernels/_compile.py
         IN_GATE=False,  # so is the gated prologue (conv3 of a RegNetY block)
-        # train: the BN's statistics finalized in the launch (running statistics, momentum);
-        # FIN_BLOCK_T follows BLOCK_N (kernels.conv_bn_act.finalize_block_t)
-        FINALIZE=train, FIN_AFFINE=train, FIN_UPDATE=train, FIN_CUMULATIVE=False, FIN_COUNT=train,
     )
 
 
@@ -510,7 +507,7 @@ def _triton_kernel_report_here(conv_list, batch, dtype, mode, compile_offline, i
     try:
         from kernels._compile import weight_operand_strides
         from kernels._runtime import conv_config
-        from kernels.conv_bn_act import finalize_block_t
+        from kernels.conv_bn_act import finalize_constexprs
     except ImportError as err:
         return [dict(error=f"kernels._runtime.conv_config unavailable: {err}")]
     rows, requests = [], []
@@ -523,8 +520,8 @@ def _triton_kernel_report_here(conv_list, batch, dtype, mode, compile_offline, i
             cfg = conv_config(M, c.cout, c.cin_per_group, c.cout_per_group)
         blocks = {k: v for k, v in cfg.items() if k.isupper()}
         flags = conv_kernel_flags(c, mode, dtype)
-        if flags["FINALIZE"]:  # (eval leaves it at its default, as the launcher does)
-            flags["FIN_BLOCK_T"] = finalize_block_t(cfg["BLOCK_N"])
+        if flags["STATS"]:  # train: the BN's statistics finalized in the launch (running statistics, momentum)
+            flags.update(finalize_constexprs((True, True, False, True), cfg["BLOCK_N"]))
         row = dict(layer=c.label, role=c.role, M=M, cout=c.cout, cin_g=c.cin_per_group, cout_g=c.cout_per_group,
                    config=cfg, flags={k: v for k, v in flags.items() if v not in (False,)},
                    grid=[-(-M // cfg["BLOCK_M"]), -(-c.cout // cfg["BLOCK_N"])])

@@ -106,7 +106,7 @@ def conv_launches(shapes: Iterable[Tuple[int, int, int, int, int, int, int, int]
     "gated_*" = conv3 of a RegNetY block (1x1 only): the prologue's gate after its ReLU (IN_GATE),
     with statistics or with the eval epilogue (folded BN + residual + ReLU).
     """
-    from .conv_bn_act import conv_bn_act_fwd_kernel, finalize_block_t, out_size
+    from .conv_bn_act import conv_bn_act_fwd_kernel, finalize_constexprs, out_size
     from ._runtime import conv_config
     seen, launches = set(), []
     for (N, Cin, H, W, Cout, groups, ks, stride) in shapes:
@@ -126,8 +126,7 @@ def conv_launches(shapes: Iterable[Tuple[int, int, int, int, int, int, int, int]
                          OUT_RELU=not train and not squeeze, STATS=train, ALLOW_TF32=dtype == "float32",
                          SQUEEZE=squeeze, IN_GATE=gated)
             if train and mode != "train_sync":  # (a BN with running statistics, the momentum rule)
-                flags.update(FINALIZE=True, FIN_AFFINE=True, FIN_UPDATE=True, FIN_CUMULATIVE=False, FIN_COUNT=True,
-                             FIN_BLOCK_T=finalize_block_t(cfg["BLOCK_N"]))
+                flags.update(finalize_constexprs((True, True, False, True), cfg["BLOCK_N"]))
             const = dict(flags, **{k: v for k, v in cfg.items() if k.isupper()})
             pointers = {name: (_PTR[dtype] if name in ("out_ptr", "x_ptr", "w_ptr", "res_ptr") else
                                "*i32" if name == "counter_ptr" else "*i64" if name == "nbt_ptr" else "*fp32")

@@ -192,9 +192,9 @@ def bn_finalize(part_mean: Tensor, part_m2: Tensor, M: int, rows_per_block: int,
     above merges the ranks' rows."""
     T, C = part_mean.shape
     out = finalize_outputs(C, part_mean.device)
-    update, cumulative = running_mean is not None, running_mean is not None and momentum is None
-    grid, flags = _finalize_consts(C, gamma is not None, update, cumulative, num_batches_tracked is not None,
-                                   group_name is not None)
+    kinds = finalize_kinds(gamma, running_mean, num_batches_tracked, momentum)
+    update = kinds[1]
+    grid, flags = _finalize_consts(C, *kinds, group_name is not None)
     block_c = flags["BLOCK_C"]
     dummy = out[0]
     if group_name is not None:
@@ -221,9 +221,16 @@ def finalize_outputs(C: int, device) -> list:
     return [torch.empty(C, device=device, dtype=torch.float32) for _ in range(4)]
 
 
+def finalize_kinds(gamma: Optional[Tensor], running_mean: Optional[Tensor],
+                   num_batches_tracked: Optional[Tensor], momentum: Optional[float]) -> Tuple[bool, bool, bool, bool]:
+    """(affine, update, cumulative, count) of a BN's finalize: gamma given, running statistics
+    given, momentum None with them, num_batches_tracked given (``finalize_flags``' arguments)."""
+    update = running_mean is not None
+    return gamma is not None, update, update and momentum is None, num_batches_tracked is not None
+
+
 def finalize_flags(affine: bool, update: bool, cumulative: bool, count: bool) -> dict:
-    """The constexprs of ``finalize_channels`` for a BN (update: running statistics given;
-    cumulative: momentum None; count: num_batches_tracked given)."""
+    """The constexprs of ``finalize_channels`` for a BN (``finalize_kinds``)."""
     return dict(AFFINE=affine, UPDATE=update, CUMULATIVE=cumulative, COUNT=count and not cumulative)
 
 

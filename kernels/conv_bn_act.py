@@ -40,7 +40,8 @@ from . import _runtime
 from ._runtime import allow_tf32, arrival_counters, cdiv, conv_config, DerivedCache, eager_or_op, positional_launch_args
 from ._runtime import use_triton
 from ._triton_helpers import has_nonfinite, last_arrival, mma
-from .batchnorm import BNStats, bn_finalize, finalize_channels, finalize_done, finalize_flags, finalize_outputs, run_bn_act
+from .batchnorm import BNStats, bn_finalize, finalize_channels, finalize_done, finalize_flags, finalize_kinds
+from .batchnorm import finalize_outputs, run_bn_act
 from .bn_backward import StatsGrad, bn_backward
 from .conv_grad import conv_dgrad, conv_grads, conv_wgrad
 
@@ -380,7 +381,7 @@ def _launch_consts(N: int, H: int, W: int, Cin: int, Cout: int, cin_g: int, grou
     arguments built per call otherwise): the output shape, the grid, the arguments after the
     ten pointers (``positional_launch_args``: positional, keywords), the partials' shapes and
     (M, BLOCK_M, Ho*Wo).  ``finalize``: the
-    launch also finalizes the statistics (``batchnorm.finalize_flags``' four arguments)."""
+    launch also finalizes the statistics (its ``batchnorm.finalize_kinds``)."""
     del interpret  # conv_config reads it: a part of the key (and ``config``: the function in use)
     Ho, Wo = out_size(H, ksize, stride, padding), out_size(W, ksize, stride, padding)
     M = N * Ho * Wo
@@ -400,8 +401,7 @@ def _launch_consts(N: int, H: int, W: int, Cin: int, Cout: int, cin_g: int, grou
     if in_gate:
         kwargs.update(IN_GATE=True)
     if finalize is not None:
-        kwargs.update({"FIN_" + k: v for k, v in finalize_flags(*finalize).items()}, FINALIZE=True,
-                      FIN_BLOCK_T=finalize_block_t(cfg["BLOCK_N"]))
+        kwargs.update(finalize_constexprs(finalize, cfg["BLOCK_N"]))
     return (N, Cout, Ho, Wo), grid, positional_launch_args(conv_bn_act_fwd_kernel, 10, kwargs), \
         (n_row_blocks, Cout) if stats else None, sq_shape, \
         (M, cfg["BLOCK_M"], Ho * Wo)
@@ -411,6 +411,13 @@ def finalize_block_t(block_n: int) -> int:
     """Partial rows the FINALIZE merge reads at a time: [FIN_BLOCK_T, BLOCK_N] tiles of at most
     4096 elements (the registers of the finished main loop)."""
     return max(8, min(32, 4096 // block_n))
+
+
+def finalize_constexprs(kinds: Tuple[bool, bool, bool, bool], block_n: int) -> dict:
+    """The kernel's FINALIZE constexprs for a BN of these ``batchnorm.finalize_kinds`` (the
+    launcher, the offline compilation and the kernel report all use it)."""
+    return dict({"FIN_" + k: v for k, v in finalize_flags(*kinds).items()}, FINALIZE=True,
+                FIN_BLOCK_T=finalize_block_t(block_n))
 
 
 def _launch(x: Tensor, weight: Tensor, packed: Optional[Tensor], stride: int, padding: int, groups: int,
@@ -429,8 +436,7 @@ def _launch(x: Tensor, weight: Tensor, packed: Optional[Tensor], stride: int, pa
         N, H, W, Cin, Cout, cin_g, groups, ksize, stride, padding, x.dtype, in_scale is not None, in_relu,
         out_scale is not None, residual is not None, out_relu, stats, squeeze, in_gate is not None,
         allow_tf32(x.dtype), weight_strides(w), _runtime.INTERPRET, conv_config,
-        None if finalize is None else (finalize[0] is not None, finalize[2] is not None,
-                                       finalize[2] is not None and finalize[5] is None, finalize[4] is not None))
+        None if finalize is None else finalize_kinds(finalize[0], finalize[2], finalize[4], finalize[5]))
     y = torch.empty(y_shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     part_mean = part_m2 = sq_part = None
     if part_shape is not None:
@@ -676,10 +682,8 @@ def _backward(ctx, dy, dmean, dvar, dscale, dshift, image_grad=None, image_mask=
                 d_out_shift = _channel_sum(du).to(out_shift.dtype)
         if stats_terms:
             # y is the raw convolution output z here (no epilogue is allowed with stats).
-            count = y.numel() // y.shape[1]
-            dm, dv, d_gamma, d_beta = reference.bn_stats_backward(mean, var, count, bn_weight, eps,
-                                                             dmean, dvar, dscale, dshift, acc)
-            dz = dz + pc(dm) / count + pc(dv) * (2.0 / count) * (y.to(acc) - pc(mean.to(acc)))
+            dz, d_gamma, d_beta = reference.bn_stats_terms(
+                dz, StatsGrad(y, mean, var, dmean, dvar, dscale, dshift, bn_weight, eps), acc)
 
     if packed is not None and packed.dtype != compute_dtype:
         packed = None

@@ -901,12 +901,8 @@ def conv_grads(dz: Tensor, a: Tensor, weight: Tensor, stride: int, padding: int,
 def stats_terms_reference(dy: Tensor, stats: StatsGrad) -> Tuple[Tensor, Tensor]:
     """PyTorch formulas of ``conv_grads(..., stats=...)``'s load (fp32, or float64 for float64):
     (dz = dy + dmean/M + dvar*2/M*(z - mean) in dy's dtype, [2, Cout] = (d gamma, d beta))."""
-    acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
-    count = dy.numel() // max(dy.shape[1], 1)
-    dmean, dvar, dgamma, dbeta = reference.bn_stats_backward(stats.mean, stats.var, count, stats.gamma, stats.eps, None, None,
-                                                             stats.dscale, stats.dshift, acc)
-    c = lambda v: v.reshape(1, -1, 1, 1)  # noqa: E731
-    dz = dy.to(acc) + (c(dmean) / count + c(dvar) * (2.0 / count) * (stats.z.to(acc) - c(stats.mean.to(acc))))
+    acc = reference.acc_dtype(dy)
+    dz, dgamma, dbeta = reference.bn_stats_terms(dy.to(acc), stats, acc)
     return dz.to(dy.dtype), torch.stack([dgamma, dbeta])
 
 

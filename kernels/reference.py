@@ -141,3 +141,14 @@ def bn_stats_backward(mean, var, count, gamma, eps, dmean, dvar, dscale, dshift,
         dvar = dvar - 0.5 * d_gr * g * r ** 3
         dgamma, dbeta = d_gr * r, dshift
     return dmean, dvar, dgamma, dbeta
+
+
+def bn_stats_terms(g, stats, acc):
+    """``g`` (in ``acc``) plus the batch-statistics terms of a BN backward, dmean/M +
+    dvar*2/M*(z - mean), from ``stats`` (a ``bn_backward.StatsGrad``: z, its statistics and
+    the gradients reaching them); returns (that sum, d gamma, d beta)."""
+    count = stats.z.numel() // max(stats.z.shape[1], 1)
+    dm, dv, dgamma, dbeta = bn_stats_backward(stats.mean, stats.var, count, stats.gamma, stats.eps, stats.dmean,
+                                              stats.dvar, stats.dscale, stats.dshift, acc)
+    pc = _per_channel
+    return g + pc(dm) / count + pc(dv) * (2.0 / count) * (stats.z.to(acc) - pc(stats.mean.to(acc))), dgamma, dbeta
