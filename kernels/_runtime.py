@@ -156,28 +156,37 @@ class DerivedCache:
         self._entries.clear()
 
 
-_ARRIVAL_COUNTERS = {}
+_PER_STREAM = {}
 
 
-def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
-    """At least ``n`` int32 zeros for ``_triton_helpers.last_arrival`` (one per reduction
-    group of a launch).  Kept per device and stream and reused: every launch leaves them
-    zero, and launches on one stream run one after another, so no launch pays a fill
-    (one at first use).  While a CUDA graph is being captured a new buffer is not kept
-    (its fill is part of the graph, and does not run until the graph replays)."""
-    if device.type != "cuda":  # one buffer per CPU device (the interpreter runs launches in order)
-        buf = _ARRIVAL_COUNTERS.get(device)
-        if buf is None or buf.numel() < n:
-            buf = _ARRIVAL_COUNTERS[device] = torch.zeros(max(n, 4096), device=device, dtype=torch.int32)
-        return buf
-    key = (device, torch.cuda.current_stream(device).cuda_stream)
-    buf = _ARRIVAL_COUNTERS.get(key)
+def _per_stream(kind, device: torch.device, n: int, dtype: torch.dtype, make) -> torch.Tensor:
+    """A buffer of at least ``n`` elements kept per ``kind``, device and stream (launches on one
+    stream run one after another, so each finds it as the last one left it).  While a CUDA
+    graph is being captured a new buffer is not kept (its allocation, and a fill, belong to
+    the graph)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+    key = (kind, device, stream)  # (the CPU interpreter runs launches in order: one stream)
+    buf = _PER_STREAM.get(key)
     if buf is not None and buf.numel() >= n:
         return buf
-    buf = torch.zeros(max(n, 4096), device=device, dtype=torch.int32)
+    buf = make(max(n, 4096), device=device, dtype=dtype)
     if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        _ARRIVAL_COUNTERS[key] = buf
+        _PER_STREAM[key] = buf
     return buf
+
+
+def arrival_counters(device: torch.device, n: int, slot: int = 0) -> torch.Tensor:
+    """At least ``n`` int32 zeros for ``_triton_helpers.last_arrival`` (one per reduction
+    group of a launch; ``slot``: another set, for a launch with two kinds of groups).  Reused:
+    every launch leaves them zero, so no launch pays a fill (one at first use)."""
+    return _per_stream(("counters", slot), device, n, torch.int32, torch.zeros)
+
+
+def scratch(device: torch.device, n: int, slot: int = 0) -> torch.Tensor:
+    """At least ``n`` fp32 elements of a launch's own scratch (partials written and merged by
+    the same launch, never read after it), one buffer per ``slot``: not an allocation per launch
+    (host time).  The tests replace this with fresh NaN-filled buffers (tests/conftest.py)."""
+    return _per_stream(("scratch", slot), device, n, torch.float32, torch.empty)
 
 
 def positional_launch_args(kernel, n_operands: int, kwargs: dict) -> Tuple[tuple, dict]:

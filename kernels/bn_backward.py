@@ -462,7 +462,9 @@ def bn_backward_impl(
     if stat_daff and (dscale is None or dshift is None):
         dscale = dscale if dscale is not None else torch.zeros_like(dshift)
         dshift = dshift if dshift is not None else torch.zeros_like(dscale)
-    part = torch.empty(plan.part_shape, device=device, dtype=torch.float32) if plan.part_shape is not None else None
+    part = None  # the row runs' partials, merged inside the launch: kept scratch
+    if plan.part_shape is not None:
+        part = _runtime.scratch(device, plan.part_shape[0] * plan.part_shape[1] * plan.part_shape[2])
     sums = torch.empty(plan.sums_shape, device=device, dtype=torch.float32)  # every slot is written when asked
     dparam = torch.empty((2, plan.C), device=device, dtype=torch.float32) if stat_daff else sums.new_empty(0)
     if plan.dy_copy:

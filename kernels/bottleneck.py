@@ -29,6 +29,9 @@ import torch
 from .batchnorm import _bn_act_backward, bn_act_forward
 from .conv_bn_act import _BETA, _GAMMA, _IN_SCALE, _IN_SHIFT, _W, _X, check_conv_inputs, conv_bn_act_forward
 from .conv_bn_act import _backward as conv_backward
+from ._runtime import use_triton
+from .bn_backward import StatsGrad
+from .conv_grad import conv_grads
 
 Tensor = torch.Tensor
 
@@ -96,7 +99,11 @@ class BottleneckFn(torch.autograd.Function):
         (xc, w1, g1, z1, m1, v1, s1, h1, w2, g2, z2, m2, v2, s2, h2, w3, g3, z3, m3, v3, s3, h3, wd, gd, zd, md, vd,
          sd, hd, y) = ctx.saved_tensors
         c1, c2, c3, cd = ctx.conf
-        nx, nw1, ng1, nb1, nw2, ng2, nb2, nw3, ng3, nb3, nwd, ngd, nbd = ctx.needs_input_grad[:13]
+        needs = ctx.needs_input_grad
+        nx, nw1, ng1, nb1, nw2, ng2, nb2, nw3, ng3, nb3, nwd, ngd, nbd = needs[:13]
+        if nx and nw1 and ng1 and nb1 and nw2 and ng2 and nb2 and nw3 and ng3 and nb3 and \
+                (zd is None or (nwd and ngd and nbd)) and _on_triton(xc, ctx.x_dtype, g1, g2, g3, gd, zd):
+            return _backward_all_grads(ctx.saved_tensors, ctx.conf, dy)
         # autograd's rule for the per-stage Functions: a stage's outputs require grad when any input does
         r1 = nx or nw1 or ng1 or nb1
         r2 = r1 or nw2 or ng2 or nb2
@@ -131,3 +138,52 @@ class BottleneckFn(torch.autograd.Function):
             cast = lambda t: t if t.dtype == ctx.x_dtype else t.to(ctx.x_dtype)  # noqa: E731
             dx = cast(dx) + cast(dres)
         return (dx, dw1, dg1, db1, dw2, dg2, db2, dw3, dg3, db3, dwd, dgd, dbd, None, None)
+
+
+def _on_triton(xc: Tensor, x_dtype: torch.dtype, g1, g2, g3, gd, zd) -> bool:
+    """Whether the block's backward is ``_backward_all_grads``' case: the Triton path, x in the
+    compute dtype (no cast of its gradient), every BN affine."""
+    return use_triton(xc) and xc.dtype != torch.float64 and x_dtype == xc.dtype and g1 is not None and \
+        g2 is not None and g3 is not None and (zd is None or gd is not None)
+
+
+def _stage_grads(dz, x, w, c: StageConf, in_scale, in_shift, z, mean, var, gamma, dscale, dshift, dx_add=None):
+    """One stage's gradients, every one wanted: ``conv_backward``'s launch for this case (its
+    statistics terms on the gradients' load, the prologue's backward in the data gradient's
+    epilogue, ``dx_add`` summed as dx is stored), called directly (host time: the generic
+    formula's choices cost ~15 us a convolution).  Returns (dx, dw, d_in_scale, d_in_shift,
+    d gamma, d beta) in the dtypes ``conv_backward`` gives them (None without a prologue)."""
+    packed = c.packed if c.packed is not None and c.packed.dtype == x.dtype else None
+    out = conv_grads(dz, x, w, c.stride, c.padding, c.groups, packed=packed, in_scale=in_scale, in_shift=in_shift,
+                     in_relu=in_scale is not None, prologue_backward=in_scale is not None,
+                     stats=StatsGrad(z, mean, var, None, None, dscale, dshift, gamma, c.eps), dx_add=dx_add)
+    dw = out[1] if out[1].dtype == w.dtype else out[1].to(w.dtype)
+    dgamma, dbeta = out[-1].unbind(0)  # [2, Cout] fp32
+    if gamma.dtype != torch.float32:
+        dgamma, dbeta = dgamma.to(gamma.dtype), dbeta.to(gamma.dtype)
+    if in_scale is None:
+        return out[0], dw, None, None, dgamma, dbeta
+    return out[0], dw, out[2][1], out[2][0], dgamma, dbeta
+
+
+def _backward_all_grads(saved, conf, dy):
+    """The block's backward when every input wants its gradient (training): the launches of
+    ``backward``'s general case, the same bits (``tests/test_bottleneck_fn.py``)."""
+    (xc, w1, g1, z1, m1, v1, s1, h1, w2, g2, z2, m2, v2, s2, h2, w3, g3, z3, m3, v3, s3, h3, wd, gd, zd, md, vd,
+     sd, hd, y) = saved
+    c1, c2, c3, cd = conf
+    res = xc if zd is None else zd
+    dz3, ds3, dh3, dres, dsd, dhd, _ = _bn_act_backward(
+        _Ctx((z3, s3, res, sd, y), None, _FINAL_NEEDS[zd is not None], relu=True), dy)
+    dz2, dw3, ds2, dh2, dg3, db3 = _stage_grads(dz3, z2, w3, c3, s2, h2, z3, m3, v3, g3, ds3, dh3)
+    dz1, dw2, ds1, dh1, dg2, db2 = _stage_grads(dz2, z1, w2, c2, s1, h1, z2, m2, v2, g2, ds2, dh2)
+    dwd = dgd = dbd = None
+    if zd is not None:  # the shortcut first: its dx joins conv1's as that is stored
+        dres, dwd, _, _, dgd, dbd = _stage_grads(dres, xc, wd, cd, None, None, zd, md, vd, gd, dsd, dhd)
+    dx, dw1, _, _, dg1, db1 = _stage_grads(dz1, xc, w1, c1, None, None, z1, m1, v1, g1, ds1, dh1, dx_add=dres)
+    return (dx, dw1, dg1, db1, dw2, dg2, db2, dw3, dg3, db3, dwd, dgd, dbd, None, None)
+
+
+# needs_input_grad of the final bn_act pass (z, scale, shift, residual, res_scale, res_shift, relu):
+# every gradient, the residual's scale and shift only for a downsample's BN
+_FINAL_NEEDS = {False: (True, True, True, True, False, False, False), True: (True,) * 6 + (False,)}

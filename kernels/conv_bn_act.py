@@ -439,7 +439,10 @@ def _launch(x: Tensor, weight: Tensor, packed: Optional[Tensor], stride: int, pa
         None if finalize is None else finalize_kinds(finalize[0], finalize[2], finalize[4], finalize[5]))
     y = torch.empty(y_shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     part_mean = part_m2 = sq_part = None
-    if part_shape is not None:
+    if part_shape is not None and finalize is not None:  # merged inside the launch: kept scratch
+        n_part = part_shape[0] * part_shape[1]
+        part_mean, part_m2 = _runtime.scratch(x.device, n_part), _runtime.scratch(x.device, n_part, slot=1)
+    elif part_shape is not None:  # merged by a later launch (bn_finalize)
         part_mean = torch.empty(part_shape, device=x.device, dtype=torch.float32)
         part_m2 = torch.empty(part_shape, device=x.device, dtype=torch.float32)
     extra = {}

@@ -871,19 +871,19 @@ def conv_grads(dz: Tensor, a: Tensor, weight: Tensor, stride: int, padding: int,
         weight_strides(w), dw.stride(), gated, prologue_backward, stats is not None,
         stats is not None and stats.gamma is not None, dx_add is not None))
     splits = w_grid[2]
-    partials = _empty((splits, Cout, cin_g, ksize, ksize), device=dz.device, dtype=torch.float32) \
-        if splits > 1 else dw  # (one split: dw itself is the partials operand, never read)
+    # the split partials [splits, Cout, Cin/groups, k, k] and the prologue's row partials are
+    # merged inside the launch: kept scratch (one split: dw itself is the operand, never read)
+    partials = _runtime.scratch(dz.device, splits * dw.numel()) if splits > 1 else dw
     # without the prologue dw stands in for the vectors (not read: one pointer type, one binary)
     scale, shift = (_vector_operand(in_scale), _vector_operand(in_shift)) if affine else (dw, dw)
-    n_wc = w_grid[0] * w_grid[1]
-    counters = arrival_counters(dz.device, n_wc + (sizes["dgrad_n_blocks"] if prologue_backward else 0))
+    counters = arrival_counters(dz.device, w_grid[0] * w_grid[1])
     gate = in_gate.detach().float().reshape(N, Cin).contiguous() if gated else None
     sums = psum = pro_counters = None
-    if prologue_backward:  # the prologue's backward: its own counters after the weight gradient's
+    if prologue_backward:  # the prologue's backward: its own partials [2, rows, Cin] and counters
         n_rows = sizes["dgrad_programs"] // sizes["dgrad_n_blocks"]
         sums = _empty((2, Cin), device=dz.device, dtype=torch.float32)
-        psum = _empty((2, n_rows, Cin), device=dz.device, dtype=torch.float32)
-        pro_counters = counters[n_wc:]
+        psum = _runtime.scratch(dz.device, 2 * n_rows * Cin, slot=1)
+        pro_counters = arrival_counters(dz.device, sizes["dgrad_n_blocks"], slot=1)
     st = {} if dx_add is None else {"dx_add_ptr": _channels_last(dx_add)}
     if stats is not None:  # (without gamma, the mean stands in for it: not read)
         dparam = st["dparam_ptr"] = _empty((2, Cout), device=dz.device, dtype=torch.float32)

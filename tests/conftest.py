@@ -26,8 +26,8 @@ def pytest_configure(config):
 
 @pytest.fixture(autouse=True)
 def poison_empty(monkeypatch, request):
-    """Every torch.empty/empty_like in the code under test comes back filled with NaN, so an
-    output element a kernel forgets to write fails the comparison instead of passing by luck."""
+    """Every torch.empty/empty_like (and launch scratch) in the code under test comes back filled
+    with NaN, so an element a kernel forgets to write fails the comparison instead of passing by luck."""
     if request.node.get_closest_marker("no_poison"):
         yield
         return
@@ -40,6 +40,10 @@ def poison_empty(monkeypatch, request):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: nan_fill(real_empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan_fill(real_empty_like(*a, **k)))
+    # a launch's kept scratch (partials) would hold the previous launch's values: fresh NaN instead
+    from kernels import _runtime
+    monkeypatch.setattr(_runtime, "scratch",
+                        lambda device, n, slot=0: nan_fill(real_empty(n, device=device, dtype=torch.float32)))
     yield
 
 

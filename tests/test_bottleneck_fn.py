@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import resnext
+from kernels import bottleneck
 from kernels.bottleneck import BottleneckFn
 from resnext import blocks
 from tests.conftest import DEVICE
@@ -46,6 +47,18 @@ def _counting_apply(monkeypatch):
         calls.append(1)
         return apply(*args)
     monkeypatch.setattr(BottleneckFn, "apply", counted)
+    return calls
+
+
+def _counting_fast_backward(monkeypatch):
+    """Counts the backwards that take ``_backward_all_grads`` (every input wants its gradient)."""
+    calls = []
+    fast = bottleneck._backward_all_grads
+
+    def counted(*args):
+        calls.append(1)
+        return fast(*args)
+    monkeypatch.setattr(bottleneck, "_backward_all_grads", counted)
     return calls
 
 
@@ -90,8 +103,10 @@ def test_one_node_block_matches_the_per_stage_path_bit_for_bit(monkeypatch, down
         x = x.to(memory_format=torch.channels_last)
     x.requires_grad_()
     calls = _counting_apply(monkeypatch)
+    fast = _counting_fast_backward(monkeypatch)
     ours = _run(fused, x)
     assert len(calls) == 2  # one node per step
+    assert len(fast) == 2  # every gradient wanted: the direct backward
     with _per_stage(monkeypatch):
         ref = _run(per_stage, x)
     assert len(calls) == 2
@@ -118,8 +133,11 @@ def test_one_node_block_partial_grads_momentum_none_and_autocast(monkeypatch, ca
         x = x.half()
     x.requires_grad_(case != "input_without_grad")
     calls = _counting_apply(monkeypatch)
+    fast = _counting_fast_backward(monkeypatch)
     ours = _run(fused, x, autocast=case == "autocast_fp16")
     assert len(calls) == 2
+    # the direct backward where every input wants its gradient and x needs no cast, else the general one
+    assert len(fast) == (2 if case in ("momentum_none", "half_model") else 0)
     with _per_stage(monkeypatch):
         ref = _run(per_stage, x, autocast=case == "autocast_fp16")
     _assert_same(ours, ref)
