@@ -270,3 +270,47 @@ def test_every_launch_is_idempotent(monkeypatch):
 def kernels_run_here() -> bool:
     import kernels
     return kernels.use_triton(torch.empty(0, device=DEVICE))
+
+
+@pytest.mark.no_poison  # the kept buffers themselves, not conftest.py's fresh NaN scratch
+def test_kept_scratch_is_reused_and_written_before_read(monkeypatch):
+    """A launch's scratch and arrival counters are kept per (kind, slot), device and stream
+    (``kernels._runtime``): the next launch gets the same buffer, or a larger one that is then
+    kept.  A training step whose kept scratch holds NaN (stale partials) gives the same bits as
+    one on fresh NaN-filled buffers: every launch writes its partials before it reads them."""
+    import copy
+
+    import resnext
+    from kernels import _runtime
+    from resnext.models import Bottleneck
+    if not kernels_run_here():
+        pytest.skip("no Triton path on this machine")
+    dev = torch.device(DEVICE)
+    a = _runtime.scratch(dev, 10)
+    assert _runtime.scratch(dev, 5) is a and a.dtype == torch.float32
+    assert _runtime.scratch(dev, 5, slot=1) is not a
+    big = _runtime.scratch(dev, a.numel() + 1)
+    assert big.numel() > a.numel() and _runtime.scratch(dev, 5) is big
+    counters = _runtime.arrival_counters(dev, 3)
+    assert counters.dtype == torch.int32 and counters.data_ptr() not in (a.data_ptr(), big.data_ptr())
+
+    down = torch.nn.Sequential(torch.nn.Conv2d(16, 32, 1, 2, bias=False), torch.nn.BatchNorm2d(32))
+    block = resnext.convert(Bottleneck(16, 8, stride=2, downsample=down, groups=4, base_width=16)).to(dev).train()
+    x = torch.randn(2, 16, 6, 6, device=dev).to(memory_format=torch.channels_last).requires_grad_()
+
+    def step(model):
+        x.grad = None
+        y = model(x)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(0)).to(dev))
+        return [_bits(t) for t in (y, x.grad, *(p.grad for p in model.parameters()))]
+
+    step(copy.deepcopy(block))  # fills the kept buffers
+    for key, buf in _runtime._PER_STREAM.items():
+        if key[0][0] == "scratch":
+            buf.fill_(float("nan"))
+    kept = step(copy.deepcopy(block))
+    with monkeypatch.context() as m:
+        m.setattr(_runtime, "scratch", lambda device, n, slot=0: torch.full((n,), float("nan"), device=device))
+        fresh = step(copy.deepcopy(block))
+    assert all(torch.equal(k, f) for k, f in zip(kept, fresh))
+    assert all(int(buf.abs().sum()) == 0 for key, buf in _runtime._PER_STREAM.items() if key[0][0] == "counters")
