@@ -39,26 +39,16 @@ def _per_stage(monkeypatch):
         yield
 
 
-def _counting_apply(monkeypatch):
+def _counting(monkeypatch, owner, name):
+    """A list that gets one entry per call of ``owner.name`` (``BottleneckFn.apply``; or
+    ``bottleneck._backward_all_grads``: the backwards where every input wants its gradient)."""
     calls = []
-    apply = BottleneckFn.apply
+    real = getattr(owner, name)
 
     def counted(*args):
         calls.append(1)
-        return apply(*args)
-    monkeypatch.setattr(BottleneckFn, "apply", counted)
-    return calls
-
-
-def _counting_fast_backward(monkeypatch):
-    """Counts the backwards that take ``_backward_all_grads`` (every input wants its gradient)."""
-    calls = []
-    fast = bottleneck._backward_all_grads
-
-    def counted(*args):
-        calls.append(1)
-        return fast(*args)
-    monkeypatch.setattr(bottleneck, "_backward_all_grads", counted)
+        return real(*args)
+    monkeypatch.setattr(owner, name, counted)
     return calls
 
 
@@ -102,8 +92,8 @@ def test_one_node_block_matches_the_per_stage_path_bit_for_bit(monkeypatch, down
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     x.requires_grad_()
-    calls = _counting_apply(monkeypatch)
-    fast = _counting_fast_backward(monkeypatch)
+    calls = _counting(monkeypatch, BottleneckFn, "apply")
+    fast = _counting(monkeypatch, bottleneck, "_backward_all_grads")
     ours = _run(fused, x)
     assert len(calls) == 2  # one node per step
     assert len(fast) == 2  # every gradient wanted: the direct backward
@@ -132,8 +122,8 @@ def test_one_node_block_partial_grads_momentum_none_and_autocast(monkeypatch, ca
     if case == "half_model":
         x = x.half()
     x.requires_grad_(case != "input_without_grad")
-    calls = _counting_apply(monkeypatch)
-    fast = _counting_fast_backward(monkeypatch)
+    calls = _counting(monkeypatch, BottleneckFn, "apply")
+    fast = _counting(monkeypatch, bottleneck, "_backward_all_grads")
     ours = _run(fused, x, autocast=case == "autocast_fp16")
     assert len(calls) == 2
     # the direct backward where every input wants its gradient and x needs no cast, else the general one
@@ -157,7 +147,7 @@ def test_per_stage_path_where_the_one_node_block_does_not_apply(monkeypatch):
     (or the eval one), never BottleneckFn."""
     fused = resnext.convert(_block(True, 2))
     x = torch.randn(2, 16, 6, 6, device=DEVICE, requires_grad=True)
-    calls = _counting_apply(monkeypatch)
+    calls = _counting(monkeypatch, BottleneckFn, "apply")
     fused.train()
     fused.bn2.eval()
     fused(x).sum().backward()
