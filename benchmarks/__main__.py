@@ -55,10 +55,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    ctx = config.make_context(full=not args.tiny, device=args.device)
-    with config.smoke_threads(ctx):
-        return _run(args, ctx, argv)
+    return config.run_cli(parse_args(argv), _run, argv)
 
 
 def _run(args, ctx, argv) -> int:
@@ -92,10 +89,7 @@ def _run(args, ctx, argv) -> int:
     print(collector.document()["headline"]["text"])
     for f in failures:
         print(f"FAILED {f}", file=sys.stderr)
-    if not args.no_save:
-        paths = collector.finish()
-        print(f"\nresults: {paths['json']}\nsummary: {paths['md']}")
-    return 1 if failures else 0
+    return collector.close_cli(not args.no_save, len(failures))
 
 
 if __name__ == "__main__":

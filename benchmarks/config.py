@@ -149,6 +149,14 @@ def describe_device(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+def run_cli(args, run, argv) -> int:
+    """A command-line tool's body ``run(args, ctx, argv)`` in the context its flags ask for
+    (``--tiny``: the smoke profile, on one thread; ``--device``)."""
+    ctx = make_context(full=not args.tiny, device=args.device)
+    with smoke_threads(ctx):
+        return run(args, ctx, argv)
+
+
 @contextmanager
 def smoke_threads(ctx: RunContext):
     """One CPU thread during a smoke run on the CPU, restored afterwards.

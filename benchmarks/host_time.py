@@ -245,10 +245,7 @@ def main(argv=None) -> int:
             collector.add(rec)
             print(format_host([rec]).splitlines()[1], flush=True)
     print(format_host(collector.records))
-    if not args.no_save:
-        paths = collector.finish()
-        print(f"\nresults: {paths['json']}\nsummary: {paths['md']}")
-    return 1 if failures else 0
+    return collector.close_cli(not args.no_save, failures)
 
 
 if __name__ == "__main__":

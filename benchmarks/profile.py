@@ -634,10 +634,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    ctx = config.make_context(full=not args.tiny, device=args.device)
-    with config.smoke_threads(ctx):
-        return _run(args, ctx, argv)
+    return config.run_cli(parse_args(argv), _run, argv)
 
 
 def _run(args, ctx, argv) -> int:

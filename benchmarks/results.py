@@ -206,6 +206,15 @@ class Collector:
             self.out_dir = out_dir
         return self._write(complete=True)
 
+    def close_cli(self, save: bool, failures: int) -> int:
+        """The end of a command-line run: write the files (unless not ``save``), say where,
+        and return the exit status (1 if any case failed)."""
+        if save:
+            paths = self.finish()
+            if paths:
+                print(f"\nresults: {paths['json']}\nsummary: {paths['md']}")
+        return 1 if failures else 0
+
 
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:48] or "device"
