@@ -10,7 +10,7 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "triton>=3.0", "numpy"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "ml_dtypes"],  # ml_dtypes: bf16 in the interpreter (tests/interpreter_bf16.py)
         "plot": ["matplotlib"],
     },
     entry_points={"console_scripts": ["resnext-profile=benchmarks.profile:main"]},

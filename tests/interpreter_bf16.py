@@ -234,6 +234,7 @@ def install():
         fn.__qualname__ = f"InterpreterBuilder.{name} (tests/interpreter_bf16.py)"
         setattr(builder, name, fn)
     _state["installed"] = True
+    _state["stock"] = stock  # the replaced builder methods (the mutation tests use them)
     _state["message"] = (f"Triton {triton.__version__}: bf16 -> ml_dtypes.bfloat16 {ml_dtypes.__version__}, "
                          "round-to-nearest-even casts, fp32-accumulated bf16 dots")
     if version not in VERIFIED:
