@@ -256,12 +256,12 @@ def _self_check():
     import triton.language as tl
 
     @triton.jit
-    def probe(x_ptr, y_ptr, out_ptr, dot_ptr, N: tl.constexpr):
+    def probe(x_ptr, y_ptr, f_ptr, out_ptr, cast_ptr, dot_ptr, N: tl.constexpr):
         i = tl.arange(0, N)
         x = tl.load(x_ptr + i)                                  # bf16
         y = tl.load(y_ptr + i)
-        s = (x.to(tl.float32) * 1.0009765625).to(tl.bfloat16)   # fp32 -> bf16 rounding
-        tl.store(out_ptr + i, tl.maximum(s + y, x))            # bf16 add, max
+        tl.store(cast_ptr + i, tl.load(f_ptr + i).to(tl.bfloat16))  # fp32 -> bf16 rounding
+        tl.store(out_ptr + i, tl.maximum(x + y, x * y))        # bf16 add, mul, max
         a = tl.load(x_ptr + i[:, None] * 0 + i[None, :])
         b = tl.load(y_ptr + i[:, None] + i[None, :] * 0)
         tl.store(dot_ptr + i[:, None] * N + i[None, :], tl.dot(a, b))
@@ -269,14 +269,16 @@ def _self_check():
     n = 16
     g = torch.Generator().manual_seed(0)
     x, y = (torch.randn(n, generator=g) * 4).bfloat16(), torch.randn(n, generator=g).bfloat16()
-    out, dot = torch.empty(n, dtype=torch.bfloat16), torch.empty(n, n)
+    f = torch.randn(n, generator=g) * 3
+    out, cast, dot = torch.empty(n, dtype=torch.bfloat16), torch.empty(n, dtype=torch.bfloat16), torch.empty(n, n)
     try:
-        probe[(1,)](x, y, out, dot, N=n)
+        probe[(1,)](x, y, f, out, cast, dot, N=n)
     except Exception as e:  # noqa: BLE001 - reported, not hidden
         return f"{type(e).__name__}: {e}"
-    want = torch.maximum((x.float() * 1.0009765625).bfloat16() + y, x)
-    if not torch.equal(out.view(torch.int16), want.view(torch.int16)):
-        return "elementwise bits differ from PyTorch's"
+    if not torch.equal(cast.view(torch.int16), f.bfloat16().view(torch.int16)):
+        return "fp32 -> bf16 casts differ from PyTorch's (round to nearest even)"
+    if not torch.equal(out.view(torch.int16), torch.maximum(x + y, x * y).view(torch.int16)):
+        return "bf16 add/mul/max differ from PyTorch's"
     want_dot = x.float()[None, :].expand(n, n) @ y.float()[:, None].expand(n, n)
     if not torch.allclose(dot, want_dot, rtol=1e-5, atol=1e-5):
         return "tl.dot differs from an fp32 product"

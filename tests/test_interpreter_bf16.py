@@ -260,3 +260,18 @@ def test_status_reports_the_version():
     ok, message = interpreter_bf16.status()
     if INTERPRET:
         assert ok and triton.__version__ in message, message
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the interpreter patch's own checks")
+def test_unknown_version_self_check_and_loud_failure(monkeypatch):
+    """On a Triton outside VERIFIED, install() runs _self_check(): None with the patch as it is,
+    a message once the cast truncates; and require() then fails the bf16 tests (not skips)."""
+    assert interpreter_bf16._self_check() is None
+    truncate = lambda x32, rtz=False: (np.ascontiguousarray(x32, dtype=np.float32)  # noqa: E731
+                                       .view(np.uint32) >> np.uint32(16)).astype(np.uint16)
+    monkeypatch.setattr(interpreter_bf16, "bf16_bits_from_f32", truncate)
+    assert "round to nearest even" in interpreter_bf16._self_check()
+    monkeypatch.setitem(interpreter_bf16._state, "installed", False)
+    monkeypatch.setitem(interpreter_bf16._state, "message", "Triton 9.9: self-check failed")
+    with pytest.raises(pytest.fail.Exception, match="self-check failed"):
+        interpreter_bf16.require()
