@@ -275,3 +275,71 @@ def test_unknown_version_self_check_and_loud_failure(monkeypatch):
     monkeypatch.setitem(interpreter_bf16._state, "message", "Triton 9.9: self-check failed")
     with pytest.raises(pytest.fail.Exception, match="self-check failed"):
         interpreter_bf16.require()
+
+
+_PTX_PROBE = r'''
+import json, re, sys
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+
+
+@triton.jit
+def cast_k(x_ptr, rne_ptr, rtz_ptr, N: tl.constexpr):
+    i = tl.arange(0, N)
+    x = tl.load(x_ptr + i)
+    tl.store(rne_ptr + i, x.to(tl.bfloat16))
+    tl.store(rtz_ptr + i, x.to(tl.bfloat16, fp_downcast_rounding="rtz"))
+
+
+@triton.jit
+def arith_k(x_ptr, y_ptr, a_ptr, m_ptr, x_ptr2, s_ptr, N: tl.constexpr):
+    i = tl.arange(0, N)
+    x = tl.load(x_ptr + i)
+    y = tl.load(y_ptr + i)
+    tl.store(a_ptr + i, x + y)
+    tl.store(m_ptr + i, tl.maximum(x, y))
+    tl.store(s_ptr, tl.sum(x, axis=0))
+
+
+@triton.jit
+def dot_k(a_ptr, b_ptr, o_ptr, N: tl.constexpr):
+    i = tl.arange(0, N)
+    a = tl.load(a_ptr + i[:, None] * N + i[None, :])
+    b = tl.load(b_ptr + i[:, None] * N + i[None, :])
+    tl.store(o_ptr + i[:, None] * N + i[None, :], tl.dot(a, b))
+
+
+bf = "*bf16"
+out = {}
+for name, fn, sig in (("cast", cast_k, dict(x_ptr="*fp32", rne_ptr=bf, rtz_ptr=bf)),
+                      ("arith", arith_k, dict(x_ptr=bf, y_ptr=bf, a_ptr=bf, m_ptr=bf, x_ptr2=bf, s_ptr=bf)),
+                      ("dot", dot_k, dict(a_ptr=bf, b_ptr=bf, o_ptr="*fp32"))):
+    src = triton.compiler.ASTSource(fn=fn, signature={**sig, "N": "constexpr"}, constexprs={"N": 64})
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+    out[name] = sorted(set(re.findall(r"\b(?:cvt|add|max|wgmma\.mma_async)\.[a-z0-9._]*", ptx)))
+json.dump(out, open(sys.argv[1], "w"))
+'''
+
+
+def test_the_gpu_semantics_the_patch_emulates_are_in_the_ptx(tmp_path):
+    """What the patch claims of the GPU, read in the sm_90 PTX of this Triton (compiled offline,
+    a process without TRITON_INTERPRET): fp32 -> bf16 rounds to nearest even (cvt.rn) or toward
+    zero (cvt.rz); bf16 add and max stay in bf16; tl.sum of bf16 adds in bf16; tl.dot of bf16
+    accumulates in fp32 (wgmma ... f32.bf16.bf16)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    script = tmp_path / "probe.py"
+    script.write_text(_PTX_PROBE)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "ops.json")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ops = json.loads((tmp_path / "ops.json").read_text())
+    assert "cvt.rn.bf16.f32" in ops["cast"] and "cvt.rz.bf16.f32" in ops["cast"], ops["cast"]
+    assert "add.bf16" in ops["arith"] or "add.rn.bf16" in ops["arith"], ops["arith"]
+    assert "max.bf16" in ops["arith"], ops["arith"]
+    assert not any(op.startswith("cvt.f32.bf16") for op in ops["arith"]), ops["arith"]  # no fp32 detour
+    assert any(op.endswith(".f32.bf16.bf16") for op in ops["dot"]), ops["dot"]
