@@ -14,19 +14,26 @@ on the uint16 bits.  Measured (Triton 3.9, numpy 2.4):
   (NaN, wrap-around, nonsense orderings for negative numbers).
 * fp16 <-> bf16 and int <-> bf16: ``astype`` between integers and uint16 bits.
 
-What the GPU does (checked in Triton's source, the same in 3.6, 3.8 and 3.9)
----------------------------------------------------------------------------
+What the GPU does (checked in Triton's source and in the sm_90 PTX of 3.6, 3.8 and 3.9 compiled
+offline: test_interpreter_bf16.py reads the PTX of the installed version)
+---------------------------------------------------------------------------------------------
 * ``x.to(tl.bfloat16)`` (``language/semantic.py`` ``cast``): the default
   ``fp_downcast_rounding=None`` emits ``arith.truncf``, which the NVIDIA backend lowers to
   ``cvt.rn.bf16.f32`` (``ElementwiseOpToLLVM.cpp``, ``FpToFpOpConversion``): round to nearest
   even.  ``fp_downcast_rounding="rtz"`` emits ``tt.fp_to_fp`` with RTZ (``cvt.rz``).  fp16 <-> bf16
   goes through fp32 (``cast``: "bf16 <=> (not fp32)").  bf16 -> fp32 is exact (``arith.extf``).
 * Elementwise arithmetic on bf16 operands stays in bf16 (``computation_type_impl`` returns bf16
-  for bf16 operands except for ``/`` and ``%``, which go to fp32): on sm_90 ``add.rn.bf16`` /
-  ``mul.rn.bf16`` / ``fma.rn.bf16``, on older targets fp32 arithmetic then ``cvt.rn.bf16.f32``.
-  For +, -, *, / and sqrt both give the correctly rounded bf16 result (fp32's 24 bits are more
-  than 2 * 8 + 2: double rounding through fp32 is innocuous), and that is what ml_dtypes'
-  ufuncs compute (fp32 arithmetic, round to nearest even).  Min/max and comparisons are exact.
+  for bf16 operands except for ``/`` and ``%``, which go to fp32): sm_90 PTX has ``add.bf16``,
+  ``fma.rn.bf16``, ``max.bf16`` (sm_80: ``fma.rn.bf16``, ``max.bf16``), no fp32 detour.  For +, -,
+  * (and / or sqrt in fp32) that is the correctly rounded bf16 result, which is what ml_dtypes'
+  ufuncs compute: fp32 arithmetic then round to nearest even (fp32's 24 bits exceed 2 * 8 + 2, so
+  the double rounding is innocuous).  Min/max and comparisons are exact.  ``tl.maximum`` /
+  ``tl.minimum`` default to ``propagate_nan=NONE`` (``max.bf16``: NaN loses, as ``np.fmax``;
+  Triton 3.6's interpreter uses ``np.maximum`` there for every dtype, fixed in 3.8: left alone).
+* Not modelled: Triton's default FP fusion (``TRITON_DEFAULT_FP_FUSION``, on in 3.6-3.9)
+  contracts a bf16 ``a * b + c`` into one ``fma.rn.bf16`` (one rounding; seen in the sm_90 PTX),
+  where the interpreter rounds the product and the sum (at most one bf16 ulp apart; fp32 has
+  the same difference in the stock interpreter).
 * ``tl.dot(bf16, bf16)`` accumulates in fp32 (``out_dtype=tl.float32``; ``mma``/``wgmma`` with
   f32 accumulators): exact products, fp32 sums.
 * ``tl.sum`` of bf16 (``language/standard.py`` ``_pick_sum_dtype``) promotes only integers
