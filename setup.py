@@ -10,7 +10,9 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "triton>=3.0", "numpy"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis"],
+        # pytest-xdist: the tests on every core (-n auto); ml_dtypes: bf16 in Triton's CPU interpreter
+        # (tests/interpreter_bf16.py)
+        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "ml_dtypes"],
         "plot": ["matplotlib"],
     },
     entry_points={"console_scripts": ["resnext-profile=benchmarks.profile:main"]},

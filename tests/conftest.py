@@ -1,7 +1,10 @@
 """Test set-up: Triton's CPU interpreter when there is no GPU, NaN-poisoned outputs, seeds.
 
 TRITON_INTERPRET must be set before triton (or any module defining kernels) is imported,
-so it is set here, at collection time, when CUDA is unavailable.
+so it is set here, at collection time, when CUDA is unavailable.  Under the interpreter,
+``interpreter_bf16.install()`` then gives bfloat16 the GPU's semantics (the stock interpreter
+holds bf16 as raw uint16 bits: see tests/interpreter_bf16.py); its status is printed in the
+report header, and the bf16 tests fail through ``interpreter_bf16.require()`` if it is off.
 """
 import os
 
@@ -12,12 +15,28 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    import sys  # noqa: E402
+
+    if os.path.dirname(__file__) not in sys.path:
+        sys.path.insert(0, os.path.dirname(__file__))
+    import interpreter_bf16  # noqa: E402
+
+    interpreter_bf16.install()  # before any kernel module is imported
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_report_header(config):
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        import interpreter_bf16
+        ok, message = interpreter_bf16.status()
+        return f"bf16 in Triton's interpreter: {'on' if ok else 'OFF'}: {message}"
 
 
 def pytest_configure(config):

@@ -20,6 +20,13 @@ def assert_close_to_ref(ours, ref64, dtype, torch_lowp=None, atol=None):
     assert err <= 2 * torch_err + atol, f"error {err:.3g} vs PyTorch's own {torch_err:.3g} (+{atol:.3g})"
 
 
+def require_bf16():
+    """Call first in a bf16 test: under the interpreter it fails (not skips) unless
+    tests/interpreter_bf16.py gave bf16 the GPU's semantics; on a GPU it does nothing."""
+    import interpreter_bf16
+    interpreter_bf16.require()
+
+
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give every BatchNorm2d non-trivial running statistics and affine parameters."""
     g = torch.Generator().manual_seed(seed)

@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 from conftest import DEVICE
+from helpers import require_bf16
 
 import kernels
 import kernels.bn_backward as bnb
@@ -153,8 +154,11 @@ def _check(out, ref, kw):
         assert ours.dtype == want and ours.is_contiguous(memory_format=torch.channels_last)
         assert not torch.isnan(ours).any(), f"{name}: unwritten elements"
         r = ref[name]
-        if ours.dtype == torch.float16:  # one rounding of the fp32 result: ~1 ulp of fp16
-            torch.testing.assert_close(ours.double(), r, rtol=2e-3, atol=1e-6 * r.abs().max().item(), msg=name)
+        if ours.dtype in (torch.float16, torch.bfloat16):
+            # one rounding of the fp32 result: half an ulp, 2^-11 (fp16) or 2^-8 (bf16: 8 significant
+            # bits to fp16's 11, hence the looser bound) relative
+            rtol = 2e-3 if ours.dtype == torch.float16 else 4e-3
+            torch.testing.assert_close(ours.double(), r, rtol=rtol, atol=1e-6 * r.abs().max().item(), msg=name)
         else:
             torch.testing.assert_close(ours.double(), r, rtol=1e-5, atol=1e-6 * r.abs().max().item(), msg=name)
     asked = dict(sum_g=kw.get("sum_g", False), sum_gr=kw.get("sum_gr") is not None,
@@ -183,6 +187,17 @@ def _check(out, ref, kw):
 @pytest.mark.parametrize("mode", list(MODES))
 def test_kernel_against_float64_formulas(mode, channels_last, dtype, shape):
     kw = MODES[mode](shape, dtype, channels_last)
+    out = bn_backward(**kw)
+    ref = _reference(**{k: v for k, v in kw.items() if not k.endswith("_dtype") and k != "sum_g"}, shape=shape)
+    _check(out, ref, kw)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_bf16_kernel_against_float64_formulas(mode):
+    """bf16 storage (channels_last, one shape): dz and dres one rounding from float64, sums fp32."""
+    require_bf16()
+    shape = (2, 20, 5, 7)
+    kw = MODES[mode](shape, torch.bfloat16, True)
     out = bn_backward(**kw)
     ref = _reference(**{k: v for k, v in kw.items() if not k.endswith("_dtype") and k != "sum_g"}, shape=shape)
     _check(out, ref, kw)
@@ -367,6 +382,52 @@ def test_bn_act_fp16_gradients():
         return lambda z, s, b, r, rs, rb: (fn(z, s, b, r, rs, rb, relu=True),)
 
     _grads_vs_reference(run(kernels.bn_act), run(bn_act_reference), inputs, dtype=torch.float16, tol=5e-3)
+
+
+def _grads_vs_torch_bf16(fn, ref_fn, inputs, atol=1e-2):
+    """bf16 gradients of sum(out * w) through fn: each within twice the error of PyTorch's own
+    bf16 autograd through ref_fn (same bf16 inputs), against ref_fn in float64, plus atol x scale."""
+    require_bf16()
+    bf = [None if t is None else t.bfloat16().contiguous(memory_format=torch.channels_last) if t.dim() == 4
+          else t.bfloat16() for t in inputs]
+    runs = {}
+    for name, f, leaves in (("ours", fn, [None if t is None else t.detach().requires_grad_() for t in bf]),
+                            ("torch", ref_fn, [None if t is None else t.detach().requires_grad_() for t in bf]),
+                            ("f64", ref_fn, [None if t is None else t.double().requires_grad_() for t in bf])):
+        outs = f(*leaves)
+        if name == "ours":
+            weights = [torch.randn(o.shape, dtype=torch.float64, device=DEVICE) for o in outs]
+        sum(((o.double() * w).sum() for o, w in zip(outs, weights))).backward()
+        runs[name] = leaves
+    for i, (a, t, r) in enumerate(zip(runs["ours"], runs["torch"], runs["f64"])):
+        if a is None:
+            continue
+        assert a.grad is not None and a.grad.dtype == torch.bfloat16, i
+        assert not torch.isnan(a.grad).any(), i
+        err = (a.grad.double() - r.grad).abs().max().item()
+        torch_err = (t.grad.double() - r.grad).abs().max().item()
+        scale = r.grad.abs().max().item()
+        assert err <= 2 * torch_err + atol * scale, f"gradient of input {i}: {err:.3g} vs PyTorch's {torch_err:.3g}"
+
+
+def test_conv_bn_act_bf16_gradients():
+    """bf16 storage, train mode (statistics) with the BN + ReLU prologue: every input's gradient."""
+    inputs = [_r(2, 8, 6, 5), _r(8, 2, 3, 3) / 18 ** .5, _vec(8), _r(8)]
+
+    def run(fn):
+        return lambda x, w, si, bi: fn(x, w, 1, 1, 4, in_scale=si, in_shift=bi, in_relu=True, stats=True)
+
+    _grads_vs_torch_bf16(run(kernels.conv_bn_act), run(conv_bn_act_reference), inputs)
+
+
+def test_bn_act_bf16_gradients():
+    C = 24
+    inputs = [_r(2, C, 5, 7), _vec(C), _r(C), _r(2, C, 5, 7), _vec(C), _r(C)]
+
+    def run(fn):
+        return lambda z, s, b, r, rs, rb: (fn(z, s, b, r, rs, rb, relu=True),)
+
+    _grads_vs_torch_bf16(run(kernels.bn_act), run(bn_act_reference), inputs)
 
 
 def test_backward_bit_identical_twice():

@@ -18,7 +18,7 @@ from kernels import bottleneck
 from kernels.bottleneck import BottleneckFn
 from resnext import blocks
 from tests.conftest import DEVICE
-from tests.helpers import TimmBottleneck, randomize_bn
+from tests.helpers import TimmBottleneck, randomize_bn, require_bf16
 
 
 def _block(downsample: bool, stride: int = 1, momentum=0.1):
@@ -52,12 +52,12 @@ def _counting(monkeypatch, owner, name):
     return calls
 
 
-def _run(model, x, steps=2, autocast=False):
+def _run(model, x, steps=2, autocast=None):
     """Two training steps (a fixed, non-uniform upstream gradient): the last output and the
     gradients, summed over the steps as a training loop without zero_grad would."""
     x = x.detach().clone().requires_grad_(x.requires_grad)
     for _ in range(steps):
-        with torch.autocast(DEVICE, dtype=torch.float16) if autocast else contextlib.nullcontext():
+        with torch.autocast(DEVICE, dtype=autocast) if autocast else contextlib.nullcontext():
             y = model(x)
         w = torch.linspace(-1, 1, y.numel(), device=y.device).view(y.shape)
         (y.float() * w).sum().backward()
@@ -105,41 +105,46 @@ def test_one_node_block_matches_the_per_stage_path_bit_for_bit(monkeypatch, down
 
 
 @pytest.mark.parametrize("case", ["frozen_conv1_bn1", "input_without_grad", "momentum_none", "autocast_fp16",
-                                  "half_model"])
+                                  "half_model", "autocast_bf16"])
 def test_one_node_block_partial_grads_momentum_none_and_autocast(monkeypatch, case):
     """Inputs that need no gradient get none (autograd's rule per stage), cumulative running
     averages (momentum=None), fp16 autocast (fp32 weights: the packs, gradients cast back), and
-    a model.half() block (the shortcut's dx added in conv1's gradient launch, in fp16)."""
+    a model.half() block (the shortcut's dx added in conv1's gradient launch, in fp16); and bf16
+    autocast (through the interpreter's bf16 on the CPU; model.bfloat16(): test_ecosystem)."""
+    if case == "autocast_bf16":
+        require_bf16()
     block = _block(True, 2, momentum=None if case == "momentum_none" else 0.1)
     fused = resnext.convert(block)
-    if case == "half_model":
-        fused.half()
+    low = {"half_model": torch.float16}.get(case)
+    amp = {"autocast_fp16": torch.float16, "autocast_bf16": torch.bfloat16}.get(case)
+    if low is not None:
+        fused.to(low)
     if case == "frozen_conv1_bn1":
         for p in (fused.conv1.weight, fused.bn1.weight, fused.bn1.bias):
             p.requires_grad_(False)
     per_stage = copy.deepcopy(fused)
     x = torch.randn(2, 16, 6, 6, device=DEVICE).to(memory_format=torch.channels_last)
-    if case == "half_model":
-        x = x.half()
+    if low is not None:
+        x = x.to(low)
     x.requires_grad_(case != "input_without_grad")
     calls = _counting(monkeypatch, BottleneckFn, "apply")
     fast = _counting(monkeypatch, bottleneck, "_backward_all_grads")
-    ours = _run(fused, x, autocast=case == "autocast_fp16")
+    ours = _run(fused, x, autocast=amp)
     assert len(calls) == 2
     # the direct backward where every input wants its gradient and x needs no cast, else the general one
     assert len(fast) == (2 if case in ("momentum_none", "half_model") else 0)
     with _per_stage(monkeypatch):
-        ref = _run(per_stage, x, autocast=case == "autocast_fp16")
+        ref = _run(per_stage, x, autocast=amp)
     _assert_same(ours, ref)
     if case == "frozen_conv1_bn1":
         assert ours["grads"]["conv1.weight"] is None and ours["grads"]["bn1.weight"] is None
         assert ours["grads"]["conv2.weight"] is not None
     if case == "input_without_grad":
         assert ours["x_grad"] is None
-    if case == "autocast_fp16":
-        assert ours["dtype"] == torch.float16 and ours["grads"]["conv1.weight"].dtype == torch.float32
-    if case == "half_model":
-        assert ours["dtype"] == ours["x_grad"].dtype == torch.float16
+    if amp is not None:
+        assert ours["dtype"] == amp and ours["grads"]["conv1.weight"].dtype == torch.float32
+    if low is not None:
+        assert ours["dtype"] == ours["x_grad"].dtype == low
 
 
 def test_per_stage_path_where_the_one_node_block_does_not_apply(monkeypatch):

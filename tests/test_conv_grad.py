@@ -19,6 +19,7 @@ from dataclasses import dataclass  # noqa: E402
 
 import pytest  # noqa: E402
 
+from helpers import require_bf16  # noqa: E402
 from kernels import _runtime  # noqa: E402
 from kernels import conv_grad as cg  # noqa: E402
 
@@ -138,9 +139,8 @@ def assert_within_torch_error(got, ref64, torch_low, what):
     assert ours_err <= 2 * torch_err + atol, f"{what}: error {ours_err:.3g} vs PyTorch's {torch_err:.3g}"
 
 
-LOW_PRECISION = [pytest.param(torch.float16, id="fp16")]
-if torch.cuda.is_available():  # the interpreter's bf16 tl.dot is wrong (NOTES.md)
-    LOW_PRECISION.append(pytest.param(torch.bfloat16, id="bf16"))
+# bf16 runs in the interpreter through tests/interpreter_bf16.py (GPU semantics)
+LOW_PRECISION = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
 
 
 @pytest.mark.parametrize("relu", [True, False], ids=["bn-relu", "bn"])
@@ -162,6 +162,8 @@ def test_wgrad_prologue_matches_float64(case_id, relu, ieee_fp32):
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
 @pytest.mark.parametrize("case_id", FP16_CASES)
 def test_low_precision_within_torch_error(case_id, dtype):
+    if dtype == torch.bfloat16:
+        require_bf16()
     c = CASES[case_id]
     x, w, dz = make_inputs(c, dtype)
     dx, dw = ours(c, x, w, dz)
@@ -539,6 +541,38 @@ def test_statistics_terms_on_load_match_the_separate_pass(case_id, mode, dtype, 
     assert all(torch.equal(p, q) for p, q in zip(out, again))
     ops = count_device_ops(lambda: cg.conv_grads(dy, x, w, c.stride, c.padding, c.groups, stats=st, **kw))
     assert ops.triton == 1 and set(ops.by_name) - {"aten::fill_"} == {"triton::conv_grads_kernel"}, ops
+
+
+@pytest.mark.parametrize("mode", ["plain", "prologue_backward"])
+def test_bf16_statistics_terms_on_load(mode):
+    """bf16 conv_grads(stats=...): one launch equal to bn_backward then conv_grads (bits), and
+    dx, dw, d gamma, d beta within twice PyTorch's own bf16 error of float64."""
+    require_bf16()
+    from kernels.bn_backward import bn_backward
+    dtype = torch.bfloat16
+    c = Case(**{**CASES["4_per_group_s2_several_blocks"].__dict__, "N": 3})
+    x, w, dy = make_inputs(c, dtype, seed=12)
+    x, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
+    st = _stats_inputs(c, dtype, seed=12)
+    kw = {}
+    if mode == "prologue_backward":
+        kw = dict(in_scale=torch.rand(c.Cin) + 0.5, in_shift=torch.randn(c.Cin) * 0.3, in_relu=True,
+                  prologue_backward=True)
+    out = cg.conv_grads(dy, x, w, c.stride, c.padding, c.groups, stats=st, **kw)
+    ep = bn_backward(dy, stats=st, dz_dtype=dtype)
+    two_pass = cg.conv_grads(ep.dz, x, w, c.stride, c.padding, c.groups, **kw)
+    for got, want, what in zip(out, two_pass, ("dx", "dw", "sums")):
+        assert torch.equal(got, want), what
+    assert out[0].dtype == dtype
+    st64 = st._replace(z=st.z.double(), mean=st.mean.double(), var=st.var.double())
+    dz64, dparam64 = cg.stats_terms_reference(dy.double(), st64)
+    dzl, dparaml = cg.stats_terms_reference(dy, st)  # PyTorch's formulas on the bf16 tensors
+    assert_within_torch_error(out[-1], dparam64, dparaml, "d gamma, d beta")
+    if mode == "plain":
+        ref_dx, ref_dw = reference(c, x, w, dz64)
+        torch_dx, torch_dw = reference(c, x, w, dzl.to(dtype), dtype)
+        assert_within_torch_error(out[0], ref_dx, torch_dx, "dx")
+        assert_within_torch_error(out[1], ref_dw, torch_dw, "dw")
 
 
 def test_statistics_terms_on_load_nan_fallbacks_and_errors(ieee_fp32):

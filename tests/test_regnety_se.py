@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import assert_close_to_ref, assert_same_specials
+from helpers import assert_close_to_ref, assert_same_specials, require_bf16
 from kernels.squeeze_excite import ConvReluSqueezeFn, GatedConvFn, relu_squeeze, relu_squeeze_config
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -72,8 +72,10 @@ def _gated_conv(z, w, s, b, gate, stats, out_scale=None, out_shift=None, residua
 
 
 @pytest.mark.parametrize("stats", [False, True], ids=["eval_epilogue", "train_stats"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_gated_prologue_forward(dtype, stats):
+    if dtype == torch.bfloat16:
+        require_bf16()
     N, cin, cout, H, W = 3, 24, 40, 5, 3  # HW = 15: row blocks span images
     z = _cl(torch.randn(N, cin, H, W, device=DEVICE).to(dtype))
     w = (torch.randn(cout, cin, 1, 1, device=DEVICE) * 0.3).to(dtype)
@@ -222,6 +224,28 @@ def test_chain_fp16(train):
     for k, a, b in zip(names, grads, grads64):
         scale = max(1.0, b.abs().max().item())
         torch.testing.assert_close(a.double(), b, atol=5e-2 * scale, rtol=5e-2, msg=lambda msg, k=k: f"{k}: {msg}")
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_chain_bf16(train):
+    """bf16 (the interpreter's, tests/interpreter_bf16.py): the output within twice PyTorch's own
+    bf16 error of float64 (+atol); gradients within twice eager bf16's, by relative norm."""
+    from test_se_blocks import assert_lowp_close_norm
+    require_bf16()
+    p, st = _params(torch.bfloat16)
+    p64, st64 = _params(torch.float64)
+    plp, stlp = _params(torch.bfloat16)
+    y = _ours(p, st, train)
+    y64 = _eager(p64, st64, train)
+    ylp = _eager(plp, stlp, train)
+    assert_close_to_ref(y, y64, torch.bfloat16, ylp)
+    dy = torch.randn(y64.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(DEVICE)
+    names = list(p)
+    grads = torch.autograd.grad((y.float() * dy.float()).sum(), [p[k] for k in names])
+    grads_lp = torch.autograd.grad((ylp.float() * dy.float()).sum(), [plp[k] for k in names])
+    grads64 = torch.autograd.grad((y64 * dy).sum(), [p64[k] for k in names])
+    for k, a, b, c in zip(names, grads, grads_lp, grads64):
+        assert_lowp_close_norm(a, b, c, what=k)
 
 
 def test_chain_nan_propagates():

@@ -10,7 +10,7 @@ The block-level tests (timm-style SE/ECA/drop-path Bottlenecks) are in test_se_b
 import pytest
 import torch
 
-from helpers import assert_close_to_ref
+from helpers import assert_close_to_ref, require_bf16
 from kernels import reference
 from kernels.squeeze_excite import ConvSqueezeFn, gated_bn_act
 
@@ -31,8 +31,10 @@ def _conv_squeeze(x, w, stride, padding, stats, in_scale=None, in_shift=None, sq
     (2, 16, 5, 7),  # HW = 35: blocks straddle the image boundary
     (2, 24, 9, 8),  # HW = 72 > BLOCK_M: an image spans several blocks, Cout not a power of 2
 ])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_squeeze_sums_in_conv_epilogue(shape, dtype):
+    if dtype == torch.bfloat16:
+        require_bf16()
     N, cout, H, W = shape
     x = torch.randn(N, 16, H, W, device=DEVICE).to(dtype).to(memory_format=torch.channels_last)
     w = (torch.randn(cout, 16, 1, 1, device=DEVICE) * 0.3).to(dtype)
@@ -91,8 +93,10 @@ def _gated_inputs(N, C, H, W, dtype, per_image, residual_kind):
 
 @pytest.mark.parametrize("residual_kind", ["none", "plain", "affine"])
 @pytest.mark.parametrize("per_image", [False, True], ids=["se_gate", "drop_path_mask"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_gated_bn_act_forward_backward(dtype, per_image, residual_kind):
+    if dtype == torch.bfloat16:
+        require_bf16()
     N, C, H, W = 3, 24, 5, 7  # HW = 35: image-aligned programs of the gate gradient cross no boundary
     inputs = _gated_inputs(N, C, H, W, dtype, per_image, residual_kind)
     dy = torch.randn(N, C, H, W, device=DEVICE)
