@@ -37,7 +37,8 @@ import triton.language as tl
 
 from . import reference, sync_bn
 from . import _runtime
-from ._runtime import allow_tf32, arrival_counters, cdiv, conv_config, DerivedCache, eager_or_op, positional_launch_args
+from ._runtime import (allow_tf32, arrival_counters, cdiv, conv_config, DerivedCache, eager_or_op, memo_call,
+                       positional_launch_args)
 from ._runtime import use_triton
 from ._triton_helpers import has_nonfinite, last_arrival, mma
 from .batchnorm import BNStats, bn_finalize, finalize_channels, finalize_done, finalize_flags, finalize_kinds
@@ -773,12 +774,7 @@ def check_conv_inputs(x: Tensor, weight: Tensor, stride: int, padding: int, grou
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor input, got {type(x).__name__}")
     meta = (x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device, stride, padding, groups, same_dtype)
-    try:
-        _check_conv_meta(*meta)
-    except TypeError as err:  # an unhashable argument (a list for stride...): the checks themselves say what
-        if "unhashable" not in str(err):
-            raise
-        _check_conv_meta.__wrapped__(*meta)
+    memo_call(_check_conv_meta, *meta)
 
 
 @functools.lru_cache(maxsize=4096)
