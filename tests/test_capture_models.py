@@ -221,3 +221,13 @@ def test_onnx_dynamo_export(model, path, tmp_path):
     x = torch.randn(3, 3, size, size)
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     close(torch.from_numpy(got), ref.cpu()(x), "onnxruntime")
+
+
+def test_onnx_of_a_triton_exported_program_names_our_operator():
+    """An ExportedProgram taken on the Triton path holds our operators: the ONNX exporter
+    cannot translate them and says which (docs/capture.md: export the module instead)."""
+    pytest.importorskip("onnxscript")
+    _, fused = twins("torchvision", DEVICE, "eval")
+    ep = torch.export.export(fused, (torch.randn(2, 3, 8, 8, device=DEVICE),))
+    with pytest.raises(torch.onnx.errors.OnnxExporterError, match="resnext.conv_bn_act"):  # (a ConversionError)
+        torch.onnx.export(ep, dynamo=True, verbose=False)
