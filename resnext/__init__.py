@@ -13,7 +13,8 @@ from .regnet import FusedConvNormAct, FusedRegNetBottleneck
 from .sync_batchnorm import SyncBatchNorm2d
 
 __all__ = [
-    "convert", "FUSED_MODULES", "register_fx_leaves", "graph_inference", "graph_train_step", "ConvBNAct", "FusedSequential", "FusedBottleneck", "is_fusable_bottleneck",
+    "convert", "FUSED_MODULES", "register_fx_leaves",
+    "graph_inference", "graph_train_step", "ConvBNAct", "FusedSequential", "FusedBottleneck", "is_fusable_bottleneck",
     "FusedRegNetBottleneck", "FusedConvNormAct", "SyncBatchNorm2d",
     "Bottleneck", "ResNet", "resnet50", "resnet101", "resnext50_32x4d", "resnext101_32x4d",
 ]

@@ -211,6 +211,15 @@ def test_export(path, mode, shapes, monkeypatch):
 # --------------------------------------------------------------------------------------
 # torch.compile with Inductor, AOTInductor
 # --------------------------------------------------------------------------------------
+def skip_without_cpp_compiler():
+    """Inductor generates C++ for the CPU: without a compiler it cannot run here (an honest skip)."""
+    from torch._inductor import cpp_builder
+    try:
+        cpp_builder.get_cpp_compiler()
+    except Exception as err:  # (RuntimeError: no g++/clang++ found)
+        pytest.skip(f"Inductor needs a C++ compiler on the CPU: {err}")
+
+
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_compile_inductor(path, mode, monkeypatch, fresh_dynamo):
     """The default backend, fullgraph: outputs (and in train mode input gradients and running
@@ -218,6 +227,7 @@ def test_compile_inductor(path, mode, monkeypatch, fresh_dynamo):
     second size makes the batch dynamic, the third reuses it)."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
+    skip_without_cpp_compiler()
     name, device = path
     ref, fused = twins(device, mode, one_block)
     counter = CompileCounterWithBackend("inductor")
@@ -243,6 +253,7 @@ def test_aot_inductor(path, tmp_path, monkeypatch):
     """aoti_compile_and_package of an exported converted model (dynamic batch) loads and runs.
     On the Triton path the package calls our operators back through the dispatcher (their
     Python implementations: the process must have imported ``kernels``)."""
+    skip_without_cpp_compiler()
     name, device = path
     ref, fused = twins(device, "eval", one_block)
     batch = torch.export.Dim("batch", min=1, max=64)
