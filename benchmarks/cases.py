@@ -26,7 +26,8 @@ from torch import nn
 
 from . import counting, shapes
 from .ceilings import roofline_fraction
-from .config import GRAPHED, INTERPRETER_MAX_OUTPUT, INTERPRETER_MAX_WEIGHTS, PROVIDERS, Profile, RunContext
+from .config import Case, GRAPHED, INTERPRETER_MAX_OUTPUT, INTERPRETER_MAX_WEIGHTS, PROVIDERS, Profile, RunContext
+from .report import report_cases, run_report_case
 from .timing import Rotation, Timing, l2_cache_bytes, measure, rotation_count, synced_perf_counter
 
 KERNEL_MODES = ("eval", "train", "backward")  # folded-BN forward, batch-stats forward, backward alone
@@ -34,37 +35,6 @@ BLOCK_MODES = ("eval", "train", "fwdbwd")  # inference forward, training forward
 MODEL_TASKS = ("inference", "train")  # no_grad forward; forward + loss + backward + SGD step
 BLOCK_ARCHS = ("resnet50", "resnext50_32x4d")  # blocks of the 50- and 101-layer models are the same
 MINI = "mini"  # a 4-block ResNeXt of base width 8: small enough for the Triton interpreter
-
-
-@dataclass(frozen=True)
-class Case:
-    level: str  # kernel | block | model
-    name: str  # conv label | "<arch>.stage<s>" | model name
-    mode: str
-    dtype: str
-    batch: int
-    provider: str
-    shape: Optional[shapes.ConvShape] = None  # kernel level
-    arch: Optional[str] = None  # block and model levels
-    stage: Optional[int] = None  # block level
-    image: int = 224  # the model input side the shapes derive from
-
-    @property
-    def group(self) -> str:
-        """The case without its provider: providers of one group are compared."""
-        return f"{self.level}/{self.name}/{self.mode}/{self.dtype}/b{self.batch}"
-
-    @property
-    def id(self) -> str:
-        return f"{self.group}/{self.provider}"
-
-    def describe(self) -> dict:
-        d = dict(id=self.id, group=self.group, level=self.level, name=self.name, mode=self.mode,
-                 dtype=self.dtype, batch=self.batch, provider=self.provider, arch=self.arch,
-                 stage=self.stage, image=self.image)
-        if self.shape is not None:
-            d["shape"] = self.shape.as_dict()
-        return d
 
 
 # ----------------------------------------------------------------------------------------
@@ -135,7 +105,6 @@ def empty_level_reason(level: str, ctx: RunContext) -> str:
 
 def cases_for(level: str, ctx: RunContext, providers=PROVIDERS) -> List[Case]:
     if level == "report":
-        from .report import report_cases
         return report_cases(ctx, providers)
     if cpu_report_only(ctx):
         return []
@@ -531,7 +500,6 @@ def drive_pytest_benchmark(benchmark, fn: Callable, case: Case, ctx: RunContext,
 def run_case(case: Case, ctx: RunContext, benchmark=None) -> dict:
     """Run ``case``; returns its record (status ok | skipped | oom | error)."""
     if case.level == "report":
-        from .report import run_report_case
         return run_report_case(case, ctx)
     record = case.describe()
     record.update(runs=what_runs(case, ctx), speed=counts_as_speed(case, ctx), device=ctx.device.type)

@@ -20,6 +20,8 @@ import torch
 
 import kernels
 
+from . import shapes
+
 PROVIDERS = ("ours", "eager", "eager_nchw", "compile", "compile_max", "ours_graphed", "eager_graphed")
 PROVIDER_LABELS = {
     "ours": "ours (Triton)",
@@ -162,3 +164,34 @@ def smoke_threads(ctx: RunContext):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@dataclass(frozen=True)
+class Case:
+    level: str  # kernel | block | model
+    name: str  # conv label | "<arch>.stage<s>" | model name
+    mode: str
+    dtype: str
+    batch: int
+    provider: str
+    shape: Optional[shapes.ConvShape] = None  # kernel level
+    arch: Optional[str] = None  # block and model levels
+    stage: Optional[int] = None  # block level
+    image: int = 224  # the model input side the shapes derive from
+
+    @property
+    def group(self) -> str:
+        """The case without its provider: providers of one group are compared."""
+        return f"{self.level}/{self.name}/{self.mode}/{self.dtype}/b{self.batch}"
+
+    @property
+    def id(self) -> str:
+        return f"{self.group}/{self.provider}"
+
+    def describe(self) -> dict:
+        d = dict(id=self.id, group=self.group, level=self.level, name=self.name, mode=self.mode,
+                 dtype=self.dtype, batch=self.batch, provider=self.provider, arch=self.arch,
+                 stage=self.stage, image=self.image)
+        if self.shape is not None:
+            d["shape"] = self.shape.as_dict()
+        return d

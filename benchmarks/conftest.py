@@ -13,7 +13,7 @@
 import pytest
 import torch
 
-from benchmarks import cases, headline, report, results
+from benchmarks import cases, headline, results, tables
 from benchmarks import config as bconfig
 from benchmarks.ceilings import measure_ceilings
 
@@ -157,7 +157,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     else:
         tr.write_line("\n".join(bconfig.header_lines(state.ctx)))
         tr.write_line("Headline table (ResNeXt vs ResNet time per batch): needs a CUDA GPU.")
-    text = report.format_report(state.collector.records, state.ctx.cuda)
+    text = tables.format_report(state.collector.records, state.ctx.cuda)
     if text:
         tr.write_line("")
         tr.write_line(text)

@@ -8,7 +8,7 @@ Conventions (see benchmarks/README.md):
 * Minimum bytes: every input tensor read once and every output tensor written once, in
   the activation dtype (weights included; per-channel vectors in fp32).  It is a floor no
   implementation can beat, not a model of what one moves; ``bottleneck_traffic`` models
-  what the eager and fused designs move (benchmarks/NOTES facts, /work/shared/NOTES.md).
+  what the eager and fused designs move (docs/performance.md, /work/shared/NOTES.md).
 """
 import torch
 

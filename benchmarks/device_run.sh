@@ -6,7 +6,7 @@
 #   bash benchmarks/device_run.sh all [OUT_DIR]  # both, where no such limit applies
 # 1. correctness on the GPU, no interpreter, bf16 included (tests skip nothing GPU-only);
 # 2. the benchmarks that fit: headline table (batch 32), grouped 3x3 kernels, one block per stage;
-# 3. the cost of the exact NaN/Inf path (NOTES.md, choice 5); a profile of one ResNeXt-50 training step.
+# 3. the cost of the exact NaN/Inf path (docs/performance.md, choice 5); a profile of one ResNeXt-50 training step.
 # Every stage has its own time limit so a slow one cannot eat the others; logs and result
 # files land in OUT_DIR (default: $OUT, else benchmarks/results/).
 set -uo pipefail

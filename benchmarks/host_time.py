@@ -33,7 +33,8 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-from . import workloads
+from . import config, results, workloads
+from .tables import format_host
 from .device_ops import forced_triton_path, host_only
 
 WORKLOADS = (workloads.BOTTLENECK, "resnet50", "resnext50_32x4d", "resnet101", "resnext101_32x4d")
@@ -211,22 +212,6 @@ def host_record(workload: str, mode: str, batch: int, image: int, device="cpu", 
     return rec
 
 
-def format_host(records) -> str:
-    lines = ["Host time per step in ms (median), fused ('ours') against eager; device work left out"]
-    for r in records:
-        if r.get("status") != "ok":
-            lines.append(f"  {r['name']:<24} {r['mode']:<9} {r['status']}: {r.get('reason', '')}")
-            continue
-        h = r["host_ms"]
-        lines.append(f"  {r['name']:<24} {r['mode']:<9} eager {h['eager']:8.2f}   ours {h['ours']:8.2f}   "
-                     f"ours/eager {r['host_ratio']:5.2f}   (n={r['n_samples']})")
-    if records:
-        how = next((r["host_how"] for r in records if "host_how" in r), None)
-        if how:
-            lines.append(f"  eager: {how['eager']}; ours: {how['ours']}")
-    return "\n".join(lines)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.host_time", description=__doc__.split("\n\n")[0])
     ap.add_argument("--workloads", default=",".join(WORKLOADS),
@@ -241,7 +226,6 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="directory for the results files")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args(argv)
-    from . import config, results
     ctx = config.make_context(full=not args.tiny, device=args.device)
     ctx.profile = dataclasses.replace(ctx.profile, name="host-time")  # names the results files
     kw = dict(min_reps=2, max_reps=2, budget_s=0.0) if args.tiny else dict(budget_s=args.budget)

@@ -1,4 +1,4 @@
-"""What the exact NaN/Inf path of the grouped kernels costs (benchmarks/NOTES.md, choice 5).
+"""What the exact NaN/Inf path of the grouped kernels costs (docs/performance.md, choice 5).
 
     python -m benchmarks.nan_path_cost [--batch 128] [--out DIR]      # GPU only
 

@@ -22,11 +22,11 @@ from typing import List
 import torch
 
 from . import host_time, workloads
-from .cases import Case
-from .config import RunContext
+from .config import Case, RunContext
 from .device_ops import host_only
+from .tables import REPORT_LEVEL
 
-LEVEL = "report"
+LEVEL = REPORT_LEVEL
 PROVIDER = "ours_vs_eager"
 MODES = ("train", "inference")
 FULL_WORKLOADS = (workloads.BOTTLENECK, "resnet101", "resnext101_32x4d", "resnet50", "resnext50_32x4d")
@@ -93,100 +93,3 @@ def run_report_case(case: Case, ctx: RunContext) -> dict:
     except Exception as err:  # noqa: BLE001  (recorded, then re-raised by the pytest wrapper)
         rec.update(status="error", reason=f"{type(err).__name__}: {err}"[:500], _exception=err)
     return rec
-
-
-# ----------------------------------------------------------------------------------------
-# Formatting
-# ----------------------------------------------------------------------------------------
-def _ops(d) -> str:
-    return f"{d['eager']['total']} -> {d['ours']['total']} ({d['ours']['triton']}+{d['ours']['aten']})"
-
-
-def _mib(sb) -> str:
-    if not sb:
-        return "-"
-    return f"{sb['eager'] / 2 ** 20:.2f} -> {sb['ours'] / 2 ** 20:.2f}"
-
-
-def _host(r) -> str:
-    h = r.get("host_ms")
-    return f"{h['eager']:.2f} -> {h['ours']:.2f} ({r['host_ratio']:.2f}x)" if h else "-"
-
-
-def _ratio(r) -> str:
-    return f"{r['cpu_ratio']:.2f}" if r.get("cpu_ratio") is not None else "-"
-
-
-def _aten_top(r, n=6) -> str:
-    names = r["device_ops"]["ours"]["by_name"]
-    aten = [(k[len("aten::"):], v) for k, v in names.items() if k.startswith("aten::")][:n]
-    return ", ".join(f"{k} {v}" for k, v in aten) or "none"
-
-
-COLUMNS = ("workload", "mode", "device ops eager -> ours (Triton+aten)", "saved MiB eager -> ours",
-           "host ms eager -> ours (ours/eager)", "CPU time ours/eager")
-
-
-def rows(records) -> List[list]:
-    out = []
-    for r in records:
-        if r.get("level") != LEVEL:
-            continue
-        if r.get("status") != "ok":
-            out.append([r["name"], r["mode"], f"{r['status']}: {r.get('reason', '')}"[:60], "", "", ""])
-            continue
-        out.append([r["name"], r["mode"], _ops(r["device_ops"]), _mib(r.get("saved_bytes")), _host(r), _ratio(r)])
-    return out
-
-
-def title(cuda: bool) -> str:
-    if cuda:
-        return "Launch economy: fused ('ours') against eager, batch 2, 32x32 images (host time: enqueue time)"
-    return ("CPU report: fused ('ours') against eager, batch 2, 32x32 images. NO CUDA GPU: kernel times need "
-            "a CUDA GPU; these are counts, bytes and host overheads")
-
-
-def notes(cuda: bool) -> List[str]:
-    lines = ["device ops: one steady-state step (training: forward + backward; inference: no_grad forward); "
-             "Triton launches + aten ops that launch device work (views/allocations excluded)",
-             "saved: bytes of the storages autograd keeps for backward: activations (the input, the parameters "
-             "and the fused path's cached packed weights left out)"]
-    if cuda:
-        lines.append("host ms: CPU-side enqueue time per step (no synchronisation inside the timing), median")
-    else:
-        lines += ["host ms: per step, device work left out (PyTorch convolutions and our launches as no-ops; "
-                  "ours' own aten ops, weight-sized copies included, still run), one thread, median",
-                  "CPU time ours/eager: the converted model on its PyTorch path against the unconverted one, "
-                  "real CPU time, one thread (target <= 1.05)"]
-    return lines
-
-
-def format_report(records, cuda: bool = False) -> str:
-    table = rows(records)
-    if not table:
-        return ""
-    widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(COLUMNS)]
-    lines = [title(cuda)]
-    lines.append("  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths)))
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(t, widths)) for t in table]
-    lines += [f"  {n}" for n in notes(cuda)]
-    ok = [r for r in records if r.get("level") == LEVEL and r.get("status") == "ok"]
-    if ok:
-        lines.append("ours' aten ops per step (the launches beyond one per kernel):")
-        lines += [f"  {r['name']} {r['mode']}: {_aten_top(r)}" for r in ok]
-    return "\n".join(lines)
-
-
-def report_markdown(records, cuda: bool = False) -> str:
-    table = rows(records)
-    if not table:
-        return ""
-    lines = [f"## {'Launch economy' if cuda else 'CPU report'}", "", title(cuda), "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(c.replace("|", "/") for c in t) + " |" for t in table]
-    lines += [""] + [f"- {n}" for n in notes(cuda)]
-    ok = [r for r in records if r.get("level") == LEVEL and r.get("status") == "ok"]
-    if ok:
-        lines += ["", "ours' aten ops per step:", ""] + [f"- {r['name']} {r['mode']}: {_aten_top(r)}" for r in ok]
-    return "\n".join(lines) + "\n"

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 import torch
 import triton
 
-from . import headline, host_time, report
+from . import headline, tables
 from .config import BASELINE, PROVIDER_LABELS, RunContext, describe_device, header_lines
 
 SCHEMA = "resnext-benchmarks/1"
@@ -328,11 +328,11 @@ def markdown(doc: dict) -> str:
                 _num(mem / 2 ** 20 if mem else None, "{:.0f}"), status.replace("|", "/"),
             ]) + " |")
         lines.append("")
-    text = report.report_markdown(doc["records"], doc["environment"]["device_type"] == "cuda")
+    text = tables.report_markdown(doc["records"], doc["environment"]["device_type"] == "cuda")
     if text:
         lines += [text]
     host = [r for r in doc["records"] if r.get("level") == "host"]
     if host:
-        lines += ["## Host time", "", "```", host_time.format_host(host), "```", ""]
+        lines += ["## Host time", "", "```", tables.format_host(host), "```", ""]
     lines.append("\\* not a speed (smoke run, or PyTorch's reference path standing in for our kernels off the GPU).")
     return "\n".join(lines) + "\n"

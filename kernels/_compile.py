@@ -173,7 +173,8 @@ def model_conv_shapes(batch: int = 64, image: int = 224):
 
 def elementwise_launches(dtype: str) -> List[dict]:
     from .batchnorm import bn_act_kernel, bn_finalize_kernel
-    from .squeeze_excite import relu_squeeze_config, relu_squeeze_kernel, squeeze_backward_kernel, squeeze_sum_kernel
+    from .conv_bn_act import squeeze_sum_kernel
+    from .squeeze_excite import relu_squeeze_config, relu_squeeze_kernel, squeeze_backward_kernel
     launches = []
     for res_affine, gate in ((False, False), (True, False), (False, True), (True, True)):
         const = dict(HAS_RESIDUAL=True, RES_AFFINE=res_affine, RELU=True, BLOCK_M=64, BLOCK_C=64, GATE=gate)

@@ -37,14 +37,15 @@ import triton.language as tl
 
 from . import reference, sync_bn
 from . import _runtime
-from ._runtime import (allow_tf32, arrival_counters, cdiv, conv_config, DerivedCache, eager_or_op, memo_call,
-                       positional_launch_args)
+from ._runtime import allow_tf32, arrival_counters, cdiv, conv_config, eager_or_op, memo_call, next_power_of_2
+from ._runtime import positional_launch_args
 from ._runtime import use_triton
 from ._triton_helpers import has_nonfinite, last_arrival, mma
 from .batchnorm import BNStats, bn_finalize, finalize_channels, finalize_done, finalize_flags, finalize_kinds
 from .batchnorm import finalize_outputs, run_bn_act
 from .bn_backward import StatsGrad, bn_backward
 from .conv_grad import conv_dgrad, conv_grads, conv_wgrad
+from .weights import weight_operand, weight_strides
 
 Tensor = torch.Tensor
 
@@ -215,7 +216,7 @@ def conv_bn_act_fwd_kernel(
         # Per-(image, channel) sums of y as stored, for a squeeze-excite's mean: a row block
         # may span several images, so one sum per image it touches (slot k = image - the
         # block's first image; every slot written, 0 if untouched), merged in a fixed order
-        # by squeeze_excite.squeeze_sum_kernel.  No atomics.
+        # by squeeze_sum_kernel.  No atomics.
         yq = tl.where(out_ok, y.to(out_ptr.dtype.element_ty).to(tl.float32), 0.0)
         img_local = offs_m // (Ho * Wo) - (pid_m * BLOCK_M) // (Ho * Wo)
         for k in range(0, sq_slots):
@@ -230,52 +231,30 @@ def conv_bn_act_fwd_kernel(
                               False, False)
 
 
-_PACKED = DerivedCache()
+@triton.jit
+def squeeze_sum_kernel(
+    out_ptr,  # [N, C] fp32 out: sum over H, W of the convolution output
+    part_ptr,  # [T, SLOTS, C] fp32: per row block, one partial sum per image the block touches
+    C, HW,  # channels, rows per image
+    ROWS, SLOTS,  # rows per block (the conv's BLOCK_M), slots per block
+    BLOCK_C: tl.constexpr,
+):
+    """One program per (image, channel block): the row blocks covering the image, in order."""
+    n = tl.program_id(0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for t in range((n * HW) // ROWS, ((n + 1) * HW - 1) // ROWS + 1):
+        k = n - (t * ROWS) // HW  # this image's slot in block t
+        acc += tl.load(part_ptr + (t * SLOTS + k) * C + offs_c, mask=c_ok, other=0.0)
+    tl.store(out_ptr + n * C + offs_c, acc, mask=c_ok)
 
 
-def pack_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
-    """[Cout, Cin_g, KH, KW] -> [KH*KW, Cin_g, Cout] in ``dtype``, so a weight-tile row is
-    contiguous in Cout: one copy kernel (cast and permute together).  The data-gradient
-    kernel reads the same layout."""
-    cout, cin_g, kh, kw = weight.shape
-    # (``.to(dtype, memory_format=...)`` would return the permuted view itself when the dtype matches)
-    packed = weight.new_empty((kh * kw, cin_g, cout), dtype=dtype)
-    packed.view(kh, kw, cin_g, cout).copy_(weight.detach().permute(2, 3, 1, 0))
-    return packed
-
-
-def readable_in_place(weight: Tensor, dtype: torch.dtype) -> bool:
-    """Whether the kernels can read ``weight`` [Cout, Cin_g, k, k] as stored: no cast needed
-    and its two spatial axes flatten into one tap axis (contiguous or channels_last do)."""
-    return weight.dtype == dtype and (weight.shape[3] == 1 or weight.stride(2) == weight.shape[3] * weight.stride(3))
-
-
-def packed_weight(weight: Tensor, dtype: torch.dtype) -> Optional[Tensor]:
-    """``pack_weight``, cached until the weight changes (an optimizer step, ``load_state_dict``,
-    ``.to()``); None when no pack is needed (``readable_in_place``: the kernels then read the
-    weight itself, no copy at all; e.g. fp32 training), else in eval no launch, in training
-    one per weight per step."""
-    if readable_in_place(weight, dtype):
-        return None
-    return _PACKED.get(weight, (weight,), dtype, lambda: pack_weight(weight, dtype))
-
-
-def weight_operand(weight: Tensor, packed: Optional[Tensor], dtype: torch.dtype) -> Tensor:
-    """What the forward and data-gradient kernels read: the pack if given, else the weight
-    itself when ``readable_in_place``, else a fresh pack."""
-    if packed is not None:
-        return packed
-    if readable_in_place(weight, dtype):
-        return weight  # (a kernel operand: no detach needed, Triton reads the data pointer)
-    return pack_weight(weight, dtype)
-
-
-def weight_strides(w: Tensor) -> Tuple[int, int, int]:
-    """Element strides of a weight operand along (tap, ci, co): a pack [k*k, Cin_g, Cout], or
-    a weight [Cout, Cin_g, k, k] whose (kh, kw) axes flatten (``readable_in_place``)."""
-    if w.dim() == 3:
-        return w.stride(0), w.stride(1), w.stride(2)
-    return w.stride(3), w.stride(1), w.stride(0)
+def merge_squeeze_sums(out: Tensor, part: Tensor, hw: int, rows_per_block: int):
+    """[T, SLOTS, C] per-block partials of the conv epilogue (SQUEEZE) -> ``out`` [N, C], in place."""
+    N, C = out.shape
+    block_c = min(64, next_power_of_2(max(C, 1)))
+    squeeze_sum_kernel[(N, cdiv(C, block_c))](out, part, C, hw, rows_per_block, part.shape[1], BLOCK_C=block_c)
 
 
 def out_size(size: int, ksize: int, stride: int, padding: int) -> int:
@@ -343,7 +322,6 @@ def conv_bn_act_forward(
         out_relu, stats, squeeze_sums is not None, in_gate,
         (bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps) if in_launch else None)
     if sq_part is not None:
-        from .squeeze_excite import merge_squeeze_sums
         merge_squeeze_sums(squeeze_sums, sq_part, hw, block_m)
     if bn_stats is not None:
         return (y, *bn_stats)

@@ -38,6 +38,7 @@ from . import _runtime, reference
 from ._runtime import allow_tf32, arrival_counters, cdiv, conv_config, positional_launch_args, _pow2_clamp, use_triton
 from ._triton_helpers import bn_stats_backward, has_nonfinite, last_arrival, mma
 from .bn_backward import StatsGrad
+from .weights import weight_operand, weight_strides
 
 Tensor = torch.Tensor
 
@@ -113,7 +114,7 @@ def _dgrad_program(
     N, H, W, Cin, Ho, Wo, Cout,
     CIN_G, COUT_G,  # channels per group, input and output
     stride, padding,
-    w_stride_tap, w_stride_ci, w_stride_co,  # conv_bn_act.weight_strides: packed or as stored
+    w_stride_tap, w_stride_ci, w_stride_co,  # weights.weight_strides: packed or as stored
     KSIZE: tl.constexpr, ALLOW_TF32: tl.constexpr,
     BLOCK_M: tl.constexpr,  # input pixels of one parity class
     BLOCK_N: tl.constexpr,  # input channels
@@ -262,7 +263,7 @@ def conv_dgrad_kernel(
     N, H, W, Cin, Ho, Wo, Cout,
     CIN_G, COUT_G,  # channels per group, input and output
     stride, padding,
-    w_stride_tap, w_stride_ci, w_stride_co,  # conv_bn_act.weight_strides: packed or as stored
+    w_stride_tap, w_stride_ci, w_stride_co,  # weights.weight_strides: packed or as stored
     KSIZE: tl.constexpr, ALLOW_TF32: tl.constexpr,
     BLOCK_M: tl.constexpr,  # input pixels of one parity class
     BLOCK_N: tl.constexpr,  # input channels
@@ -295,7 +296,7 @@ def dgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dty
 
     The launcher and the offline-compilation test both use it: the test compiles exactly
     what runs.  ``w_strides``: the weight operand's (tap, ci, co) strides
-    (``conv_bn_act.weight_strides``); None: the packed layout.  Memoised: do not edit the
+    (``weights.weight_strides``); None: the packed layout.  Memoised: do not edit the
     dicts it returns.
     """
     return _memoised(_dgrad_launch, (N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype,
@@ -368,7 +369,7 @@ def conv_dgrad(dz: Tensor, weight: Tensor, input_hw: Sequence[int], stride: int,
 
     dz: [N, Cout, Ho, Wo], any memory format; weight: [Cout, Cin/groups, k, k];
     input_hw: (H, W) of x (a strided convolution cannot recover it from Ho, Wo);
-    packed: the forward's packed weight (``conv_bn_act.pack_weight``) in dz's dtype, or None
+    packed: the forward's packed weight (``weights.pack_weight``) in dz's dtype, or None
     (then the weight itself when ``conv_bn_act.readable_in_place``, else a fresh pack).
     Returns dx: [N, Cin, H, W] channels_last in dz's dtype (fp32 accumulation).
     """
@@ -389,7 +390,6 @@ def conv_dgrad(dz: Tensor, weight: Tensor, input_hw: Sequence[int], stride: int,
 
     dz = _channels_last(dz)
     dx = _empty((N, Cin, H, W), device=dz.device, dtype=dz.dtype, memory_format=torch.channels_last)
-    weight_operand, weight_strides = _weight_helpers()
     w = weight_operand(weight, packed, dz.dtype)
     grid, _, _, (size_args, options) = _memoised(_dgrad_launch, (N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding,
                                                                  groups, dz.dtype, weight_strides(w)))
@@ -797,14 +797,6 @@ def _grads_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dt
     return grid, sizes, meta, w_grid, positional_launch_args(conv_grads_kernel, 9, {**sizes, **meta})
 
 
-@functools.lru_cache(maxsize=1)
-def _weight_helpers():
-    """``conv_bn_act.weight_operand, weight_strides`` (imported late: conv_bn_act imports this
-    module; once, not per call: an import statement in the hot path cost ~2 us)."""
-    from .conv_bn_act import weight_operand, weight_strides
-    return weight_operand, weight_strides
-
-
 def conv_grads(dz: Tensor, a: Tensor, weight: Tensor, stride: int, padding: int, groups: int,
                packed: Optional[Tensor] = None, in_scale: Optional[Tensor] = None,
                in_shift: Optional[Tensor] = None, in_relu: bool = False, in_gate: Optional[Tensor] = None,
@@ -857,7 +849,6 @@ def conv_grads(dz: Tensor, a: Tensor, weight: Tensor, stride: int, padding: int,
         dx, sums = prologue_backward_reference(da, a, in_scale, in_shift, in_relu)
         return (dx, dw, sums, *dparam)
     _check_shapes(dz, weight.shape, H, W, stride, padding, groups)
-    weight_operand, weight_strides = _weight_helpers()
     Cin = cin_g * groups
     dz = _channels_last(dz)
     a = _channels_last(a if a.dtype == dz.dtype else a.to(dz.dtype))

@@ -19,7 +19,7 @@ gradient in its existing BN-backward pass (``image_grad`` of ``conv_bn_act._back
 
 Row blocks of the convolution may span several images (HW < BLOCK_M, or a block across an
 image boundary): the epilogue writes one partial sum per image a block touches and
-``squeeze_sum_kernel`` merges them in a fixed order, exactly.
+``conv_bn_act.squeeze_sum_kernel`` merges them in a fixed order, exactly.
 """
 from typing import Optional, Tuple
 
@@ -35,25 +35,6 @@ from .bn_backward import bn_backward
 from .conv_bn_act import _backward, conv_bn_act_forward, conv_bn_act_op, fake_conv_outputs
 
 Tensor = torch.Tensor
-
-
-@triton.jit
-def squeeze_sum_kernel(
-    out_ptr,  # [N, C] fp32 out: sum over H, W of the convolution output
-    part_ptr,  # [T, SLOTS, C] fp32: per row block, one partial sum per image the block touches
-    C, HW,  # channels, rows per image
-    ROWS, SLOTS,  # rows per block (the conv's BLOCK_M), slots per block
-    BLOCK_C: tl.constexpr,
-):
-    """One program per (image, channel block): the row blocks covering the image, in order."""
-    n = tl.program_id(0)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = offs_c < C
-    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for t in range((n * HW) // ROWS, ((n + 1) * HW - 1) // ROWS + 1):
-        k = n - (t * ROWS) // HW  # this image's slot in block t
-        acc += tl.load(part_ptr + (t * SLOTS + k) * C + offs_c, mask=c_ok, other=0.0)
-    tl.store(out_ptr + n * C + offs_c, acc, mask=c_ok)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -132,13 +113,6 @@ def _(dm, sums, scale, hw, dscale, dshift, q=None):
 
 def squeeze_backward(dm, sums, scale, hw, dscale, dshift, q=None):
     return eager_or_op(squeeze_backward_op, squeeze_backward_impl)(dm, sums, scale, hw, dscale, dshift, q)
-
-
-def merge_squeeze_sums(out: Tensor, part: Tensor, hw: int, rows_per_block: int):
-    """[T, SLOTS, C] per-block partials of the conv epilogue (SQUEEZE) -> ``out`` [N, C], in place."""
-    N, C = out.shape
-    block_c = min(64, next_power_of_2(max(C, 1)))
-    squeeze_sum_kernel[(N, cdiv(C, block_c))](out, part, C, hw, rows_per_block, part.shape[1], BLOCK_C=block_c)
 
 
 # --------------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ from torch import nn
 from kernels import sync_bn
 from kernels.batchnorm import check_batch_stats
 from kernels.bottleneck import BottleneckFn, StageConf
-from kernels.conv_bn_act import check_conv_inputs, out_size, packed_weight
+from kernels.conv_bn_act import check_conv_inputs, out_size
+from kernels.weights import packed_weight
 
 from . import gates
 from .modules import FusedSequential, _compute_dtype, conv_bn_stage, finish, fusable, like_input, runs_eager

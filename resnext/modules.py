@@ -19,8 +19,8 @@ from torch import nn
 from kernels import sync_bn, use_triton
 from kernels._runtime import memo_call
 from kernels.batchnorm import BNActFn, check_batch_stats, folded_scale_shift, run_bn_act
-from kernels.conv_bn_act import (ConvBNActFn, check_conv_inputs, conv_bn_act_eval, conv_bn_act_forward, out_size,
-                                packed_weight)
+from kernels.conv_bn_act import ConvBNActFn, check_conv_inputs, conv_bn_act_eval, conv_bn_act_forward, out_size
+from kernels.weights import packed_weight
 
 from .norms import norm_act, norm_features, norm_view
 

@@ -13,7 +13,7 @@ from torch import nn
 
 import resnext
 
-kconv = importlib.import_module("kernels.conv_bn_act")  # the package's name is the function
+kweights = importlib.import_module("kernels.weights")
 kbn = importlib.import_module("kernels.batchnorm")
 
 
@@ -47,13 +47,13 @@ def _autocast(on):
 
 def _counting(monkeypatch):
     calls = {"pack": 0, "fold": 0}
-    real_pack = kconv.pack_weight
+    real_pack = kweights.pack_weight
 
     def pack(*a, **k):
         calls["pack"] += 1
         return real_pack(*a, **k)
 
-    monkeypatch.setattr(kconv, "pack_weight", pack)
+    monkeypatch.setattr(kweights, "pack_weight", pack)
     real_fold = kbn._fold
 
     def fold(*a, **k):
@@ -68,7 +68,7 @@ def _counting(monkeypatch):
 def test_eval_caches_hit_and_follow_every_change(monkeypatch, cast):
     eager, fused = _pair()
     x = _x()
-    kconv._PACKED.clear(), kbn._FOLDED.clear()
+    kweights._PACKED.clear(), kbn._FOLDED.clear()
     calls = _counting(monkeypatch)
     packs = 4 if cast else 0  # fp32: the kernels read the weights as stored
     _same(fused, eager, x, cast=cast)
@@ -169,10 +169,10 @@ def test_entries_go_with_their_tensors():
     _, fused = _pair()
     with torch.no_grad():
         fused(_x())
-    before = len(kconv._PACKED._entries) + len(kbn._FOLDED._entries)
+    before = len(kweights._PACKED._entries) + len(kbn._FOLDED._entries)
     del fused
     gc.collect()
-    assert len(kconv._PACKED._entries) + len(kbn._FOLDED._entries) <= before - 4
+    assert len(kweights._PACKED._entries) + len(kbn._FOLDED._entries) <= before - 4
 
 
 def test_a_replaced_weight_is_packed_again_even_at_a_reused_address(monkeypatch):

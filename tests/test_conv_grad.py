@@ -391,7 +391,8 @@ if __name__ == "__main__" and sys.argv[1:2] == ["--compile"]:
 def test_weight_layouts_give_the_same_bits(ieee_fp32):
     """fp32 kernels read the weight as stored (no pack): contiguous, channels_last and a
     layout whose (kh, kw) axes do not flatten (then packed) give the same forward and dx."""
-    from kernels.conv_bn_act import conv_bn_act, packed_weight, readable_in_place
+    from kernels.conv_bn_act import conv_bn_act
+    from kernels.weights import packed_weight, readable_in_place
     c = CASES["4_per_group_s2_several_blocks"]
     x, w, dz = make_inputs(c, torch.float32, seed=4)
     swapped = w.transpose(2, 3).contiguous().transpose(2, 3)  # kw outer, kh inner: no tap axis

@@ -118,7 +118,7 @@ def test_interpreter_host_copies_are_not_counted():
 # statistics finalized in its convolution's launch and its statistics terms applied as the
 # gradient launch loads dy, the shortcut's gradient added as conv1's dx is stored.  The limit
 # is just above the worst (0.40x), so any added op fails here.  What is left: see
-# benchmarks/NOTES.md, "Launch economy".
+# docs/performance.md, "Launch economy".
 TRAIN_LIMIT = 0.41
 # Blocks on the per-stage Functions (timm's RegNet bottleneck: tests/test_real_models.py) keep
 # autograd's add of the shortcut's gradient (13 vs 30 for a RegNetX block with a downsample).

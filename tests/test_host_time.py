@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks import cases, config, host_time, report, results, workloads
+from benchmarks import cases, config, host_time, report, results, tables, workloads
 from benchmarks.device_ops import forced_triton_path, launches
 
 pytestmark = pytest.mark.no_poison  # counts and host times of the code as it is
@@ -70,7 +70,7 @@ def test_report_case_and_document(tmp_path):
     col.add(rec)
     doc = json.loads(col.finish()["json"].read_text())
     assert results.validate(doc) == []
-    text = report.format_report(doc["records"], cuda=False)
+    text = tables.format_report(doc["records"], cuda=False)
     assert "NO CUDA GPU" in text and workloads.BOTTLENECK in text and "-> " in text
 
 
