@@ -46,6 +46,19 @@ def _pow2_clamp(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, next_power_of_2(max(1, n))))
 
 
+def memo_call(memo, *args):
+    """``memo(*args)`` (a ``functools.lru_cache`` keyed on sizes), or its function uncached when
+    an argument has no hash: a symbolic size (a ``SymInt``: torch.export with a dynamic ``Dim``
+    runs this code on fake tensors; a memo must not key on it), or a list where an int belongs
+    (the function's own checks then say what is wrong)."""
+    try:
+        return memo(*args)
+    except TypeError as err:
+        if "unhashable" not in str(err):
+            raise
+        return memo.__wrapped__(*args)
+
+
 def conv_config(M: int, cout: int, cin_g: int, cout_g: int, dtype: torch.dtype = torch.bfloat16) -> dict:
     """``_conv_config`` memoised (host time: every forward of every convolution); a copy each call."""
     return dict(_conv_config(M, cout, cin_g, cout_g, dtype, INTERPRET))

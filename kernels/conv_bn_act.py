@@ -37,7 +37,7 @@ import triton.language as tl
 
 from . import reference, sync_bn
 from . import _runtime
-from ._runtime import allow_tf32, arrival_counters, cdiv, conv_config, eager_or_op, next_power_of_2
+from ._runtime import allow_tf32, arrival_counters, cdiv, conv_config, eager_or_op, memo_call, next_power_of_2
 from ._runtime import positional_launch_args
 from ._runtime import use_triton
 from ._triton_helpers import has_nonfinite, last_arrival, mma
@@ -752,12 +752,7 @@ def check_conv_inputs(x: Tensor, weight: Tensor, stride: int, padding: int, grou
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor input, got {type(x).__name__}")
     meta = (x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device, stride, padding, groups, same_dtype)
-    try:
-        _check_conv_meta(*meta)
-    except TypeError as err:  # an unhashable argument (a list for stride...): the checks themselves say what
-        if "unhashable" not in str(err):
-            raise
-        _check_conv_meta.__wrapped__(*meta)
+    memo_call(_check_conv_meta, *meta)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -5,7 +5,7 @@
     model = resnext.resnext50_32x4d()                               # or build one directly
 """
 from .blocks import FusedBottleneck, is_fusable_bottleneck
-from .convert import convert
+from .convert import FUSED_MODULES, convert, register_fx_leaves
 from .cuda_graphs import graph_inference, graph_train_step
 from .models import Bottleneck, ResNet, resnet50, resnet101, resnext50_32x4d, resnext101_32x4d
 from .modules import ConvBNAct, FusedSequential
@@ -13,7 +13,8 @@ from .regnet import FusedConvNormAct, FusedRegNetBottleneck
 from .sync_batchnorm import SyncBatchNorm2d
 
 __all__ = [
-    "convert", "graph_inference", "graph_train_step", "ConvBNAct", "FusedSequential", "FusedBottleneck", "is_fusable_bottleneck",
+    "convert", "FUSED_MODULES", "register_fx_leaves",
+    "graph_inference", "graph_train_step", "ConvBNAct", "FusedSequential", "FusedBottleneck", "is_fusable_bottleneck",
     "FusedRegNetBottleneck", "FusedConvNormAct", "SyncBatchNorm2d",
     "Bottleneck", "ResNet", "resnet50", "resnet101", "resnext50_32x4d", "resnext101_32x4d",
 ]

@@ -107,21 +107,35 @@ class FusedBottleneck(nn.Module):
         self.train(block.training)
 
     def _eager_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The unconverted Bottleneck's computation on PyTorch's own ops (no Triton here)."""
+        """The unconverted Bottleneck's computation on PyTorch's own ops (no Triton here).
+        TorchScript compiles it: a ``hasattr`` test alone in an ``if`` is resolved when scripting."""
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
         out = self.bn2(self.conv2(out))
-        if getattr(self, "drop_block", None) is not None:  # timm's order: drop_block, act2, ..., se, drop_path
-            out = self.drop_block(out)
+        if hasattr(self, "drop_block"):  # timm's order: drop_block, act2, ..., se, drop_path
+            if self.drop_block is not None:
+                out = self.drop_block(out)
         out = F.relu(out, inplace=True)
         out = self.bn3(self.conv3(out))
-        for extra in ("se", "drop_path"):
-            if getattr(self, extra, None) is not None:
-                out = getattr(self, extra)(out)
-        ds = self.downsample if hasattr(self, "downsample") else None
-        out += ds(x) if ds is not None else x
+        if hasattr(self, "se"):
+            if self.se is not None:
+                out = self.se(out)
+        if hasattr(self, "drop_path"):
+            if self.drop_path is not None:
+                out = self.drop_path(out)
+        shortcut = x
+        if hasattr(self, "downsample"):
+            if self.downsample is not None:
+                shortcut = self.downsample(x)
+        out += shortcut
         return F.relu(out, inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript cannot launch Triton kernels
+            return self._eager_forward(x)
+        return self._fused_forward(x)
+
+    @torch.jit.unused
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         # (children read through module_attr: the same lookups as self.conv1 etc., ~1 us less each)
         conv1, bn1, conv2, bn2, conv3, bn3 = (module_attr(self, n) for n in _PARTS)
         if runs_eager(x, conv1.weight) or gates.drop_block_active(self):  # drop_block: a spatial mask

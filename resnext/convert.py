@@ -1,12 +1,28 @@
 """``convert(model)``: swap fusable pieces of an existing model for the fused modules."""
+import sys
+
 from torch import nn
 
 from .blocks import FusedBottleneck, is_fusable_bottleneck
-from .modules import FusedSequential
+from .modules import ConvBNAct, FusedSequential
 from .sync_batchnorm import SyncBatchNorm2d
 from .regnet import FusedConvNormAct, FusedRegNetBottleneck, is_fusable_conv_norm_act, is_fusable_regnet_bottleneck
 
 _FUSED = (FusedBottleneck, FusedRegNetBottleneck, FusedConvNormAct, FusedSequential)
+# Every module class that launches the kernels: the leaves to give an FX tracer that should keep
+# them whole (torchvision's create_feature_extractor(..., tracer_kwargs={"leaf_modules": [...]})).
+FUSED_MODULES = (*_FUSED, ConvBNAct)
+
+
+def register_fx_leaves():
+    """Register the fused modules with timm's FX feature extraction as no-trace (leaf) modules,
+    when timm is imported (``convert`` calls it): a model's fused blocks stay whole, and the
+    extracted backbone still runs the kernels.  (An FX trace that goes through them records
+    PyTorch's ops: a Proxy cannot go through a Triton launch.)"""
+    fx = sys.modules.get("timm.layers._fx")
+    if fx is not None:
+        for cls in FUSED_MODULES:
+            fx.register_notrace_module(cls)
 
 
 def convert(model: nn.Module) -> nn.Module:
@@ -29,6 +45,7 @@ def convert(model: nn.Module) -> nn.Module:
     SyncBatchNormAct, blocks with anti-aliasing or attention other than timm's SE/ECA) is left
     as it was.
     """
+    register_fx_leaves()
     if type(model) is nn.SyncBatchNorm:
         return SyncBatchNorm2d.from_sync_batchnorm(model)
     _replace_sync_batchnorm(model)  # first, so that the blocks holding them can be fused

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from kernels import sync_bn, use_triton
+from kernels._runtime import memo_call
 from kernels.batchnorm import BNActFn, check_batch_stats, folded_scale_shift, run_bn_act
 from kernels.conv_bn_act import ConvBNActFn, check_conv_inputs, conv_bn_act_eval, conv_bn_act_forward, out_size
 from kernels.weights import packed_weight
@@ -80,13 +81,22 @@ def fusable(conv: nn.Module, bn: nn.Module) -> bool:
 
 
 def runs_eager(x: Tensor, weight: Tensor) -> bool:
-    """Whether a fused module runs PyTorch's own ops (no Triton for x's device: a plain CPU
-    tensor without the interpreter), as fast as the unconverted modules there."""
+    """Whether a fused module runs PyTorch's own ops: where no Triton kernel runs for x's device
+    (a plain CPU tensor without the interpreter; as fast as the unconverted modules there), and
+    under the captures that record PyTorch ops and cannot hold a Triton launch: FX symbolic
+    tracing (x is a ``Proxy``), ``torch.jit.trace`` (a launch would be baked into the trace as
+    its output's constant) and ONNX export (no ONNX operator runs our kernels).
+    ``torch.jit.script`` never gets here (the modules' ``forward``).  ``torch.export`` and
+    ``torch.compile`` keep the kernels: they record our custom operators."""
     if not isinstance(x, torch.Tensor):
+        if isinstance(x, torch.fx.Proxy):
+            return True
         raise TypeError(f"expected a torch.Tensor input, got {type(x).__name__}")
     if x.device != weight.device:
         raise ValueError(f"input is on {x.device} but the weight is on {weight.device}")
-    return not use_triton(x)
+    # (the capture checks only where Triton would run: ~0.4 us, is_in_onnx_export ~2.5 us only under export)
+    return not use_triton(x) or torch.jit.is_tracing() or (
+        torch.compiler.is_compiling() and torch.onnx.is_in_onnx_export())
 
 
 def _compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
@@ -212,7 +222,7 @@ def _is_channels_last(t: Tensor) -> bool:
     """``t.suggest_memory_format() == torch.channels_last`` (c10's is_channels_last_strides_2d,
     not exposed in Python): strides ordered C < W < H < N, so sliced NHWC views and 1x1
     weights converted with .to(memory_format=torch.channels_last) count, as in F.conv2d."""
-    return _channels_last_strides(t.shape, t.stride())
+    return memo_call(_channels_last_strides, t.shape, t.stride())
 
 
 @functools.lru_cache(maxsize=4096)
@@ -271,10 +281,21 @@ class ConvBNAct(nn.Module):
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         """x: [N, Cin, H, W]; residual (optional, added before the ReLU): [N, Cout, Ho, Wo]."""
-        if runs_eager(x, self.conv.weight):  # PyTorch's own ops, as the unconverted modules
-            y = self.bn(self.conv(x))
-            y = y + residual if residual is not None else y
-            return torch.relu(y) if self.relu else y
+        if torch.jit.is_scripting():  # TorchScript cannot launch Triton kernels
+            return self._eager_forward(x, residual)
+        return self._fused_forward(x, residual)
+
+    def _eager_forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        """PyTorch's own ops, as the unconverted modules (TorchScript compiles it)."""
+        y = self.bn(self.conv(x))
+        if residual is not None:
+            y = y + residual
+        return torch.relu(y) if self.relu else y
+
+    @torch.jit.unused
+    def _fused_forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        if runs_eager(x, self.conv.weight):
+            return self._eager_forward(x, residual)
         if residual is not None and norm_act(self.bn):  # the norm's ReLU comes before the add
             y = like_input(finish(conv_bn_stage(x, self.conv, self.bn, relu=False)), x, self.conv.weight) + residual
             return torch.relu(y) if self.relu else y
@@ -315,9 +336,21 @@ class FusedSequential(nn.Sequential):
         fused.train(seq.training)
         return fused
 
-    def forward(self, x):
-        if runs_eager(x, self[next(iter(self.runs))].weight):  # the plain Sequential
-            return super().forward(x)
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # TorchScript cannot launch Triton kernels
+            return self._eager_forward(x)
+        return self._fused_forward(x)
+
+    def _eager_forward(self, x: Tensor) -> Tensor:
+        """The plain Sequential (TorchScript compiles it)."""
+        for module in self:
+            x = module(x)
+        return x
+
+    @torch.jit.unused
+    def _fused_forward(self, x: Tensor) -> Tensor:
+        if runs_eager(x, self[next(iter(self.runs))].weight):
+            return self._eager_forward(x)
         mods, i = list(self), 0
         while i < len(mods):
             if i in self.runs:

@@ -109,6 +109,12 @@ class FusedRegNetBottleneck(nn.Module):
         return self.act3(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript cannot launch Triton kernels
+            return self._eager_forward(x)
+        return self._fused_forward(x)
+
+    @torch.jit.unused
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         if runs_eager(x, self.conv1.conv.weight):
             return self._eager_forward(x)
         se = None if is_noop(self.se) else self.se
@@ -173,12 +179,26 @@ class FusedConvNormAct(nn.Module):
         return self.conv.out_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript cannot launch Triton kernels
+            return self._eager_forward(x)
+        return self._fused_forward(x)
+
+    def _eager_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's forward on PyTorch's own ops (TorchScript compiles it)."""
+        return self._anti_alias(self.bn(self.conv(x)))
+
+    @torch.jit.unused
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         if runs_eager(x, self.conv.weight):
-            y = self.bn(self.conv(x))
-        else:
-            y = like_input(finish(conv_bn_stage(x, self.conv, self.bn, relu=False)), x, self.conv.weight)
-        aa = getattr(self, "aa", None)
-        return aa(y) if aa is not None else y
+            return self._eager_forward(x)
+        return self._anti_alias(like_input(finish(conv_bn_stage(x, self.conv, self.bn, relu=False)), x,
+                                           self.conv.weight))
+
+    def _anti_alias(self, y: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "aa"):  # (alone in its ``if``: resolved when scripting)
+            if self.aa is not None:
+                y = self.aa(y)
+        return y
 
 
 def is_fusable_conv_norm_act(m: nn.Module) -> bool:
