@@ -7,6 +7,7 @@ are 4352 / 3456 / 1792 units of H*W elements (eager ResNeXt / eager ResNet / fus
 """
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -544,7 +545,9 @@ def test_pytest_benchmarks_plugin(tmp_path):
     cmd = [sys.executable, "-m", "pytest", "benchmarks/test_models.py", "-q", "-p", "no:cacheprovider",
            "-k", "mini and inference and (eager or ours) and not nchw and not graphed", f"--benchmark-json={bench_json}",
            f"--bench-results-dir={out_dir}"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    # as a user runs it: not as a pytest-xdist worker (pytest-benchmark turns itself off in one)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Triton timings need a CUDA GPU" in proc.stdout and "Headline" in proc.stdout
     pb = json.loads(bench_json.read_text())
