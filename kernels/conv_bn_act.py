@@ -38,7 +38,7 @@ import triton.language as tl
 from . import reference, sync_bn
 from . import _runtime
 from ._runtime import allow_tf32, arrival_counters, cdiv, conv_config, DerivedCache, eager_or_op, positional_launch_args
-from ._runtime import use_triton
+from ._runtime import Target, target_of, use_triton
 from ._triton_helpers import has_nonfinite, last_arrival, mma
 from .batchnorm import BNStats, bn_finalize, finalize_channels, finalize_done, finalize_flags, finalize_kinds
 from .batchnorm import finalize_outputs, run_bn_act
@@ -109,7 +109,7 @@ def conv_bn_act_fwd_kernel(
     OUT_AFFINE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, OUT_RELU: tl.constexpr,
     STATS: tl.constexpr, ALLOW_TF32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    MULTI_GROUP: tl.constexpr,  # a block of BLOCK_N output channels may span several groups
+    MULTI_GROUP: tl.constexpr,  # 0: a block of BLOCK_N output channels never spans groups; 1: it may; 2: as 1, flat NaN check (_runtime.conv_config)
     # element strides of w along (tap, ci, co): the packed layout (Cin_g*Cout, Cout, 1) or
     # the weight's own [Cout, Cin_g, k, k] storage (see ``weight_strides``)
     w_stride_tap, w_stride_ci, w_stride_co,
@@ -176,7 +176,7 @@ def conv_bn_act_fwd_kernel(
         # row, not just its group's.  It also leaves a NaN/Inf in acc, so one check after
         # the loop finds every such tile (real NaN/Inf or overflow: rare), and only those
         # are recomputed one group at a time, which is exact.
-        if has_nonfinite(acc):
+        if has_nonfinite(acc, MULTI_GROUP == 2):
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             g_first = (pid_n * BLOCK_N) // COUT_G
             num_kg = tl.cdiv(CIN_G, BLOCK_K)
@@ -375,17 +375,17 @@ def conv_bn_act_eval(
 def _launch_consts(N: int, H: int, W: int, Cin: int, Cout: int, cin_g: int, groups: int, ksize: int,
                    stride: int, padding: int, dtype: torch.dtype, in_affine: bool, in_relu: bool,
                    out_affine: bool, has_residual: bool, out_relu: bool, stats: bool, squeeze: bool,
-                   in_gate: bool, tf32: bool, w_strides: Tuple[int, int, int], interpret: bool,
+                   in_gate: bool, tf32: bool, w_strides: Tuple[int, int, int], target: Target,
                    config=conv_config, finalize: Optional[Tuple[bool, bool, bool, bool]] = None):
     """The constant part of a forward launch, per shape, dtype and flags (host time: ~40
     arguments built per call otherwise): the output shape, the grid, the arguments after the
     ten pointers (``positional_launch_args``: positional, keywords), the partials' shapes and
     (M, BLOCK_M, Ho*Wo).  ``finalize``: the
-    launch also finalizes the statistics (its ``batchnorm.finalize_kinds``)."""
-    del interpret  # conv_config reads it: a part of the key (and ``config``: the function in use)
+    launch also finalizes the statistics (its ``batchnorm.finalize_kinds``).  ``target``: the
+    device's (``_runtime.target_of``); ``config``: the configuration function in use."""
     Ho, Wo = out_size(H, ksize, stride, padding), out_size(W, ksize, stride, padding)
     M = N * Ho * Wo
-    cfg = config(M, Cout, cin_g, Cout // groups, dtype)
+    cfg = config(M, Cout, cin_g, Cout // groups, dtype, target)
     n_row_blocks = cdiv(M, cfg["BLOCK_M"])
     grid = (n_row_blocks, cdiv(Cout, cfg["BLOCK_N"]))
     kwargs = dict(N=N, H=H, W=W, Cin=Cin, Ho=Ho, Wo=Wo, Cout=Cout, CIN_G=cin_g, COUT_G=Cout // groups,
@@ -435,7 +435,7 @@ def _launch(x: Tensor, weight: Tensor, packed: Optional[Tensor], stride: int, pa
     y_shape, grid, (args, kwargs), part_shape, sq_shape, sizes = _launch_consts(
         N, H, W, Cin, Cout, cin_g, groups, ksize, stride, padding, x.dtype, in_scale is not None, in_relu,
         out_scale is not None, residual is not None, out_relu, stats, squeeze, in_gate is not None,
-        allow_tf32(x.dtype), weight_strides(w), _runtime.INTERPRET, conv_config,
+        allow_tf32(x.dtype), weight_strides(w), target_of(x), conv_config,
         None if finalize is None else finalize_kinds(finalize[0], finalize[2], finalize[4], finalize[5]))
     y = torch.empty(y_shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     part_mean = part_m2 = sq_part = None

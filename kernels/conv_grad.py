@@ -36,6 +36,7 @@ import triton.language as tl
 
 from . import _runtime, reference
 from ._runtime import allow_tf32, arrival_counters, cdiv, conv_config, positional_launch_args, _pow2_clamp, use_triton
+from ._runtime import Target, target_of
 from ._triton_helpers import bn_stats_backward, has_nonfinite, last_arrival, mma
 from .bn_backward import StatsGrad
 
@@ -118,7 +119,7 @@ def _dgrad_program(
     BLOCK_M: tl.constexpr,  # input pixels of one parity class
     BLOCK_N: tl.constexpr,  # input channels
     BLOCK_K: tl.constexpr,  # output channels (the reduction)
-    MULTI_GROUP: tl.constexpr,  # a block of BLOCK_N input channels may span several groups
+    MULTI_GROUP: tl.constexpr,  # 0: a block of BLOCK_N input channels never spans groups; 1: it may; 2: as 1, flat NaN check (_runtime.conv_config)
     x_ptr=None,  # [N, H, W, Cin] NHWC (PRO_BWD): the forward's x, before its prologue
     in_scale_ptr=None, in_shift_ptr=None,  # [Cin] fp32 (PRO_BWD): the prologue x*s + b (then ReLU)
     psum_ptr=None,  # [2, n_rows, Cin] fp32 scratch (PRO_BWD): per-program sums of g and g*x
@@ -192,7 +193,7 @@ def _dgrad_program(
         # As in the forward kernel: a NaN/Inf in dz times another group's zero weight would
         # reach every channel of its row.  Tiles whose result holds a NaN/Inf (rare) are
         # recomputed one group at a time, which is exact.
-        if has_nonfinite(acc):
+        if has_nonfinite(acc, MULTI_GROUP == 2):
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             g_first = (pid_n * BLOCK_N) // CIN_G
             num_kg = tl.cdiv(COUT_G, BLOCK_K)
@@ -267,7 +268,7 @@ def conv_dgrad_kernel(
     BLOCK_M: tl.constexpr,  # input pixels of one parity class
     BLOCK_N: tl.constexpr,  # input channels
     BLOCK_K: tl.constexpr,  # output channels (the reduction)
-    MULTI_GROUP: tl.constexpr,  # a block of BLOCK_N input channels may span several groups
+    MULTI_GROUP: tl.constexpr,  # 0: a block of BLOCK_N input channels never spans groups; 1: it may; 2: as 1, flat NaN check (_runtime.conv_config)
 ):
     _dgrad_program(tl.program_id(0), tl.program_id(1), tl.program_id(2),
                    dx_ptr, dz_ptr, w_ptr, N, H, W, Cin, Ho, Wo, Cout, CIN_G, COUT_G, stride, padding,
@@ -275,36 +276,36 @@ def conv_dgrad_kernel(
 
 
 def dgrad_config(N: int, H: int, W: int, cin: int, cin_g: int, cout_g: int, stride: int,
-                 dtype: torch.dtype) -> dict:
+                 dtype: torch.dtype, target: Optional[Target] = None) -> dict:
     """Block sizes of ``conv_dgrad_kernel``: the forward's with input and output channels swapped.
 
     Rows are the input pixels of one parity class; columns input channels (``cin_g`` per
     group); the reduction runs over output channels (``cout_g`` per group).
     """
-    return dict(_dgrad_config(N * cdiv(H, stride) * cdiv(W, stride), cin, cout_g, cin_g, dtype, _runtime.INTERPRET))
+    return dict(_dgrad_config(N * cdiv(H, stride) * cdiv(W, stride), cin, cout_g, cin_g, dtype,
+                              target or _runtime.default_launch_target()))
 
 
 @functools.lru_cache(maxsize=4096)
-def _dgrad_config(rows_per_class, cin, cout_g, cin_g, dtype, interpret) -> dict:
-    del interpret  # conv_config reads it: a part of the key
-    return conv_config(rows_per_class, cin, cout_g, cin_g, dtype)
+def _dgrad_config(rows_per_class, cin, cout_g, cin_g, dtype, target) -> dict:
+    return conv_config(rows_per_class, cin, cout_g, cin_g, dtype, target)
 
 
-def dgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype, w_strides=None):
+def dgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype, w_strides=None, target=None):
     """(grid, size arguments, constexprs and launch options) of ``conv_dgrad_kernel``.
 
     The launcher and the offline-compilation test both use it: the test compiles exactly
     what runs.  ``w_strides``: the weight operand's (tap, ci, co) strides
     (``conv_bn_act.weight_strides``); None: the packed layout.  Memoised: do not edit the
-    dicts it returns.
+    dicts it returns.  ``target``: what to configure for (None: ``_runtime.default_launch_target()``).
     """
     return _memoised(_dgrad_launch, (N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype,
-                                     w_strides))[:3]
+                                     w_strides, target or _runtime.default_launch_target()))[:3]
 
 
-def _dgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype, w_strides):
+def _dgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype, w_strides, target):
     cin_g, cout_g = Cin // groups, Cout // groups
-    meta = dgrad_config(N, H, W, Cin, cin_g, cout_g, stride, dtype)
+    meta = dgrad_config(N, H, W, Cin, cin_g, cout_g, stride, dtype, target)
     s_tap, s_ci, s_co = w_strides if w_strides is not None else (cin_g * Cout, Cout, 1)
     sizes = dict(N=N, H=H, W=W, Cin=Cin, Ho=Ho, Wo=Wo, Cout=Cout, CIN_G=cin_g, COUT_G=cout_g,
                  stride=stride, padding=padding, w_stride_tap=s_tap, w_stride_ci=s_ci, w_stride_co=s_co)
@@ -322,7 +323,7 @@ def _memoised(build, args: tuple) -> tuple:
     (every backward of every convolution asks; the callers may replace the config functions):
     do not edit what it returns.  A ``_*_launch`` builder returns its public launcher's
     tuple plus ``positional_launch_args`` of its kernel."""
-    key = (build, args, _runtime.INTERPRET, torch.backends.cudnn.allow_tf32, wgrad_config, dgrad_config)
+    key = (build, args, torch.backends.cudnn.allow_tf32, wgrad_config, dgrad_config)  # (args end with the target)
     launch = _LAUNCHES.get(key)
     if launch is None:
         if len(_LAUNCHES) > 4096:
@@ -392,7 +393,7 @@ def conv_dgrad(dz: Tensor, weight: Tensor, input_hw: Sequence[int], stride: int,
     weight_operand, weight_strides = _weight_helpers()
     w = weight_operand(weight, packed, dz.dtype)
     grid, _, _, (size_args, options) = _memoised(_dgrad_launch, (N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding,
-                                                                 groups, dz.dtype, weight_strides(w)))
+                                                                 groups, dz.dtype, weight_strides(w), target_of(dz)))
     conv_dgrad_kernel[grid](dx, dz, w, *size_args, **options)
     return dx
 
@@ -556,18 +557,23 @@ def conv_wgrad_kernel(
 _WGRAD_TARGET_PROGRAMS = 1024  # ~8 per SM of an H100: enough to hide load latency
 
 
-def wgrad_config(M: int, cout: int, cin_g: int, cout_g: int, ksize: int) -> dict:
+def wgrad_config(M: int, cout: int, cin_g: int, cout_g: int, ksize: int, dtype: torch.dtype = torch.bfloat16,
+                 target: Optional[Target] = None) -> dict:
     """Block sizes and M-split of ``conv_wgrad_kernel``; M = N*Ho*Wo output pixels.
 
-    Depends on the shape only (not on the device), so a given convolution always sums
-    its partials in the same order: same bits on any GPU.  Memoised (host time, every
-    backward of every convolution): a copy each call.
+    The blocks and splits depend on the shape only (not on the device), so a given
+    convolution always sums its partials in the same order: same bits on any GPU; the
+    pipeline stages (which do not change the order) are those that fit ``target``'s shared
+    memory in ``dtype``.  Memoised (host time, every backward of every convolution): a copy
+    each call.
     """
-    return dict(_wgrad_config(M, cout, cin_g, cout_g, ksize, _runtime.INTERPRET))
+    return dict(_wgrad_config(M, cout, cin_g, cout_g, ksize, dtype, target or _runtime.default_launch_target()))
 
 
 @functools.lru_cache(maxsize=4096)
-def _wgrad_config(M: int, cout: int, cin_g: int, cout_g: int, ksize: int, interpret: bool) -> dict:
+def _wgrad_config(M: int, cout: int, cin_g: int, cout_g: int, ksize: int, dtype: torch.dtype,
+                  target: Target) -> dict:
+    interpret = target.interpret
     block_co = _pow2_clamp(cout, 16, 64 if cout_g >= 64 else 32)
     groups_per_block = -(-block_co // cout_g)
     block_ci = _pow2_clamp(groups_per_block * cin_g, 16, 64)
@@ -586,12 +592,14 @@ def _wgrad_config(M: int, cout: int, cin_g: int, cout_g: int, ksize: int, interp
     m_blocks = cdiv(M, block_m)
     rows_per_split = cdiv(m_blocks, max(1, min(m_blocks, splits))) * block_m
     num_warps = 4 if block_co * block_ci <= 32 * 64 else 8
+    elem = torch.empty((), dtype=dtype).element_size()  # ([BLOCK_CO, BLOCK_M] x [BLOCK_M, BLOCK_CI] tiles)
+    num_stages = _runtime.fit_stages(target, lambda s: _runtime.mma_shared_bytes(block_co, block_ci, block_m, s, elem))
     return dict(BLOCK_M=block_m, BLOCK_CO=block_co, BLOCK_CI=block_ci, n_ci_blocks=n_ci_blocks,
-                rows_per_split=rows_per_split, num_warps=num_warps, num_stages=3)
+                rows_per_split=rows_per_split, num_warps=num_warps, num_stages=num_stages)
 
 
 def wgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype, in_affine=False,
-                 in_relu=False, dw_strides=None, in_gate=False):
+                 in_relu=False, dw_strides=None, in_gate=False, target=None):
     """(grid, size arguments, constexprs and launch options) of ``conv_wgrad_kernel``.
 
     The number of splits (partial sums) is ``grid[2]``.  Shared with the offline
@@ -599,14 +607,14 @@ def wgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dty
     weight's layout); None: contiguous.  Memoised: do not edit the dicts it returns.
     """
     return _memoised(_wgrad_launch, (N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype, in_affine,
-                                     in_relu, dw_strides, in_gate))[:3]
+                                     in_relu, dw_strides, in_gate, target or _runtime.default_launch_target()))[:3]
 
 
 def _wgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype, in_affine, in_relu,
-                  dw_strides, in_gate):
+                  dw_strides, in_gate, target):
     cin_g, cout_g = Cin // groups, Cout // groups
     M = N * Ho * Wo
-    meta = wgrad_config(M, Cout, cin_g, cout_g, ksize)
+    meta = wgrad_config(M, Cout, cin_g, cout_g, ksize, dtype, target)
     n_ci_blocks, rows_per_split = meta.pop("n_ci_blocks"), meta.pop("rows_per_split")
     sizes = dict(N=N, H=H, W=W, Cin=Cin, Ho=Ho, Wo=Wo, Cout=Cout, CIN_G=cin_g, COUT_G=cout_g,
                  stride=stride, padding=padding, rows_per_split=rows_per_split, n_ci_blocks=n_ci_blocks)
@@ -673,7 +681,7 @@ def conv_wgrad(dz: Tensor, a: Tensor, weight_shape: Sequence[int], stride: int, 
     gated = affine and in_gate is not None
     grid, _, _, (size_args, options) = _memoised(_wgrad_launch, (N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding,
                                                                  groups, dz.dtype, affine, in_relu and affine,
-                                                                 dw.stride(), gated))
+                                                                 dw.stride(), gated, target_of(dz)))
     # split partials, summed in the kernel by the last split of each tile (one split: dw itself
     # is the partials operand, never read)
     partials = _empty((grid[2], Cout, cin_g, ksize, ksize), device=dz.device, dtype=torch.float32) \
@@ -763,7 +771,7 @@ def conv_grads_kernel(
 
 def grads_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype, in_affine=False,
                  in_relu=False, w_strides=None, dw_strides=None, in_gate=False, prologue_backward=False,
-                 stats_dz=False, stats_gamma=False, dx_add=False):
+                 stats_dz=False, stats_gamma=False, dx_add=False, target=None):
     """(grid, size arguments, constexprs and launch options, wgrad grid) of
     ``conv_grads_kernel``: ``dgrad_launch`` and ``wgrad_launch`` side by side (the block
     sizes of each, the larger warp count).  Shared with the offline compilation test.
@@ -771,15 +779,15 @@ def grads_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dty
     dicts it returns."""
     return _memoised(_grads_launch, (N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype, in_affine,
                                      in_relu, w_strides, dw_strides, in_gate, prologue_backward, stats_dz,
-                                     stats_gamma, dx_add))[:4]
+                                     stats_gamma, dx_add, target or _runtime.default_launch_target()))[:4]
 
 
 def _grads_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype, in_affine, in_relu,
-                  w_strides, dw_strides, in_gate, prologue_backward, stats_dz, stats_gamma, dx_add):
+                  w_strides, dw_strides, in_gate, prologue_backward, stats_dz, stats_gamma, dx_add, target):
     d_grid, d_sizes, d_meta = dgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype,
-                                           w_strides)
+                                           w_strides, target)
     w_grid, w_sizes, w_meta = wgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype,
-                                           in_affine, in_relu, dw_strides, in_gate)
+                                           in_affine, in_relu, dw_strides, in_gate, target)
     dgrad_programs = d_grid[0] * d_grid[1] * d_grid[2]
     sizes = dict(d_sizes, **w_sizes, dgrad_m_blocks=d_grid[0], dgrad_n_blocks=d_grid[1],
                  dgrad_programs=dgrad_programs, wgrad_c_blocks=w_grid[0], wgrad_splits=w_grid[2])
@@ -788,7 +796,7 @@ def _grads_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dt
                 D_BLOCK_K=d_meta["BLOCK_K"], MULTI_GROUP=d_meta["MULTI_GROUP"], W_BLOCK_M=w_meta["BLOCK_M"],
                 W_BLOCK_CO=w_meta["BLOCK_CO"], W_BLOCK_CI=w_meta["BLOCK_CI"],
                 num_warps=max(d_meta["num_warps"], w_meta["num_warps"]),
-                num_stages=max(d_meta["num_stages"], w_meta["num_stages"]),
+                num_stages=min(d_meta["num_stages"], w_meta["num_stages"]),  # what fits both bodies
                 PRO_BWD=bool(prologue_backward and in_affine and not in_gate),
                 STATS_DZ=bool(stats_dz), ST_GAMMA=bool(stats_dz and stats_gamma), DX_ADD=bool(dx_add))
     if stats_dz:
@@ -869,7 +877,7 @@ def conv_grads(dz: Tensor, a: Tensor, weight: Tensor, stride: int, padding: int,
     grid, sizes, _, w_grid, (size_args, options) = _memoised(_grads_launch, (
         N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dz.dtype, affine, in_relu and affine,
         weight_strides(w), dw.stride(), gated, prologue_backward, stats is not None,
-        stats is not None and stats.gamma is not None, dx_add is not None))
+        stats is not None and stats.gamma is not None, dx_add is not None, target_of(dz)))
     splits = w_grid[2]
     # the split partials [splits, Cout, Cin/groups, k, k] and the prologue's row partials are
     # merged inside the launch: kept scratch (one split: dw itself is the operand, never read)
