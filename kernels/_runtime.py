@@ -257,3 +257,56 @@ def positional_launch_args(kernel, n_operands: int, kwargs: dict) -> Tuple[tuple
             break
         names.append(name)
     return tuple(kwargs[name] for name in names), {k: v for k, v in kwargs.items() if k not in names}
+
+
+# --------------------------------------------------------------------------------------
+# Safe fallback: a kernel that cannot compile or launch on this device
+# --------------------------------------------------------------------------------------
+# (op, key) -> the first line of the error, for every Triton launch that failed to compile or
+# launch (Triton's CompilationError, OutOfResources, PTXASError, an MLIR pass failure): that
+# op runs its PyTorch path for that key from then on.  The hot path only tests whether the
+# dict is empty (``if FAILED and ...``); the key is built once something failed.
+FAILED = {}
+
+
+def is_launch_failure(err: BaseException) -> bool:
+    """Whether ``err`` says a kernel cannot be built or started here (not a bug of the caller:
+    bad arguments, a device error while running, ...)."""
+    from triton.compiler.errors import CompilationError
+    from triton.runtime import errors
+    kinds = (CompilationError, errors.OutOfResources) + tuple(
+        getattr(errors, name) for name in ("PTXASError",) if hasattr(errors, name))
+    if isinstance(err, kinds):
+        return True
+    # the MLIR pass manager's failure comes as a plain RuntimeError ("PassManager::run failed")
+    return isinstance(err, RuntimeError) and "PassManager::run failed" in str(err)
+
+
+def first_error_line(err: BaseException) -> str:
+    """"Type: first line" of an error (a CompilationError's message, not its source excerpt)."""
+    text = getattr(err, "error_message", None) or str(err)
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+
+
+def failure_key(op: str, t: torch.Tensor, *shapes) -> tuple:
+    """What a failure is recorded for: the op, the device, the dtype and the shapes."""
+    return (op, t.device, t.dtype, tuple(t.shape), *(tuple(s) for s in shapes))
+
+
+def record_failure(err: BaseException, key: tuple) -> None:
+    """Re-raise ``err`` unless it is a launch failure; else remember ``key`` (its op then takes
+    the PyTorch path for it) and warn once, naming the op, the device, the Triton version and
+    the error's first line."""
+    if not is_launch_failure(err):
+        raise err
+    import warnings
+
+    import triton
+    first = first_error_line(err)
+    FAILED[key] = first
+    device = key[1]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} (interpreter)"
+    warnings.warn(f"kernels.{key[0]}: the Triton kernel cannot compile or launch on {device} ({name}) with "
+                  f"Triton {triton.__version__} for {key[2]} {list(key[3])}: {first}. That op runs its "
+                  f"PyTorch path for this shape and dtype from now on.", RuntimeWarning, stacklevel=3)

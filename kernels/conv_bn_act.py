@@ -312,7 +312,8 @@ def conv_bn_act_forward(
     ``in_gate`` ([N, Cin] or [N, Cin, 1, 1], with in_scale): the prologue's output is multiplied by
     it per (image, channel), after the ReLU (``squeeze_excite.GatedConvFn``).
     """
-    if not use_triton(x) or x.dtype == torch.float64:  # float64: reference (for gradcheck)
+    # float64: reference (for gradcheck); a kernel that failed to compile or launch here: reference
+    if not use_triton(x) or x.dtype == torch.float64 or (_runtime.FAILED and _failed(x, weight)):
         if in_gate is not None:
             x = reference.input_prologue(x, in_scale, in_shift, in_relu, in_gate)
             in_scale = in_shift = None
@@ -337,10 +338,16 @@ def conv_bn_act_forward(
     # The statistics finalized in the convolution's own launch, unless they are a process
     # group's (a gather between the two merges) or the batch is empty (no program runs).
     in_launch = stats and group_name is None and x.numel() > 0
-    y, part_mean, part_m2, sq_part, (M, block_m, hw), bn_stats = _launch(
-        x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu, out_scale, out_shift, residual,
-        out_relu, stats, squeeze_sums is not None, in_gate,
-        (bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps) if in_launch else None)
+    try:
+        y, part_mean, part_m2, sq_part, (M, block_m, hw), bn_stats = _launch(
+            x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu, out_scale, out_shift, residual,
+            out_relu, stats, squeeze_sums is not None, in_gate,
+            (bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps) if in_launch else None)
+    except Exception as err:  # a compile/launch failure raises before the kernel runs: nothing was written
+        _runtime.record_failure(err, _failure_key(x, weight))
+        return conv_bn_act_forward(x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu, out_scale,
+                                   out_shift, residual, out_relu, stats, bn_weight, bn_bias, running_mean,
+                                   running_var, num_batches_tracked, momentum, eps, group_name, squeeze_sums, in_gate)
     if sq_part is not None:
         from .squeeze_excite import merge_squeeze_sums
         merge_squeeze_sums(squeeze_sums, sq_part, hw, block_m)
@@ -363,12 +370,27 @@ def conv_bn_act_eval(
     """y of ``conv_bn_act_forward`` without statistics (an eval-mode stage) when nothing is
     recorded (no autograd, no torch.compile trace): the same launch, without the op's four
     empty statistics outputs."""
-    if not use_triton(x) or x.dtype == torch.float64:
+    if not use_triton(x) or x.dtype == torch.float64 or (_runtime.FAILED and _failed(x, weight)):
         return conv_bn_act_forward(x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu,
                                    out_scale, out_shift, residual, out_relu, False, None, None, None, None,
                                    None, None, 0.0)[0]
-    return _launch(x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu, out_scale, out_shift,
-                   residual, out_relu, False, False, None)[0]
+    try:
+        return _launch(x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu, out_scale,
+                       out_shift, residual, out_relu, False, False, None)[0]
+    except Exception as err:
+        _runtime.record_failure(err, _failure_key(x, weight))
+        return conv_bn_act_eval(x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu,
+                                out_scale, out_shift, residual, out_relu)
+
+
+def _failure_key(x: Tensor, weight: Tensor) -> tuple:
+    return _runtime.failure_key("conv_bn_act", x, weight.shape)
+
+
+def _failed(x: Tensor, weight: Tensor) -> bool:
+    """Whether the forward kernel failed to compile or launch for this shape, dtype and device
+    (``_runtime.record_failure``): then the PyTorch path, without a new try."""
+    return _failure_key(x, weight) in _runtime.FAILED
 
 
 @functools.lru_cache(maxsize=4096)

@@ -378,7 +378,8 @@ def conv_dgrad(dz: Tensor, weight: Tensor, input_hw: Sequence[int], stride: int,
     H, W = int(input_hw[0]), int(input_hw[1])
     Cin = cin_g * groups
     _check_shapes(dz, weight.shape, H, W, stride, padding, groups)
-    if not use_triton(dz) or dz.dtype == torch.float64:  # plain CPU, or float64 for gradcheck
+    # plain CPU, float64 for gradcheck, or a kernel that failed to compile or launch here
+    if not use_triton(dz) or dz.dtype == torch.float64 or (_runtime.FAILED and _failed("conv_dgrad", dz, weight.shape)):
         x_shape = dz.new_empty(1).expand(N, Cin, H, W)  # only its shape is read
         dx = torch.ops.aten.convolution_backward(
             dz, x_shape, weight.to(dz.dtype), None, [stride] * 2, [padding] * 2, [1, 1],
@@ -394,8 +395,18 @@ def conv_dgrad(dz: Tensor, weight: Tensor, input_hw: Sequence[int], stride: int,
     w = weight_operand(weight, packed, dz.dtype)
     grid, _, _, (size_args, options) = _memoised(_dgrad_launch, (N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding,
                                                                  groups, dz.dtype, weight_strides(w), target_of(dz)))
-    conv_dgrad_kernel[grid](dx, dz, w, *size_args, **options)
+    try:
+        conv_dgrad_kernel[grid](dx, dz, w, *size_args, **options)
+    except Exception as err:  # a compile/launch failure raises before the kernel runs
+        _runtime.record_failure(err, _runtime.failure_key("conv_dgrad", dz, weight.shape))
+        return conv_dgrad(dz, weight, input_hw, stride, padding, groups, packed)
     return dx
+
+
+def _failed(op: str, dz: Tensor, weight_shape) -> bool:
+    """Whether ``op``'s kernel failed to compile or launch for this shape, dtype and device
+    (``_runtime.record_failure``): then the PyTorch path, without a new try."""
+    return _runtime.failure_key(op, dz, weight_shape) in _runtime.FAILED
 
 
 # --------------------------------------------------------------------------------------
@@ -657,7 +668,8 @@ def conv_wgrad(dz: Tensor, a: Tensor, weight_shape: Sequence[int], stride: int, 
         raise ValueError(f"input {list(a.shape)} does not match weight {list(weight_shape)} "
                          f"with groups {groups}")
     _check_shapes(dz, weight_shape, a.shape[2], a.shape[3], stride, padding, groups)
-    if not use_triton(dz) or dz.dtype == torch.float64:  # plain CPU, or float64 for gradcheck
+    # plain CPU, float64 for gradcheck, or a kernel that failed to compile or launch here
+    if not use_triton(dz) or dz.dtype == torch.float64 or (_runtime.FAILED and _failed("conv_wgrad", dz, weight_shape)):
         a = reference.input_prologue(a, in_scale, in_shift, in_relu, in_gate)
         w_shape = dz.new_empty(1).expand(*weight_shape)  # only its shape is read
         dw = torch.ops.aten.convolution_backward(
@@ -690,8 +702,13 @@ def conv_wgrad(dz: Tensor, a: Tensor, weight_shape: Sequence[int], stride: int, 
     gate = in_gate.detach().float().reshape(N, Cin).contiguous() if gated else None
     # without the prologue dw stands in for the vectors (not read: one pointer type, one binary)
     scale, shift = (_vector_operand(in_scale), _vector_operand(in_shift)) if affine else (dw, dw)
-    conv_wgrad_kernel[grid](partials, dz, a, scale, shift, *size_args, dw_ptr=dw, counter_ptr=counters,
-                            in_gate_ptr=gate, **options)
+    try:
+        conv_wgrad_kernel[grid](partials, dz, a, scale, shift, *size_args, dw_ptr=dw, counter_ptr=counters,
+                                in_gate_ptr=gate, **options)
+    except Exception as err:  # a compile/launch failure raises before the kernel runs
+        _runtime.record_failure(err, _runtime.failure_key("conv_wgrad", dz, weight_shape))
+        return conv_wgrad(dz, a, weight_shape, stride, padding, groups, True, in_scale, in_shift, in_relu,
+                          layout_like, in_gate)
     return dw
 
 
@@ -850,7 +867,9 @@ def conv_grads(dz: Tensor, a: Tensor, weight: Tensor, stride: int, padding: int,
     if a.dim() != 4 or a.shape[0] != N or a.shape[1] != cin_g * groups:
         raise ValueError(f"input {list(a.shape)} does not match weight {list(weight.shape)} with groups {groups}")
     H, W = a.shape[2], a.shape[3]
-    if not use_triton(dz) or dz.dtype == torch.float64 or dz.numel() == 0:  # the separate paths handle these
+    # the separate paths handle these (and a kernel that failed to compile or launch here)
+    if not use_triton(dz) or dz.dtype == torch.float64 or dz.numel() == 0 or \
+            (_runtime.FAILED and _failed("conv_grads", dz, weight.shape)):
         dparam = ()
         if stats is not None:
             dz, dparam = stats_terms_reference(dz, stats)
@@ -900,8 +919,13 @@ def conv_grads(dz: Tensor, a: Tensor, weight: Tensor, stride: int, padding: int,
                   st_dshift_ptr=_vector_operand(stats.dshift), st_eps=float(stats.eps),
                   st_gamma_ptr=_vector_operand(stats.gamma if stats.gamma is not None else stats.mean))
     # (None: the keyword arguments' defaults, as when they are left out)
-    conv_grads_kernel[grid](dx, partials, dw, counters, dz, w, a, scale, shift, *size_args, in_gate_ptr=gate,
-                            psum_ptr=psum, sums_ptr=sums, pro_counter_ptr=pro_counters, **st, **options)
+    try:
+        conv_grads_kernel[grid](dx, partials, dw, counters, dz, w, a, scale, shift, *size_args, in_gate_ptr=gate,
+                                psum_ptr=psum, sums_ptr=sums, pro_counter_ptr=pro_counters, **st, **options)
+    except Exception as err:  # a compile/launch failure raises before the kernel runs
+        _runtime.record_failure(err, _runtime.failure_key("conv_grads", dz, weight.shape))
+        return conv_grads(dz, a, weight, stride, padding, groups, packed, in_scale, in_shift, in_relu, in_gate,
+                          prologue_backward, stats, dx_add)
     out = (dx, dw, sums) if prologue_backward else (dx, dw)
     return out if stats is None else (*out, dparam)
 
