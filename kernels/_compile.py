@@ -423,6 +423,11 @@ def _resolve(name: str):
     return getattr(importlib.import_module(module), attr)
 
 
+# a 16-byte cp.async, or a 16-byte global load
+_PTX_16_BYTE_LOAD = (r"cp\.async\.(cg|ca)\.shared\.global(\.L2::\w+)? \[[^]]*\], \[[^]]*\], (16|0x10)\b|"
+                     r"ld\.global(\.\w+)*\.v4\.(b32|f32|u32)|ld\.global(\.\w+)*\.v2\.(b64|u64)")
+
+
 def _compile_one(job) -> dict:
     from ._runtime import first_error_line
     target_key, launch = job
@@ -450,9 +455,7 @@ def _compile_one(job) -> dict:
         code = c.asm["ptx"]
         row["tensor_cores"] = ("tcgen05" if "tcgen05.mma" in code else "wgmma" if "wgmma.mma_async" in code
                                else "mma.sync" if re.search(r"\bmma\.sync", code) else "none")
-        row["vector_loads"] = bool(re.search(r"cp\.async\.(cg|ca)\.shared\.global(\.L2::\w+)? \[[^]]*\], \[[^]]*\], 0?x?16|"
-                                             r"ld\.global(\.\w+)*\.v4\.(b32|f32|u32)|ld\.global(\.\w+)*\.v2\.(b64|u64)",
-                                             code))
+        row["vector_loads"] = bool(re.search(_PTX_16_BYTE_LOAD, code))
     else:
         code = c.asm["amdgcn"]
         row["tensor_cores"] = "MFMA" if "v_mfma" in code else "none"

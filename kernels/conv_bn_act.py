@@ -109,7 +109,7 @@ def conv_bn_act_fwd_kernel(
     OUT_AFFINE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, OUT_RELU: tl.constexpr,
     STATS: tl.constexpr, ALLOW_TF32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    MULTI_GROUP: tl.constexpr,  # 0: a block of BLOCK_N output channels never spans groups; 1: it may; 2: as 1, flat NaN check (_runtime.conv_config)
+    MULTI_GROUP: tl.constexpr,  # a block of BLOCK_N output channels may span groups (1; 2: flat NaN check)
     # element strides of w along (tap, ci, co): the packed layout (Cin_g*Cout, Cout, 1) or
     # the weight's own [Cout, Cin_g, k, k] storage (see ``weight_strides``)
     w_stride_tap, w_stride_ci, w_stride_co,

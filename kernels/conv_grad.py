@@ -119,7 +119,7 @@ def _dgrad_program(
     BLOCK_M: tl.constexpr,  # input pixels of one parity class
     BLOCK_N: tl.constexpr,  # input channels
     BLOCK_K: tl.constexpr,  # output channels (the reduction)
-    MULTI_GROUP: tl.constexpr,  # 0: a block of BLOCK_N input channels never spans groups; 1: it may; 2: as 1, flat NaN check (_runtime.conv_config)
+    MULTI_GROUP: tl.constexpr,  # a block of BLOCK_N input channels may span groups (1; 2: flat NaN check)
     x_ptr=None,  # [N, H, W, Cin] NHWC (PRO_BWD): the forward's x, before its prologue
     in_scale_ptr=None, in_shift_ptr=None,  # [Cin] fp32 (PRO_BWD): the prologue x*s + b (then ReLU)
     psum_ptr=None,  # [2, n_rows, Cin] fp32 scratch (PRO_BWD): per-program sums of g and g*x
@@ -268,7 +268,7 @@ def conv_dgrad_kernel(
     BLOCK_M: tl.constexpr,  # input pixels of one parity class
     BLOCK_N: tl.constexpr,  # input channels
     BLOCK_K: tl.constexpr,  # output channels (the reduction)
-    MULTI_GROUP: tl.constexpr,  # 0: a block of BLOCK_N input channels never spans groups; 1: it may; 2: as 1, flat NaN check (_runtime.conv_config)
+    MULTI_GROUP: tl.constexpr,  # a block of BLOCK_N input channels may span groups (1; 2: flat NaN check)
 ):
     _dgrad_program(tl.program_id(0), tl.program_id(1), tl.program_id(2),
                    dx_ptr, dz_ptr, w_ptr, N, H, W, Cin, Ho, Wo, Cout, CIN_G, COUT_G, stride, padding,

@@ -56,7 +56,8 @@ def no_failures(monkeypatch):
 
 
 def _fallback_warnings(record):
-    return [w for w in record if issubclass(w.category, RuntimeWarning) and "cannot compile or launch" in str(w.message)]
+    return [w for w in record
+            if issubclass(w.category, RuntimeWarning) and "cannot compile or launch" in str(w.message)]
 
 
 @pytest.mark.parametrize("failure", sorted(FAILURES))
