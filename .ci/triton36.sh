@@ -21,7 +21,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TRITON_DEFAULT_FP_FUSION=1
 # 1. offline compilation for sm_90 and sm_100 (two targets, one process each)
 RESNEXT_COMPILE_TARGETS=cuda:90,cuda:100 "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
     tests/test_compile_targets.py
-# 2. the interpreter: the forward kernel in every mode, the gradient kernels on the grouped
-#    cases, the fallback, and the BN backward
+# 2. the interpreter: the forward kernel in every mode (channels_last), the gradient kernels on a
+#    grouped strided case, and the fallback
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider -n 2 tests/test_conv_bn_act.py tests/test_fallback.py \
-    tests/test_conv_grad.py -k "not compiles_for_hopper and not nchw and (test_conv_bn_act or fallback or falls_back or 4_per_group_s2)"
+    tests/test_conv_grad.py \
+    -k "not compiles_for_hopper and not nchw and (test_conv_bn_act or fallback or falls_back or 4_per_group_s2)"
