@@ -1,13 +1,21 @@
-"""Compile the kernels for Hopper without a GPU, and read their resource usage.
+"""Compile the kernels for any GPU target without a GPU, and read their resource usage.
 
-    python -m kernels._compile [--json FILE]     # every kernel and config for the ResNeXt/ResNet shapes
+    python -m kernels._compile --target cuda:86 [--dtypes bf16,fp16,fp32] [--backward] [--json FILE]
+    python -m kernels._compile --target hip:gfx942 --backward --sample representative  # one per kernel mode, dtype
 
-``triton.compile`` with ``GPUTarget("cuda", 90, 32)`` runs the whole pipeline (TTIR ->
-TTGIR -> LLVM -> PTX -> cubin) on a machine with no GPU.  It cannot run in a process with
+compiles what the launchers would pick on that target (``kernels._targets``: cuda:80, 86, 89,
+90, 100, 120, hip:gfx942) for the ResNet-50 / ResNeXt-50/101 shapes: the forward kernels and,
+with ``--backward``, every backward kernel variant.  Each record gives kernel, mode, dtype,
+the config, ``ok``, ``error`` (its first line), registers, ``local_bytes`` (spills),
+``shared_bytes`` and the target's ``shared_limit``; the command exits non-zero if a variant
+fails to compile or needs more shared memory than the target has (Triton checks that only at
+launch, with ``OutOfResources``).
+
+``triton.compile`` with a ``GPUTarget`` runs the whole pipeline (TTIR -> TTGIR -> LLVM ->
+PTX -> cubin, or AMDGCN -> hsaco) on a machine with no GPU.  It cannot run in a process with
 ``TRITON_INTERPRET=1`` (the interpreter patches ``triton.language``): run this module in a
-process of its own, as the tests do.  CI uses it to catch kernels that
-only work in the interpreter; the profiling tools use it to report registers, spills and
-shared memory; ``cuobjdump`` from Triton's wheel prints the SASS.
+process of its own, as the tests do.  ``cuobjdump`` from Triton's wheel gives the NVIDIA
+registers/spills and prints the SASS; the AMDGCN assembly gives gfx942's.
 """
 import inspect
 import os
@@ -18,6 +26,8 @@ from typing import Dict, Iterable, List, Tuple
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
+
+from . import _targets
 
 HOPPER = GPUTarget("cuda", 90, 32)
 _PTR = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16"}
@@ -30,11 +40,16 @@ def _jit_function(kernel):
     return triton.runtime.JITFunction(kernel.fn)
 
 
-def compile_for_hopper(kernel, signature: Dict[str, str], constexprs: Dict[str, object],
-                       num_warps: int = 4, num_stages: int = 3, attrs=None):
+def compile_for(target: "_targets.Target", kernel, signature: Dict[str, str], constexprs: Dict[str, object],
+                num_warps: int = 4, num_stages: int = 3, attrs=None):
     src = triton.compiler.ASTSource(fn=_jit_function(kernel), signature=signature, constexprs=constexprs,
                                     attrs=attrs or {})
-    return triton.compile(src, target=HOPPER, options=dict(num_warps=num_warps, num_stages=num_stages))
+    return triton.compile(src, target=target.gpu_target(), options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def compile_for_hopper(kernel, signature: Dict[str, str], constexprs: Dict[str, object],
+                       num_warps: int = 4, num_stages: int = 3, attrs=None):
+    return compile_for(_targets.parse_target("cuda:90"), kernel, signature, constexprs, num_warps, num_stages, attrs)
 
 
 def jit_specialization(kernel, ints: Dict[str, int], pointer_types: Dict[str, str], constexprs: Dict[str, object]):
@@ -71,8 +86,14 @@ def _nvidia_bin(tool: str) -> str:
 
 
 def resource_usage(compiled) -> Dict[str, int]:
-    """Registers, local memory (spills) and shared memory of a compiled kernel (cuobjdump -res-usage)."""
+    """Registers, local memory (spills) and shared memory of a compiled kernel (cuobjdump
+    -res-usage; for AMD, the AMDGCN assembly's VGPR count and scratch size)."""
     import tempfile
+    if "amdgcn" in compiled.asm:
+        code = compiled.asm["amdgcn"]
+        return {"registers": int(re.search(r"\.vgpr_count:\s*(\d+)", code).group(1)),
+                "local_bytes": int(re.search(r"ScratchSize:\s*(\d+)", code).group(1)),
+                "shared_bytes": int(compiled.metadata.shared)}
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
@@ -95,7 +116,7 @@ def sass(compiled) -> str:
 
 def conv_launches(shapes: Iterable[Tuple[int, int, int, int, int, int, int, int]], dtype: str,
                   modes=("eval", "train", "train_sync", "squeeze_train", "squeeze_eval", "gated_train",
-                         "gated_eval")) -> List[dict]:
+                         "gated_eval"), target=None) -> List[dict]:
     """The distinct compilations ``conv_bn_act`` performs for the given conv shapes, each
     specialised as the JIT would (``jit_specialization``).
 
@@ -104,14 +125,16 @@ def conv_launches(shapes: Iterable[Tuple[int, int, int, int, int, int, int, int]
     (FINALIZE), "train_sync" = the same, the statistics left to a finalize (a process group's); "squeeze_*" = conv3 of
     an SE block (1x1 only): the per-image sums (SQUEEZE), with statistics or without an epilogue;
     "gated_*" = conv3 of a RegNetY block (1x1 only): the prologue's gate after its ReLU (IN_GATE),
-    with statistics or with the eval epilogue (folded BN + residual + ReLU).
+    with statistics or with the eval epilogue (folded BN + residual + ReLU).  ``target``: the
+    configurations the launchers pick there (default cuda:90).
     """
     from .conv_bn_act import conv_bn_act_fwd_kernel, finalize_constexprs, out_size
     from ._runtime import conv_config
+    target = target or _targets.default_target()
     seen, launches = set(), []
     for (N, Cin, H, W, Cout, groups, ks, stride) in shapes:
         Ho, Wo = out_size(H, ks, stride, ks // 2), out_size(W, ks, stride, ks // 2)
-        cfg = conv_config(N * Ho * Wo, Cout, Cin // groups, Cout // groups, getattr(torch, dtype))
+        cfg = conv_config(N * Ho * Wo, Cout, Cin // groups, Cout // groups, getattr(torch, dtype), target)
         ints = dict(N=N, H=H, W=W, Cin=Cin, Ho=Ho, Wo=Wo, Cout=Cout, CIN_G=Cin // groups, COUT_G=Cout // groups,
                     stride=stride, padding=ks // 2)
         ints.update(zip(("w_stride_tap", "w_stride_ci", "w_stride_co"),
@@ -213,13 +236,187 @@ def elementwise_launches(dtype: str) -> List[dict]:
     return launches
 
 
-def all_launches(batches=(64, 256)) -> List[dict]:
-    launches = []
-    for dtype in ("bfloat16", "float16", "float32"):
-        shapes = [s for b in batches for s in model_conv_shapes(b)]
-        launches += [dict(l, dtype=dtype) for l in conv_launches(shapes, dtype)]
-        launches += [dict(l, dtype=dtype) for l in elementwise_launches(dtype)]
+def conv_backward_launches(shapes, dtype: str, target=None) -> List[dict]:
+    """The distinct compilations of the convolution backward (``conv_dgrad_kernel``,
+    ``conv_wgrad_kernel`` and the merged ``conv_grads_kernel`` in every mode the training
+    backward launches), built by the launchers' own ``dgrad_launch`` / ``wgrad_launch`` /
+    ``grads_launch`` for ``target``, for a channels_last model's weights."""
+    from . import conv_grad as cg
+    from .conv_bn_act import out_size
+    target = target or _targets.default_target()
+    ty = _PTR[dtype]
+    tdtype = getattr(torch, dtype)
+    grads_ptrs = {name: ty if name in ("dx_ptr", "dz_ptr", "w_ptr", "a_ptr", "z_ptr", "dx_add_ptr") else
+                  "*i32" if name in ("counter_ptr", "pro_counter_ptr") else "*fp32"
+                  for name in cg.conv_grads_kernel.arg_names if name.endswith("_ptr")}
+    wgrad_ptrs = dict(part_ptr="*fp32", dz_ptr=ty, a_ptr=ty, in_scale_ptr="*fp32", in_shift_ptr="*fp32",
+                      dw_ptr="*fp32", counter_ptr="*i32", in_gate_ptr="*fp32")
+    seen, launches = set(), []
+
+    def add(kernel, mode, ptrs, sizes, meta):
+        meta = dict(meta)
+        num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
+        sig, const, attrs = jit_specialization(kernel, sizes, ptrs, meta)
+        key = (mode, tuple(sorted(const.items())), num_warps, num_stages)  # one binary per config and mode
+        if key not in seen:
+            seen.add(key)
+            launches.append(dict(kernel=kernel, signature=sig, constexprs=const, attrs=attrs, num_warps=num_warps,
+                                 num_stages=num_stages, mode=mode))
+
+    for (N, Cin, H, W, Cout, groups, ks, stride) in shapes:
+        pad = ks // 2
+        Ho, Wo = out_size(H, ks, stride, pad), out_size(W, ks, stride, pad)
+        args = (N, Cin, H, W, Cout, Ho, Wo, ks, stride, pad, groups, tdtype)
+        cin_g = Cin // groups
+        w_strides = weight_operand_strides(Cout, cin_g, ks, dtype)
+        dw_strides = (ks * ks * cin_g, 1, ks * cin_g, cin_g)  # a channels_last model's weight
+        _, sizes, meta = cg.dgrad_launch(*args, w_strides=w_strides, target=target)
+        add(cg.conv_dgrad_kernel, "dgrad", dict(dx_ptr=ty, dz_ptr=ty, w_ptr=ty), sizes, meta)
+        for prologue in (False, True):  # the training backward recomputes the BN + ReLU prologue
+            _, sizes, meta = cg.wgrad_launch(*args, in_affine=prologue, in_relu=prologue, dw_strides=dw_strides,
+                                             target=target)
+            add(cg.conv_wgrad_kernel, "wgrad_prologue" if prologue else "wgrad", wgrad_ptrs, sizes, meta)
+            # both in one launch; with the prologue, also its backward (PRO_BWD); with a
+            # batch-statistics BN after the convolution, its terms on load (STATS_DZ); a
+            # block's conv1: the shortcut's gradient added to dx (DX_ADD)
+            for pro_bwd, stats_dz, dx_add in (((False, False, False), (True, False, False), (True, True, False))
+                                              if prologue else
+                                              ((False, False, False), (False, True, False), (False, True, True))):
+                _, sizes, meta, _ = cg.grads_launch(*args, in_affine=prologue, in_relu=prologue, w_strides=w_strides,
+                                                    dw_strides=dw_strides, prologue_backward=pro_bwd,
+                                                    stats_dz=stats_dz, stats_gamma=True, dx_add=dx_add, target=target)
+                mode = "grads" + "_prologue" * prologue + "_pro_bwd" * pro_bwd + "_stats" * stats_dz \
+                    + "_dx_add" * dx_add
+                add(cg.conv_grads_kernel, mode, grads_ptrs, sizes, meta)
+        if ks == 1 and stride == 1 and Cout >= 2 * Cin:  # conv3 of a RegNetY block: the prologue's gate (IN_GATE)
+            _, sizes, meta, _ = cg.grads_launch(*args, in_affine=True, in_relu=True, w_strides=w_strides,
+                                                dw_strides=dw_strides, in_gate=True, target=target)
+            add(cg.conv_grads_kernel, "grads_gated", grads_ptrs, sizes, meta)
+    if dtype == "float32":  # also the exact path, taken when TF32 is switched off
+        launches += [dict(l, constexprs=dict(l["constexprs"], ALLOW_TF32=False), mode=l["mode"] + "_ieee")
+                     for l in launches if l["mode"] in ("dgrad", "wgrad")][:2]
     return launches
+
+
+# Every constexpr combination the BN backward formulas launch, at their heaviest
+BN_BACKWARD_VARIANTS = {
+    "bn_act": dict(HAS_DY=True, RELU_MODE=1, SCALE=True, STATS=False, WRITE_DZ=True, WRITE_DRES=True,
+                   RES_SCALE=True, SUM_G=True, SUM_V=1, SUM_R=True),
+    # a downsample block's final pass: sum g twice (bn3's and the downsample BN's shift)
+    "bn_act_downsample": dict(HAS_DY=True, RELU_MODE=1, SCALE=True, STATS=False, WRITE_DZ=True, WRITE_DRES=True,
+                              RES_SCALE=True, SUM_G=True, SUM_V=1, SUM_R=True, SUM_G_TWICE=True),
+    "epilogue_stats": dict(HAS_DY=True, RELU_MODE=0, SCALE=False, STATS=True, STAT_DMV=True, STAT_DAFF=True,
+                           STAT_GAMMA=True, WRITE_DZ=True, WRITE_DRES=False,
+                           RES_SCALE=False, SUM_G=False, SUM_V=0, SUM_R=False),
+    "epilogue_eval": dict(HAS_DY=True, RELU_MODE=1, SCALE=True, STATS=False, WRITE_DZ=True, WRITE_DRES=True,
+                          RES_SCALE=False, SUM_G=True, SUM_V=1, SUM_R=False),
+    "prologue": dict(HAS_DY=True, RELU_MODE=2, SCALE=True, STATS=False, WRITE_DZ=True, WRITE_DRES=False,
+                     RES_SCALE=False, SUM_G=True, SUM_V=2, SUM_R=False),
+    # squeeze-excite: the gated final pass with the gate's per-image gradient, conv3's stats pass with
+    # the squeeze gradient added per image (kernels/squeeze_excite.py)
+    "bn_act_gated": dict(HAS_DY=True, RELU_MODE=1, SCALE=True, STATS=False, WRITE_DZ=True, WRITE_DRES=True,
+                         RES_SCALE=True, SUM_G=True, SUM_V=1, SUM_R=True, GATE=True, DGATE=True),
+    "epilogue_stats_squeeze": dict(HAS_DY=True, RELU_MODE=0, SCALE=False, STATS=True, STAT_DMV=True,
+                                   STAT_DAFF=True, STAT_GAMMA=True, WRITE_DZ=True, WRITE_DRES=False,
+                                   RES_SCALE=False, SUM_G=False, SUM_V=0, SUM_R=False, IMG_ADD=True),
+    # RegNetY's SE after conv2: conv3's gated prologue (the gate's gradient with the affine ReLU
+    # mask), conv2's stats pass with the squeeze gradient added under the ReLU mask
+    "prologue_gated": dict(HAS_DY=True, RELU_MODE=2, SCALE=True, STATS=False, WRITE_DZ=True, WRITE_DRES=False,
+                           RES_SCALE=False, SUM_G=True, SUM_V=2, SUM_R=False, GATE=True, DGATE=True),
+    "epilogue_stats_relu_squeeze": dict(HAS_DY=True, RELU_MODE=0, SCALE=False, STATS=True, STAT_DMV=True,
+                                        STAT_DAFF=True, STAT_GAMMA=True, WRITE_DZ=True, WRITE_DRES=False,
+                                        RES_SCALE=False, SUM_G=False, SUM_V=0, SUM_R=False, IMG_ADD=True,
+                                        IMG_MASK=True),
+}
+
+
+def bn_backward_launches(dtype: str) -> List[dict]:
+    """``bn_backward_kernel`` in every variant of ``BN_BACKWARD_VARIANTS``, with the
+    configurations its launcher picks for ResNeXt channel counts at batch 64 (and a narrow layer)."""
+    from ._runtime import INTERPRET
+    from .bn_backward import bn_backward_kernel, launch_config
+    assert not INTERPRET  # launch_config picks the interpreter's tiles there
+    act = {"dz_ptr", "dres_ptr", "dy_ptr", "relu_src_ptr", "v_ptr", "r_ptr", "img_src_ptr", "gate_ptr"}
+    configs = {(c["BLOCK_M"], c["BLOCK_C"], c["num_warps"]) for c in
+               (launch_config(64 * hw * hw, C) for C, hw in ((64, 56), (128, 56), (256, 28), (2048, 7), (16, 8)))}
+    launches = []
+    for block_m, block_c, num_warps in sorted(configs):
+        for mode, flags in BN_BACKWARD_VARIANTS.items():
+            bm = max(16, block_m // 2) if flags.get("DGATE") else block_m  # image_launch_config: half the rows
+            const = dict(dict(STAT_DMV=False, STAT_DAFF=False, STAT_GAMMA=False, GATE=False, DGATE=False,
+                              IMG_ADD=False, IMG_MASK=False, SUM_G_TWICE=False), **flags, BLOCK_M=bm, BLOCK_C=block_c,
+                         BLOCK_T=32, dy_stride_c=1)  # dy channels_last: stride 1, as the JIT
+            sig = {n: "constexpr" if n in const else _PTR[dtype] if n in act
+                   else "*i32" if n == "counter_ptr" else "*fp32" if n.endswith("_ptr")
+                   else "fp32" if n in ("count", "eps") else "i32" for n in bn_backward_kernel.arg_names}
+            launches.append(dict(kernel=bn_backward_kernel, signature=sig, constexprs=const, num_warps=num_warps,
+                                 num_stages=3, mode=mode))
+    return launches
+
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32",
+          "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
+
+
+def all_launches(batches=(64, 256), dtypes=("bfloat16", "float16", "float32"), backward: bool = False,
+                 target=None) -> List[dict]:
+    """Every distinct compilation the launchers pick on ``target`` (default cuda:90) for the
+    models' shapes at these batch sizes: forward kernels, and with ``backward`` the backward's."""
+    target = target or _targets.default_target()
+    launches = []
+    shapes = [s for b in batches for s in model_conv_shapes(b)]
+    for dtype in dtypes:
+        launches += [dict(l, dtype=dtype) for l in conv_launches(shapes, dtype, target=target)]
+        launches += [dict(l, dtype=dtype) for l in elementwise_launches(dtype)]
+        if backward:
+            launches += [dict(l, dtype=dtype) for l in conv_backward_launches(shapes, dtype, target=target)]
+            launches += [dict(l, dtype=dtype) for l in bn_backward_launches(dtype)]
+    return launches
+
+
+def _config_size(launch: dict) -> int:
+    """How heavy a variant's configuration is: tile elements times pipeline stages."""
+    c = launch["constexprs"]
+    tile = 1
+    for name, value in c.items():
+        if name.startswith(("BLOCK", "D_BLOCK", "W_BLOCK")) and isinstance(value, int):
+            tile *= value
+    return tile * launch["num_stages"] * launch["num_warps"]
+
+
+def representative(launches: List[dict]) -> List[dict]:
+    """One variant per kernel, mode and dtype (the heaviest configuration), and per kind of
+    channel block of the convolutions (``MULTI_GROUP``: grouped tiles that span several groups,
+    the formulation that fails on some (target, Triton) pairs): what CI compiles per target."""
+    best = {}
+    for l in launches:
+        name = l["kernel"].fn.__name__ if hasattr(l["kernel"], "fn") else str(l["kernel"])
+        key = (name, l["mode"], l["dtype"], bool(l["constexprs"].get("MULTI_GROUP", 0)))
+        if key not in best or _config_size(l) > _config_size(best[key]):
+            best[key] = l
+    return list(best.values())
+
+
+def ci_sample(launches: List[dict]) -> List[dict]:
+    """CI's sample of a target (``--sample ci``): in bf16 and fp32, the heaviest configuration
+    of each convolution kernel (forward, dgrad, wgrad, both gradients), for grouped tiles
+    spanning several groups and for the others; the elementwise kernels once, in bf16 (their
+    tiles do not depend on the target).  fp16 is left to the full matrix: it compiles as bf16
+    (same tiles, same MMA shapes).  20 variants: seven targets fit CI's time."""
+    picked = []
+    for l in representative(launches):
+        name = l["kernel"].fn.__name__
+        if l["mode"].endswith("_ieee") or l["dtype"] == "float16":  # (exact fp32: FMA by design)
+            continue
+        if name in ("conv_bn_act_fwd_kernel", "conv_dgrad_kernel", "conv_wgrad_kernel", "conv_grads_kernel") \
+                or l["dtype"] == "bfloat16":
+            picked.append(l)
+    best = {}
+    for l in picked:
+        key = (l["kernel"].fn.__name__, l["dtype"], bool(l["constexprs"].get("MULTI_GROUP", 0)))
+        if key not in best or _config_size(l) > _config_size(best[key]):
+            best[key] = l
+    return list(best.values())
 
 
 def _resolve(name: str):
@@ -228,18 +425,54 @@ def _resolve(name: str):
     return getattr(importlib.import_module(module), attr)
 
 
-def _compile_one(launch: dict) -> dict:
-    launch = dict(launch, kernel=_resolve(launch["kernel"]))
-    c = compile_for_hopper(launch["kernel"], launch["signature"], launch["constexprs"], launch["num_warps"],
-                           launch["num_stages"], launch.get("attrs"))
-    code = sass(c)
-    row = dict(kernel=launch["kernel"].fn.__name__, mode=launch["mode"], dtype=launch["dtype"],
-               num_warps=launch["num_warps"], num_stages=launch["num_stages"],
-               **{k: v for k, v in launch["constexprs"].items() if k.startswith(("BLOCK", "KSIZE", "MULTI"))},
-               **resource_usage(c), tensor_cores=("HGMMA" if "HGMMA" in code else "HMMA" if "HMMA" in code
-                                                  else "none"),
-               vector_loads=bool(re.search(r"LDG(STS)?\.E(\.BYPASS)?\.128", code)))
+# a 16-byte cp.async, or a 16-byte global load
+_PTX_16_BYTE_LOAD = (r"cp\.async\.(cg|ca)\.shared\.global(\.L2::\w+)? \[[^]]*\], \[[^]]*\], (16|0x10)\b|"
+                     r"ld\.global(\.\w+)*\.v4\.(b32|f32|u32)|ld\.global(\.\w+)*\.v2\.(b64|u64)")
+
+
+def _compile_one(job) -> dict:
+    from ._runtime import first_error_line
+    target_key, launch = job
+    target = _targets.parse_target(target_key)
+    kernel = _resolve(launch["kernel"])
+    const = launch["constexprs"]
+    config = {k: v for k, v in const.items()
+              if k.startswith(("BLOCK", "D_BLOCK", "W_BLOCK", "KSIZE", "MULTI")) and not isinstance(v, bool)
+              or k == "MULTI_GROUP"}
+    config.update(num_warps=launch["num_warps"], num_stages=launch["num_stages"])
+    row = dict(target=target.key, triton=triton.__version__, kernel=kernel.fn.__name__, mode=launch["mode"],
+               dtype=launch["dtype"], config=config, ok=False, error=None, registers=None, local_bytes=None,
+               shared_bytes=None, shared_limit=target.shared_per_block)
+    try:
+        c = compile_for(target, kernel, launch["signature"], const, launch["num_warps"], launch["num_stages"],
+                        launch.get("attrs"))
+        row.update(resource_usage(c))
+    except Exception as err:  # a record, not a crash: the table shows every failure
+        row["error"] = first_error_line(err)
+        return row
+    row["ok"] = row["shared_bytes"] <= target.shared_per_block
+    if not row["ok"]:
+        row["error"] = f"shared memory {row['shared_bytes']} B > {target.shared_per_block} B per block"
+    if target.backend == "cuda":  # from the PTX (the SASS, ``sass(c)``, costs a disassembly per variant)
+        code = c.asm["ptx"]
+        row["tensor_cores"] = ("tcgen05" if "tcgen05.mma" in code else "wgmma" if "wgmma.mma_async" in code
+                               else "mma.sync" if re.search(r"\bmma\.sync", code) else "none")
+        row["vector_loads"] = bool(re.search(_PTX_16_BYTE_LOAD, code))
+    else:
+        code = c.asm["amdgcn"]
+        row["tensor_cores"] = "MFMA" if "v_mfma" in code else "none"
+        row["vector_loads"] = "global_load_dwordx4" in code or "buffer_load_dwordx4" in code
     return row
+
+
+def summarize(rows: List[dict]) -> str:
+    ok = [r for r in rows if r["ok"]]
+    compiled = [r for r in rows if r["registers"] is not None]
+    if not compiled:
+        return f"{len(ok)}/{len(rows)} ok"
+    return (f"{len(ok)}/{len(rows)} ok; max registers {max(r['registers'] for r in compiled)}, "
+            f"max spill {max(r['local_bytes'] for r in compiled)} B, "
+            f"max shared {max(r['shared_bytes'] for r in compiled)} B of {rows[0]['shared_limit']} B")
 
 
 def main(argv=None) -> int:
@@ -249,26 +482,41 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("run without TRITON_INTERPRET=1: the interpreter cannot compile")
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--json", help="write the table here")
+    p.add_argument("--target", default=_targets.DEFAULT_KEY, help=f"one of {', '.join(_targets.TARGET_KEYS)}")
+    p.add_argument("--dtypes", default="bf16,fp16,fp32")
+    p.add_argument("--backward", action="store_true", help="also every backward kernel variant")
+    p.add_argument("--sample", choices=("all", "representative", "ci"), default="all",
+                   help="all variants; one per kernel, mode and dtype (and grouped-tile kind); or CI's sample "
+                        "(one per kernel and dtype)")
+    p.add_argument("--json", help="write the records here")
     p.add_argument("--batches", default="64,256")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--quiet", action="store_true", help="only the summary and the failures")
     args = p.parse_args(argv)
-    launches = all_launches(tuple(int(b) for b in args.batches.split(",")))
+    try:
+        target = _targets.parse_target(args.target)
+        dtypes = [DTYPES[d.strip()] for d in args.dtypes.split(",") if d.strip()]
+    except (KeyError, ValueError) as err:
+        p.error(str(err))
+    launches = all_launches(tuple(int(b) for b in args.batches.split(",")), dtypes, args.backward, target)
+    if args.sample != "all":
+        launches = (representative if args.sample == "representative" else ci_sample)(launches)
+    jobs = []
     for launch in launches:  # pickled to the workers by name
         fn = launch["kernel"]
-        launch["kernel"] = f"{fn.fn.__module__}.{fn.fn.__name__}" if hasattr(fn, "fn") else fn
-    print(f"compiling {len(launches)} kernel variants for sm_90 with {args.jobs} processes", flush=True)
+        jobs.append((target.key, dict(launch, kernel=f"{fn.fn.__module__}.{fn.fn.__name__}")))
+    print(f"compiling {len(jobs)} kernel variants for {target} with {args.jobs} processes", flush=True)
     with ProcessPoolExecutor(args.jobs) as pool:
-        rows = list(pool.map(_compile_one, launches))
-    cols = ["kernel", "mode", "dtype", "KSIZE", "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_C", "MULTI_GROUP", "num_warps",
-            "registers", "local_bytes", "shared_bytes", "tensor_cores", "vector_loads"]
-    print(" ".join(f"{c:>12}" for c in cols))
+        rows = list(pool.map(_compile_one, jobs))
+    cols = ["kernel", "mode", "dtype", "ok", "registers", "local_bytes", "shared_bytes", "tensor_cores", "config"]
     for r in rows:
-        print(" ".join(f"{str(r.get(c, '')):>12}" for c in cols))
+        if not args.quiet or not r["ok"]:
+            print(" ".join(str(r.get(c, "")) for c in cols) + ("" if r["ok"] else f"  ERROR {r['error']}"))
+    print(f"{target.key} Triton {triton.__version__}: {summarize(rows)}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
-    return 0
+    return 0 if all(r["ok"] for r in rows) else 1
 
 
 if __name__ == "__main__":

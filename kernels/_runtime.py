@@ -15,9 +15,12 @@ most two binaries per dtype and mode over all batch sizes (tests/test_recompile.
 import functools
 import os
 import weakref
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
+
+from . import _targets
+from ._targets import Target
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -59,13 +62,62 @@ def memo_call(memo, *args):
         return memo.__wrapped__(*args)
 
 
-def conv_config(M: int, cout: int, cin_g: int, cout_g: int, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """``_conv_config`` memoised (host time: every forward of every convolution); a copy each call."""
-    return dict(_conv_config(M, cout, cin_g, cout_g, dtype, INTERPRET))
+_DEVICE_TARGETS = {}
+
+
+def target_of(t: torch.Tensor) -> Target:
+    """The target the launch configurations for ``t`` are chosen for: its GPU's description
+    (read once per device), the interpreter's for a CPU tensor under TRITON_INTERPRET, else
+    the default (cuda:90).  One dict lookup per launch (host time)."""
+    index = t.get_device()
+    if index < 0:
+        return _targets.interpreter_target() if INTERPRET else _targets.default_target()
+    target = _DEVICE_TARGETS.get(index)
+    if target is None:
+        target = _DEVICE_TARGETS[index] = _targets.target_for_device(index)
+    return target
+
+
+def default_launch_target() -> Target:
+    """The target when a caller gives none (tests, reports): the interpreter's under
+    TRITON_INTERPRET, else the current GPU's, else the default (cuda:90)."""
+    if INTERPRET:
+        return _targets.interpreter_target()
+    if torch.cuda.is_available():
+        return _targets.target_for_device(torch.cuda.current_device())
+    return _targets.default_target()
+
+
+def mma_shared_bytes(block_m: int, block_n: int, block_k: int, num_stages: int, elem_bytes: int) -> int:
+    """Shared memory of a software-pipelined [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N] product:
+    ``num_stages`` copies of both operand tiles, plus the fp32 accumulator once (the epilogue's
+    layout conversion goes through shared memory).  An upper estimate, checked against the
+    compiled kernels' ``shared_bytes`` by tests/test_compile_targets.py."""
+    return num_stages * (block_m + block_n) * block_k * elem_bytes + block_m * block_n * 4
+
+
+def fit_stages(target: Target, shared_at, stages: int = 3) -> int:
+    """The most pipeline stages (``stages`` down to 1) whose ``shared_at(stages)`` fits the
+    target's shared memory per block: sm_86/89/120 have 99 KB, gfx942 64 KB."""
+    while stages > 1 and shared_at(stages) > target.shared_per_block:
+        stages -= 1
+    return stages
+
+
+def conv_config(M: int, cout: int, cin_g: int, cout_g: int, dtype: torch.dtype = torch.bfloat16,
+                target: Optional[Target] = None) -> dict:
+    """``_conv_config`` memoised (host time: every forward of every convolution); a copy each
+    call.  ``target``: what the configuration must compile and fit on (``target_of(x)``); None:
+    ``default_launch_target()``."""
+    return dict(_conv_config(M, cout, cin_g, cout_g, dtype, target or default_launch_target()))
+
+
+# MULTI_GROUP values (a constexpr of the convolution kernels)
+ONE_GROUP, MULTI_GROUP, MULTI_GROUP_FLAT_CHECK = 0, 1, 2
 
 
 @functools.lru_cache(maxsize=4096)
-def _conv_config(M: int, cout: int, cin_g: int, cout_g: int, dtype: torch.dtype, interpret: bool) -> dict:
+def _conv_config(M: int, cout: int, cin_g: int, cout_g: int, dtype: torch.dtype, target: Target) -> dict:
     """Block sizes for the implicit-GEMM convolution kernel.
 
     Rows are output pixels (M = N*Ho*Wo), columns output channels.  A block of
@@ -73,12 +125,13 @@ def _conv_config(M: int, cout: int, cin_g: int, cout_g: int, dtype: torch.dtype,
     multiplies by a block-diagonal weight tile, so ``BLOCK_K`` covers those groups'
     input channels (4 channels per group x 8 groups = one 32-wide ``tl.dot``).  The
     wasted zero products are free: every grouped 3x3 of ResNeXt is memory-bound.
-    Chosen by design, not yet by measurement on a GPU (see benchmarks/NOTES.md).  Two rules
+    Chosen by design, not yet by measurement on a GPU (see docs/performance.md).  Two rules
     come from the sm_90 register report (``python -m kernels._compile``): 8 warps above
     64x32 outputs, and K <= 16 channels in fp32 (32 bf16 channels on 128x64 tiles); without
-    them 3x3 tiles spilled.
+    them 3x3 tiles spilled.  Per target: the pipeline stages that fit its shared memory
+    (``fit_stages``), and on sm_100 with Triton < 3.8 the flat NaN/Inf check.
     """
-    if interpret:  # fewer, larger programs: the interpreter pays per program
+    if target.interpret:  # fewer, larger programs: the interpreter pays per program
         block_m = _pow2_clamp(M, 16, 64)
     else:
         block_m = 128 if M >= 128 * 132 else 64
@@ -86,14 +139,18 @@ def _conv_config(M: int, cout: int, cin_g: int, cout_g: int, dtype: torch.dtype,
     groups_per_block = -(-block_n // cout_g)
     # Blocks that may span several groups need the kernel's exact NaN/Inf path (a NaN
     # input times another group's zero weight is NaN); dense and group-aligned blocks do not.
-    multi_group = cout_g < cout and cout_g % block_n != 0
+    multi_group = ONE_GROUP
+    if cout_g < cout and cout_g % block_n != 0:
+        multi_group = MULTI_GROUP_FLAT_CHECK if target.tcgen05_before_3_8 else MULTI_GROUP
     # K <= 32 channels on the largest tiles and 16 in fp32: wider 3x3 tiles spilled on sm_90
     big = block_m * block_n >= 128 * 64
     k_cap = 16 if dtype == torch.float32 else (32 if big else 64)
     block_k = _pow2_clamp(groups_per_block * cin_g, 16, k_cap)
     num_warps = 4 if block_m * block_n <= 64 * 32 else 8
+    elem = torch.empty((), dtype=dtype).element_size()
+    num_stages = fit_stages(target, lambda s: mma_shared_bytes(block_m, block_n, block_k, s, elem))
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, MULTI_GROUP=multi_group,
-                num_warps=num_warps, num_stages=3)
+                num_warps=num_warps, num_stages=num_stages)
 
 
 def rows_config(M: int, C: int) -> dict:
@@ -213,3 +270,56 @@ def positional_launch_args(kernel, n_operands: int, kwargs: dict) -> Tuple[tuple
             break
         names.append(name)
     return tuple(kwargs[name] for name in names), {k: v for k, v in kwargs.items() if k not in names}
+
+
+# --------------------------------------------------------------------------------------
+# Safe fallback: a kernel that cannot compile or launch on this device
+# --------------------------------------------------------------------------------------
+# (op, key) -> the first line of the error, for every Triton launch that failed to compile or
+# launch (Triton's CompilationError, OutOfResources, PTXASError, an MLIR pass failure): that
+# op runs its PyTorch path for that key from then on.  The hot path only tests whether the
+# dict is empty (``if FAILED and ...``); the key is built once something failed.
+FAILED = {}
+
+
+def is_launch_failure(err: BaseException) -> bool:
+    """Whether ``err`` says a kernel cannot be built or started here (not a bug of the caller:
+    bad arguments, a device error while running, ...)."""
+    from triton.compiler.errors import CompilationError
+    from triton.runtime import errors
+    kinds = (CompilationError, errors.OutOfResources) + tuple(
+        getattr(errors, name) for name in ("PTXASError",) if hasattr(errors, name))
+    if isinstance(err, kinds):
+        return True
+    # the MLIR pass manager's failure comes as a plain RuntimeError ("PassManager::run failed")
+    return isinstance(err, RuntimeError) and "PassManager::run failed" in str(err)
+
+
+def first_error_line(err: BaseException) -> str:
+    """"Type: first line" of an error (a CompilationError's message, not its source excerpt)."""
+    text = getattr(err, "error_message", None) or str(err)
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+
+
+def failure_key(op: str, t: torch.Tensor, *shapes) -> tuple:
+    """What a failure is recorded for: the op, the device, the dtype and the shapes."""
+    return (op, t.device, t.dtype, tuple(t.shape), *(tuple(s) for s in shapes))
+
+
+def record_failure(err: BaseException, key: tuple) -> None:
+    """Re-raise ``err`` unless it is a launch failure; else remember ``key`` (its op then takes
+    the PyTorch path for it) and warn once, naming the op, the device, the Triton version and
+    the error's first line."""
+    if not is_launch_failure(err):
+        raise err
+    import warnings
+
+    import triton
+    first = first_error_line(err)
+    FAILED[key] = first
+    device = key[1]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} (interpreter)"
+    warnings.warn(f"kernels.{key[0]}: the Triton kernel cannot compile or launch on {device} ({name}) with "
+                  f"Triton {triton.__version__} for {key[2]} {list(key[3])}: {first}. That op runs its "
+                  f"PyTorch path for this shape and dtype from now on.", RuntimeWarning, stacklevel=3)

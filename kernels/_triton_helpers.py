@@ -13,9 +13,15 @@ def mma(a, b, acc, ALLOW_TF32: tl.constexpr):
 
 
 @triton.jit
-def has_nonfinite(acc):
-    """Whether a 2-D tile holds a NaN or an Inf (one block-wide reduction)."""
+def has_nonfinite(acc, FLAT: tl.constexpr = False):
+    """Whether a 2-D tile holds a NaN or an Inf (one block-wide reduction).  ``FLAT``: reduce
+    the flattened tile instead of one axis after the other (a shared-memory round trip):
+    Triton < 3.8 cannot compile the two-axis reduction of an sm_100 tensor-memory
+    accumulator (``TritonNvidiaGPUOptimizeTMemLayoutsPass``: "parent layout must have at
+    least rank >= 2"); ``_runtime.conv_config`` asks for it on that pair only."""
     bad = (acc != acc) | (tl.abs(acc) == float("inf"))
+    if FLAT:
+        return tl.max(tl.reshape(bad.to(tl.int32), (acc.shape[0] * acc.shape[1],)), axis=0) > 0
     return tl.max(tl.max(bad.to(tl.int32), axis=1), axis=0) > 0
 
 

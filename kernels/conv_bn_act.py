@@ -38,8 +38,7 @@ import triton.language as tl
 from . import reference, sync_bn
 from . import _runtime
 from ._runtime import allow_tf32, arrival_counters, cdiv, conv_config, eager_or_op, memo_call, next_power_of_2
-from ._runtime import positional_launch_args
-from ._runtime import use_triton
+from ._runtime import positional_launch_args, Target, target_of, use_triton
 from ._triton_helpers import has_nonfinite, last_arrival, mma
 from .batchnorm import BNStats, bn_finalize, finalize_channels, finalize_done, finalize_flags, finalize_kinds
 from .batchnorm import finalize_outputs, run_bn_act
@@ -111,7 +110,7 @@ def conv_bn_act_fwd_kernel(
     OUT_AFFINE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, OUT_RELU: tl.constexpr,
     STATS: tl.constexpr, ALLOW_TF32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    MULTI_GROUP: tl.constexpr,  # a block of BLOCK_N output channels may span several groups
+    MULTI_GROUP: tl.constexpr,  # a block of BLOCK_N output channels may span groups (1; 2: flat NaN check)
     # element strides of w along (tap, ci, co): the packed layout (Cin_g*Cout, Cout, 1) or
     # the weight's own [Cout, Cin_g, k, k] storage (see ``weight_strides``)
     w_stride_tap, w_stride_ci, w_stride_co,
@@ -178,7 +177,7 @@ def conv_bn_act_fwd_kernel(
         # row, not just its group's.  It also leaves a NaN/Inf in acc, so one check after
         # the loop finds every such tile (real NaN/Inf or overflow: rare), and only those
         # are recomputed one group at a time, which is exact.
-        if has_nonfinite(acc):
+        if has_nonfinite(acc, MULTI_GROUP == 2):
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             g_first = (pid_n * BLOCK_N) // COUT_G
             num_kg = tl.cdiv(CIN_G, BLOCK_K)
@@ -292,7 +291,8 @@ def conv_bn_act_forward(
     ``in_gate`` ([N, Cin] or [N, Cin, 1, 1], with in_scale): the prologue's output is multiplied by
     it per (image, channel), after the ReLU (``squeeze_excite.GatedConvFn``).
     """
-    if not use_triton(x) or x.dtype == torch.float64:  # float64: reference (for gradcheck)
+    # float64: reference (for gradcheck); a kernel that failed to compile or launch here: reference
+    if not use_triton(x) or x.dtype == torch.float64 or (_runtime.FAILED and _failed(x, weight)):
         if in_gate is not None:
             x = reference.input_prologue(x, in_scale, in_shift, in_relu, in_gate)
             in_scale = in_shift = None
@@ -317,10 +317,16 @@ def conv_bn_act_forward(
     # The statistics finalized in the convolution's own launch, unless they are a process
     # group's (a gather between the two merges) or the batch is empty (no program runs).
     in_launch = stats and group_name is None and x.numel() > 0
-    y, part_mean, part_m2, sq_part, (M, block_m, hw), bn_stats = _launch(
-        x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu, out_scale, out_shift, residual,
-        out_relu, stats, squeeze_sums is not None, in_gate,
-        (bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps) if in_launch else None)
+    try:
+        y, part_mean, part_m2, sq_part, (M, block_m, hw), bn_stats = _launch(
+            x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu, out_scale, out_shift, residual,
+            out_relu, stats, squeeze_sums is not None, in_gate,
+            (bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps) if in_launch else None)
+    except Exception as err:  # a compile/launch failure raises before the kernel runs: nothing was written
+        _runtime.record_failure(err, _failure_key(x, weight))
+        return conv_bn_act_forward(x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu, out_scale,
+                                   out_shift, residual, out_relu, stats, bn_weight, bn_bias, running_mean,
+                                   running_var, num_batches_tracked, momentum, eps, group_name, squeeze_sums, in_gate)
     if sq_part is not None:
         merge_squeeze_sums(squeeze_sums, sq_part, hw, block_m)
     if bn_stats is not None:
@@ -342,29 +348,44 @@ def conv_bn_act_eval(
     """y of ``conv_bn_act_forward`` without statistics (an eval-mode stage) when nothing is
     recorded (no autograd, no torch.compile trace): the same launch, without the op's four
     empty statistics outputs."""
-    if not use_triton(x) or x.dtype == torch.float64:
+    if not use_triton(x) or x.dtype == torch.float64 or (_runtime.FAILED and _failed(x, weight)):
         return conv_bn_act_forward(x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu,
                                    out_scale, out_shift, residual, out_relu, False, None, None, None, None,
                                    None, None, 0.0)[0]
-    return _launch(x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu, out_scale, out_shift,
-                   residual, out_relu, False, False, None)[0]
+    try:
+        return _launch(x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu, out_scale,
+                       out_shift, residual, out_relu, False, False, None)[0]
+    except Exception as err:
+        _runtime.record_failure(err, _failure_key(x, weight))
+        return conv_bn_act_eval(x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu,
+                                out_scale, out_shift, residual, out_relu)
+
+
+def _failure_key(x: Tensor, weight: Tensor) -> tuple:
+    return _runtime.failure_key("conv_bn_act", x, weight.shape)
+
+
+def _failed(x: Tensor, weight: Tensor) -> bool:
+    """Whether the forward kernel failed to compile or launch for this shape, dtype and device
+    (``_runtime.record_failure``): then the PyTorch path, without a new try."""
+    return _failure_key(x, weight) in _runtime.FAILED
 
 
 @functools.lru_cache(maxsize=4096)
 def _launch_consts(N: int, H: int, W: int, Cin: int, Cout: int, cin_g: int, groups: int, ksize: int,
                    stride: int, padding: int, dtype: torch.dtype, in_affine: bool, in_relu: bool,
                    out_affine: bool, has_residual: bool, out_relu: bool, stats: bool, squeeze: bool,
-                   in_gate: bool, tf32: bool, w_strides: Tuple[int, int, int], interpret: bool,
+                   in_gate: bool, tf32: bool, w_strides: Tuple[int, int, int], target: Target,
                    config=conv_config, finalize: Optional[Tuple[bool, bool, bool, bool]] = None):
     """The constant part of a forward launch, per shape, dtype and flags (host time: ~40
     arguments built per call otherwise): the output shape, the grid, the arguments after the
     ten pointers (``positional_launch_args``: positional, keywords), the partials' shapes and
     (M, BLOCK_M, Ho*Wo).  ``finalize``: the
-    launch also finalizes the statistics (its ``batchnorm.finalize_kinds``)."""
-    del interpret  # conv_config reads it: a part of the key (and ``config``: the function in use)
+    launch also finalizes the statistics (its ``batchnorm.finalize_kinds``).  ``target``: the
+    device's (``_runtime.target_of``); ``config``: the configuration function in use."""
     Ho, Wo = out_size(H, ksize, stride, padding), out_size(W, ksize, stride, padding)
     M = N * Ho * Wo
-    cfg = config(M, Cout, cin_g, Cout // groups, dtype)
+    cfg = config(M, Cout, cin_g, Cout // groups, dtype, target)
     n_row_blocks = cdiv(M, cfg["BLOCK_M"])
     grid = (n_row_blocks, cdiv(Cout, cfg["BLOCK_N"]))
     kwargs = dict(N=N, H=H, W=W, Cin=Cin, Ho=Ho, Wo=Wo, Cout=Cout, CIN_G=cin_g, COUT_G=Cout // groups,
@@ -414,7 +435,7 @@ def _launch(x: Tensor, weight: Tensor, packed: Optional[Tensor], stride: int, pa
     y_shape, grid, (args, kwargs), part_shape, sq_shape, sizes = _launch_consts(
         N, H, W, Cin, Cout, cin_g, groups, ksize, stride, padding, x.dtype, in_scale is not None, in_relu,
         out_scale is not None, residual is not None, out_relu, stats, squeeze, in_gate is not None,
-        allow_tf32(x.dtype), weight_strides(w), _runtime.INTERPRET, conv_config,
+        allow_tf32(x.dtype), weight_strides(w), target_of(x), conv_config,
         None if finalize is None else finalize_kinds(finalize[0], finalize[2], finalize[4], finalize[5]))
     y = torch.empty(y_shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     part_mean = part_m2 = sq_part = None

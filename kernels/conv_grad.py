@@ -36,6 +36,7 @@ import triton.language as tl
 
 from . import _runtime, reference
 from ._runtime import allow_tf32, arrival_counters, cdiv, conv_config, positional_launch_args, _pow2_clamp, use_triton
+from ._runtime import Target, target_of
 from ._triton_helpers import bn_stats_backward, has_nonfinite, last_arrival, mma
 from .bn_backward import StatsGrad
 from .weights import weight_operand, weight_strides
@@ -119,7 +120,7 @@ def _dgrad_program(
     BLOCK_M: tl.constexpr,  # input pixels of one parity class
     BLOCK_N: tl.constexpr,  # input channels
     BLOCK_K: tl.constexpr,  # output channels (the reduction)
-    MULTI_GROUP: tl.constexpr,  # a block of BLOCK_N input channels may span several groups
+    MULTI_GROUP: tl.constexpr,  # a block of BLOCK_N input channels may span groups (1; 2: flat NaN check)
     x_ptr=None,  # [N, H, W, Cin] NHWC (PRO_BWD): the forward's x, before its prologue
     in_scale_ptr=None, in_shift_ptr=None,  # [Cin] fp32 (PRO_BWD): the prologue x*s + b (then ReLU)
     psum_ptr=None,  # [2, n_rows, Cin] fp32 scratch (PRO_BWD): per-program sums of g and g*x
@@ -193,7 +194,7 @@ def _dgrad_program(
         # As in the forward kernel: a NaN/Inf in dz times another group's zero weight would
         # reach every channel of its row.  Tiles whose result holds a NaN/Inf (rare) are
         # recomputed one group at a time, which is exact.
-        if has_nonfinite(acc):
+        if has_nonfinite(acc, MULTI_GROUP == 2):
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             g_first = (pid_n * BLOCK_N) // CIN_G
             num_kg = tl.cdiv(COUT_G, BLOCK_K)
@@ -268,7 +269,7 @@ def conv_dgrad_kernel(
     BLOCK_M: tl.constexpr,  # input pixels of one parity class
     BLOCK_N: tl.constexpr,  # input channels
     BLOCK_K: tl.constexpr,  # output channels (the reduction)
-    MULTI_GROUP: tl.constexpr,  # a block of BLOCK_N input channels may span several groups
+    MULTI_GROUP: tl.constexpr,  # a block of BLOCK_N input channels may span groups (1; 2: flat NaN check)
 ):
     _dgrad_program(tl.program_id(0), tl.program_id(1), tl.program_id(2),
                    dx_ptr, dz_ptr, w_ptr, N, H, W, Cin, Ho, Wo, Cout, CIN_G, COUT_G, stride, padding,
@@ -276,36 +277,36 @@ def conv_dgrad_kernel(
 
 
 def dgrad_config(N: int, H: int, W: int, cin: int, cin_g: int, cout_g: int, stride: int,
-                 dtype: torch.dtype) -> dict:
+                 dtype: torch.dtype, target: Optional[Target] = None) -> dict:
     """Block sizes of ``conv_dgrad_kernel``: the forward's with input and output channels swapped.
 
     Rows are the input pixels of one parity class; columns input channels (``cin_g`` per
     group); the reduction runs over output channels (``cout_g`` per group).
     """
-    return dict(_dgrad_config(N * cdiv(H, stride) * cdiv(W, stride), cin, cout_g, cin_g, dtype, _runtime.INTERPRET))
+    return dict(_dgrad_config(N * cdiv(H, stride) * cdiv(W, stride), cin, cout_g, cin_g, dtype,
+                              target or _runtime.default_launch_target()))
 
 
 @functools.lru_cache(maxsize=4096)
-def _dgrad_config(rows_per_class, cin, cout_g, cin_g, dtype, interpret) -> dict:
-    del interpret  # conv_config reads it: a part of the key
-    return conv_config(rows_per_class, cin, cout_g, cin_g, dtype)
+def _dgrad_config(rows_per_class, cin, cout_g, cin_g, dtype, target) -> dict:
+    return conv_config(rows_per_class, cin, cout_g, cin_g, dtype, target)
 
 
-def dgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype, w_strides=None):
+def dgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype, w_strides=None, target=None):
     """(grid, size arguments, constexprs and launch options) of ``conv_dgrad_kernel``.
 
     The launcher and the offline-compilation test both use it: the test compiles exactly
     what runs.  ``w_strides``: the weight operand's (tap, ci, co) strides
     (``weights.weight_strides``); None: the packed layout.  Memoised: do not edit the
-    dicts it returns.
+    dicts it returns.  ``target``: what to configure for (None: ``_runtime.default_launch_target()``).
     """
     return _memoised(_dgrad_launch, (N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype,
-                                     w_strides))[:3]
+                                     w_strides, target or _runtime.default_launch_target()))[:3]
 
 
-def _dgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype, w_strides):
+def _dgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype, w_strides, target):
     cin_g, cout_g = Cin // groups, Cout // groups
-    meta = dgrad_config(N, H, W, Cin, cin_g, cout_g, stride, dtype)
+    meta = dgrad_config(N, H, W, Cin, cin_g, cout_g, stride, dtype, target)
     s_tap, s_ci, s_co = w_strides if w_strides is not None else (cin_g * Cout, Cout, 1)
     sizes = dict(N=N, H=H, W=W, Cin=Cin, Ho=Ho, Wo=Wo, Cout=Cout, CIN_G=cin_g, COUT_G=cout_g,
                  stride=stride, padding=padding, w_stride_tap=s_tap, w_stride_ci=s_ci, w_stride_co=s_co)
@@ -323,7 +324,7 @@ def _memoised(build, args: tuple) -> tuple:
     (every backward of every convolution asks; the callers may replace the config functions):
     do not edit what it returns.  A ``_*_launch`` builder returns its public launcher's
     tuple plus ``positional_launch_args`` of its kernel."""
-    key = (build, args, _runtime.INTERPRET, torch.backends.cudnn.allow_tf32, wgrad_config, dgrad_config)
+    key = (build, args, torch.backends.cudnn.allow_tf32, wgrad_config, dgrad_config)  # (args end with the target)
     launch = _LAUNCHES.get(key)
     if launch is None:
         if len(_LAUNCHES) > 4096:
@@ -378,7 +379,8 @@ def conv_dgrad(dz: Tensor, weight: Tensor, input_hw: Sequence[int], stride: int,
     H, W = int(input_hw[0]), int(input_hw[1])
     Cin = cin_g * groups
     _check_shapes(dz, weight.shape, H, W, stride, padding, groups)
-    if not use_triton(dz) or dz.dtype == torch.float64:  # plain CPU, or float64 for gradcheck
+    # plain CPU, float64 for gradcheck, or a kernel that failed to compile or launch here
+    if not use_triton(dz) or dz.dtype == torch.float64 or (_runtime.FAILED and _failed("conv_dgrad", dz, weight.shape)):
         x_shape = dz.new_empty(1).expand(N, Cin, H, W)  # only its shape is read
         dx = torch.ops.aten.convolution_backward(
             dz, x_shape, weight.to(dz.dtype), None, [stride] * 2, [padding] * 2, [1, 1],
@@ -392,9 +394,19 @@ def conv_dgrad(dz: Tensor, weight: Tensor, input_hw: Sequence[int], stride: int,
     dx = _empty((N, Cin, H, W), device=dz.device, dtype=dz.dtype, memory_format=torch.channels_last)
     w = weight_operand(weight, packed, dz.dtype)
     grid, _, _, (size_args, options) = _memoised(_dgrad_launch, (N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding,
-                                                                 groups, dz.dtype, weight_strides(w)))
-    conv_dgrad_kernel[grid](dx, dz, w, *size_args, **options)
+                                                                 groups, dz.dtype, weight_strides(w), target_of(dz)))
+    try:
+        conv_dgrad_kernel[grid](dx, dz, w, *size_args, **options)
+    except Exception as err:  # a compile/launch failure raises before the kernel runs
+        _runtime.record_failure(err, _runtime.failure_key("conv_dgrad", dz, weight.shape))
+        return conv_dgrad(dz, weight, input_hw, stride, padding, groups, packed)
     return dx
+
+
+def _failed(op: str, dz: Tensor, weight_shape) -> bool:
+    """Whether ``op``'s kernel failed to compile or launch for this shape, dtype and device
+    (``_runtime.record_failure``): then the PyTorch path, without a new try."""
+    return _runtime.failure_key(op, dz, weight_shape) in _runtime.FAILED
 
 
 # --------------------------------------------------------------------------------------
@@ -556,18 +568,23 @@ def conv_wgrad_kernel(
 _WGRAD_TARGET_PROGRAMS = 1024  # ~8 per SM of an H100: enough to hide load latency
 
 
-def wgrad_config(M: int, cout: int, cin_g: int, cout_g: int, ksize: int) -> dict:
+def wgrad_config(M: int, cout: int, cin_g: int, cout_g: int, ksize: int, dtype: torch.dtype = torch.bfloat16,
+                 target: Optional[Target] = None) -> dict:
     """Block sizes and M-split of ``conv_wgrad_kernel``; M = N*Ho*Wo output pixels.
 
-    Depends on the shape only (not on the device), so a given convolution always sums
-    its partials in the same order: same bits on any GPU.  Memoised (host time, every
-    backward of every convolution): a copy each call.
+    The blocks and splits depend on the shape only (not on the device), so a given
+    convolution always sums its partials in the same order: same bits on any GPU; the
+    pipeline stages (which do not change the order) are those that fit ``target``'s shared
+    memory in ``dtype``.  Memoised (host time, every backward of every convolution): a copy
+    each call.
     """
-    return dict(_wgrad_config(M, cout, cin_g, cout_g, ksize, _runtime.INTERPRET))
+    return dict(_wgrad_config(M, cout, cin_g, cout_g, ksize, dtype, target or _runtime.default_launch_target()))
 
 
 @functools.lru_cache(maxsize=4096)
-def _wgrad_config(M: int, cout: int, cin_g: int, cout_g: int, ksize: int, interpret: bool) -> dict:
+def _wgrad_config(M: int, cout: int, cin_g: int, cout_g: int, ksize: int, dtype: torch.dtype,
+                  target: Target) -> dict:
+    interpret = target.interpret
     block_co = _pow2_clamp(cout, 16, 64 if cout_g >= 64 else 32)
     groups_per_block = -(-block_co // cout_g)
     block_ci = _pow2_clamp(groups_per_block * cin_g, 16, 64)
@@ -586,12 +603,14 @@ def _wgrad_config(M: int, cout: int, cin_g: int, cout_g: int, ksize: int, interp
     m_blocks = cdiv(M, block_m)
     rows_per_split = cdiv(m_blocks, max(1, min(m_blocks, splits))) * block_m
     num_warps = 4 if block_co * block_ci <= 32 * 64 else 8
+    elem = torch.empty((), dtype=dtype).element_size()  # ([BLOCK_CO, BLOCK_M] x [BLOCK_M, BLOCK_CI] tiles)
+    num_stages = _runtime.fit_stages(target, lambda s: _runtime.mma_shared_bytes(block_co, block_ci, block_m, s, elem))
     return dict(BLOCK_M=block_m, BLOCK_CO=block_co, BLOCK_CI=block_ci, n_ci_blocks=n_ci_blocks,
-                rows_per_split=rows_per_split, num_warps=num_warps, num_stages=3)
+                rows_per_split=rows_per_split, num_warps=num_warps, num_stages=num_stages)
 
 
 def wgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype, in_affine=False,
-                 in_relu=False, dw_strides=None, in_gate=False):
+                 in_relu=False, dw_strides=None, in_gate=False, target=None):
     """(grid, size arguments, constexprs and launch options) of ``conv_wgrad_kernel``.
 
     The number of splits (partial sums) is ``grid[2]``.  Shared with the offline
@@ -599,14 +618,14 @@ def wgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dty
     weight's layout); None: contiguous.  Memoised: do not edit the dicts it returns.
     """
     return _memoised(_wgrad_launch, (N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype, in_affine,
-                                     in_relu, dw_strides, in_gate))[:3]
+                                     in_relu, dw_strides, in_gate, target or _runtime.default_launch_target()))[:3]
 
 
 def _wgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype, in_affine, in_relu,
-                  dw_strides, in_gate):
+                  dw_strides, in_gate, target):
     cin_g, cout_g = Cin // groups, Cout // groups
     M = N * Ho * Wo
-    meta = wgrad_config(M, Cout, cin_g, cout_g, ksize)
+    meta = wgrad_config(M, Cout, cin_g, cout_g, ksize, dtype, target)
     n_ci_blocks, rows_per_split = meta.pop("n_ci_blocks"), meta.pop("rows_per_split")
     sizes = dict(N=N, H=H, W=W, Cin=Cin, Ho=Ho, Wo=Wo, Cout=Cout, CIN_G=cin_g, COUT_G=cout_g,
                  stride=stride, padding=padding, rows_per_split=rows_per_split, n_ci_blocks=n_ci_blocks)
@@ -649,7 +668,8 @@ def conv_wgrad(dz: Tensor, a: Tensor, weight_shape: Sequence[int], stride: int, 
         raise ValueError(f"input {list(a.shape)} does not match weight {list(weight_shape)} "
                          f"with groups {groups}")
     _check_shapes(dz, weight_shape, a.shape[2], a.shape[3], stride, padding, groups)
-    if not use_triton(dz) or dz.dtype == torch.float64:  # plain CPU, or float64 for gradcheck
+    # plain CPU, float64 for gradcheck, or a kernel that failed to compile or launch here
+    if not use_triton(dz) or dz.dtype == torch.float64 or (_runtime.FAILED and _failed("conv_wgrad", dz, weight_shape)):
         a = reference.input_prologue(a, in_scale, in_shift, in_relu, in_gate)
         w_shape = dz.new_empty(1).expand(*weight_shape)  # only its shape is read
         dw = torch.ops.aten.convolution_backward(
@@ -673,7 +693,7 @@ def conv_wgrad(dz: Tensor, a: Tensor, weight_shape: Sequence[int], stride: int, 
     gated = affine and in_gate is not None
     grid, _, _, (size_args, options) = _memoised(_wgrad_launch, (N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding,
                                                                  groups, dz.dtype, affine, in_relu and affine,
-                                                                 dw.stride(), gated))
+                                                                 dw.stride(), gated, target_of(dz)))
     # split partials, summed in the kernel by the last split of each tile (one split: dw itself
     # is the partials operand, never read)
     partials = _empty((grid[2], Cout, cin_g, ksize, ksize), device=dz.device, dtype=torch.float32) \
@@ -682,8 +702,13 @@ def conv_wgrad(dz: Tensor, a: Tensor, weight_shape: Sequence[int], stride: int, 
     gate = in_gate.detach().float().reshape(N, Cin).contiguous() if gated else None
     # without the prologue dw stands in for the vectors (not read: one pointer type, one binary)
     scale, shift = (_vector_operand(in_scale), _vector_operand(in_shift)) if affine else (dw, dw)
-    conv_wgrad_kernel[grid](partials, dz, a, scale, shift, *size_args, dw_ptr=dw, counter_ptr=counters,
-                            in_gate_ptr=gate, **options)
+    try:
+        conv_wgrad_kernel[grid](partials, dz, a, scale, shift, *size_args, dw_ptr=dw, counter_ptr=counters,
+                                in_gate_ptr=gate, **options)
+    except Exception as err:  # a compile/launch failure raises before the kernel runs
+        _runtime.record_failure(err, _runtime.failure_key("conv_wgrad", dz, weight_shape))
+        return conv_wgrad(dz, a, weight_shape, stride, padding, groups, True, in_scale, in_shift, in_relu,
+                          layout_like, in_gate)
     return dw
 
 
@@ -763,7 +788,7 @@ def conv_grads_kernel(
 
 def grads_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype, in_affine=False,
                  in_relu=False, w_strides=None, dw_strides=None, in_gate=False, prologue_backward=False,
-                 stats_dz=False, stats_gamma=False, dx_add=False):
+                 stats_dz=False, stats_gamma=False, dx_add=False, target=None):
     """(grid, size arguments, constexprs and launch options, wgrad grid) of
     ``conv_grads_kernel``: ``dgrad_launch`` and ``wgrad_launch`` side by side (the block
     sizes of each, the larger warp count).  Shared with the offline compilation test.
@@ -771,15 +796,15 @@ def grads_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dty
     dicts it returns."""
     return _memoised(_grads_launch, (N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype, in_affine,
                                      in_relu, w_strides, dw_strides, in_gate, prologue_backward, stats_dz,
-                                     stats_gamma, dx_add))[:4]
+                                     stats_gamma, dx_add, target or _runtime.default_launch_target()))[:4]
 
 
 def _grads_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype, in_affine, in_relu,
-                  w_strides, dw_strides, in_gate, prologue_backward, stats_dz, stats_gamma, dx_add):
+                  w_strides, dw_strides, in_gate, prologue_backward, stats_dz, stats_gamma, dx_add, target):
     d_grid, d_sizes, d_meta = dgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype,
-                                           w_strides)
+                                           w_strides, target)
     w_grid, w_sizes, w_meta = wgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype,
-                                           in_affine, in_relu, dw_strides, in_gate)
+                                           in_affine, in_relu, dw_strides, in_gate, target)
     dgrad_programs = d_grid[0] * d_grid[1] * d_grid[2]
     sizes = dict(d_sizes, **w_sizes, dgrad_m_blocks=d_grid[0], dgrad_n_blocks=d_grid[1],
                  dgrad_programs=dgrad_programs, wgrad_c_blocks=w_grid[0], wgrad_splits=w_grid[2])
@@ -788,7 +813,7 @@ def _grads_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dt
                 D_BLOCK_K=d_meta["BLOCK_K"], MULTI_GROUP=d_meta["MULTI_GROUP"], W_BLOCK_M=w_meta["BLOCK_M"],
                 W_BLOCK_CO=w_meta["BLOCK_CO"], W_BLOCK_CI=w_meta["BLOCK_CI"],
                 num_warps=max(d_meta["num_warps"], w_meta["num_warps"]),
-                num_stages=max(d_meta["num_stages"], w_meta["num_stages"]),
+                num_stages=min(d_meta["num_stages"], w_meta["num_stages"]),  # what fits both bodies
                 PRO_BWD=bool(prologue_backward and in_affine and not in_gate),
                 STATS_DZ=bool(stats_dz), ST_GAMMA=bool(stats_dz and stats_gamma), DX_ADD=bool(dx_add))
     if stats_dz:
@@ -834,7 +859,9 @@ def conv_grads(dz: Tensor, a: Tensor, weight: Tensor, stride: int, padding: int,
     if a.dim() != 4 or a.shape[0] != N or a.shape[1] != cin_g * groups:
         raise ValueError(f"input {list(a.shape)} does not match weight {list(weight.shape)} with groups {groups}")
     H, W = a.shape[2], a.shape[3]
-    if not use_triton(dz) or dz.dtype == torch.float64 or dz.numel() == 0:  # the separate paths handle these
+    # the separate paths handle these (and a kernel that failed to compile or launch here)
+    if not use_triton(dz) or dz.dtype == torch.float64 or dz.numel() == 0 or \
+            (_runtime.FAILED and _failed("conv_grads", dz, weight.shape)):
         dparam = ()
         if stats is not None:
             dz, dparam = stats_terms_reference(dz, stats)
@@ -860,7 +887,7 @@ def conv_grads(dz: Tensor, a: Tensor, weight: Tensor, stride: int, padding: int,
     grid, sizes, _, w_grid, (size_args, options) = _memoised(_grads_launch, (
         N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dz.dtype, affine, in_relu and affine,
         weight_strides(w), dw.stride(), gated, prologue_backward, stats is not None,
-        stats is not None and stats.gamma is not None, dx_add is not None))
+        stats is not None and stats.gamma is not None, dx_add is not None, target_of(dz)))
     splits = w_grid[2]
     # the split partials [splits, Cout, Cin/groups, k, k] and the prologue's row partials are
     # merged inside the launch: kept scratch (one split: dw itself is the operand, never read)
@@ -883,8 +910,13 @@ def conv_grads(dz: Tensor, a: Tensor, weight: Tensor, stride: int, padding: int,
                   st_dshift_ptr=_vector_operand(stats.dshift), st_eps=float(stats.eps),
                   st_gamma_ptr=_vector_operand(stats.gamma if stats.gamma is not None else stats.mean))
     # (None: the keyword arguments' defaults, as when they are left out)
-    conv_grads_kernel[grid](dx, partials, dw, counters, dz, w, a, scale, shift, *size_args, in_gate_ptr=gate,
-                            psum_ptr=psum, sums_ptr=sums, pro_counter_ptr=pro_counters, **st, **options)
+    try:
+        conv_grads_kernel[grid](dx, partials, dw, counters, dz, w, a, scale, shift, *size_args, in_gate_ptr=gate,
+                                psum_ptr=psum, sums_ptr=sums, pro_counter_ptr=pro_counters, **st, **options)
+    except Exception as err:  # a compile/launch failure raises before the kernel runs
+        _runtime.record_failure(err, _runtime.failure_key("conv_grads", dz, weight.shape))
+        return conv_grads(dz, a, weight, stride, padding, groups, packed, in_scale, in_shift, in_relu, in_gate,
+                          prologue_backward, stats, dx_add)
     out = (dx, dw, sums) if prologue_backward else (dx, dw)
     return out if stats is None else (*out, dparam)
 

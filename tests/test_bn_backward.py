@@ -451,58 +451,13 @@ def test_backward_bit_identical_twice():
 # --------------------------------------------------------------------------------------
 _COMPILE_SCRIPT = r"""
 import json, sys
-import torch
-from kernels._compile import compile_for_hopper, resource_usage
-from kernels.bn_backward import bn_backward_kernel, launch_config
-PTR = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16"}
-ACT = {"dz_ptr", "dres_ptr", "dy_ptr", "relu_src_ptr", "v_ptr", "r_ptr", "img_src_ptr"}
-# every constexpr combination the backward formulas launch, at their heaviest
-VARIANTS = {
-    "bn_act": dict(HAS_DY=True, RELU_MODE=1, SCALE=True, STATS=False, WRITE_DZ=True, WRITE_DRES=True,
-                   RES_SCALE=True, SUM_G=True, SUM_V=1, SUM_R=True),
-    # a downsample block's final pass: sum g twice (bn3's and the downsample BN's shift)
-    "bn_act_downsample": dict(HAS_DY=True, RELU_MODE=1, SCALE=True, STATS=False, WRITE_DZ=True, WRITE_DRES=True,
-                              RES_SCALE=True, SUM_G=True, SUM_V=1, SUM_R=True, SUM_G_TWICE=True),
-    "epilogue_stats": dict(HAS_DY=True, RELU_MODE=0, SCALE=False, STATS=True, STAT_DMV=True, STAT_DAFF=True,
-                           STAT_GAMMA=True, WRITE_DZ=True, WRITE_DRES=False,
-                           RES_SCALE=False, SUM_G=False, SUM_V=0, SUM_R=False),
-    "epilogue_eval": dict(HAS_DY=True, RELU_MODE=1, SCALE=True, STATS=False, WRITE_DZ=True, WRITE_DRES=True,
-                          RES_SCALE=False, SUM_G=True, SUM_V=1, SUM_R=False),
-    "prologue": dict(HAS_DY=True, RELU_MODE=2, SCALE=True, STATS=False, WRITE_DZ=True, WRITE_DRES=False,
-                     RES_SCALE=False, SUM_G=True, SUM_V=2, SUM_R=False),
-    # squeeze-excite: the gated final pass with the gate's per-image gradient, conv3's stats pass with
-    # the squeeze gradient added per image (kernels/squeeze_excite.py)
-    "bn_act_gated": dict(HAS_DY=True, RELU_MODE=1, SCALE=True, STATS=False, WRITE_DZ=True, WRITE_DRES=True,
-                         RES_SCALE=True, SUM_G=True, SUM_V=1, SUM_R=True, GATE=True, DGATE=True),
-    "epilogue_stats_squeeze": dict(HAS_DY=True, RELU_MODE=0, SCALE=False, STATS=True, STAT_DMV=True,
-                                   STAT_DAFF=True, STAT_GAMMA=True, WRITE_DZ=True, WRITE_DRES=False,
-                                   RES_SCALE=False, SUM_G=False, SUM_V=0, SUM_R=False, IMG_ADD=True),
-    # RegNetY's SE after conv2: conv3's gated prologue (the gate's gradient with the affine ReLU
-    # mask), conv2's stats pass with the squeeze gradient added under the ReLU mask
-    "prologue_gated": dict(HAS_DY=True, RELU_MODE=2, SCALE=True, STATS=False, WRITE_DZ=True, WRITE_DRES=False,
-                           RES_SCALE=False, SUM_G=True, SUM_V=2, SUM_R=False, GATE=True, DGATE=True),
-    "epilogue_stats_relu_squeeze": dict(HAS_DY=True, RELU_MODE=0, SCALE=False, STATS=True, STAT_DMV=True,
-                                        STAT_DAFF=True, STAT_GAMMA=True, WRITE_DZ=True, WRITE_DRES=False,
-                                        RES_SCALE=False, SUM_G=False, SUM_V=0, SUM_R=False, IMG_ADD=True,
-                                        IMG_MASK=True),
-}
+from kernels._compile import bn_backward_launches, compile_for_hopper, resource_usage
 rows = []
-# the configurations the launcher picks: ResNeXt channel counts at batch 64 (and a narrow layer)
-configs = {(c["BLOCK_M"], c["BLOCK_C"], c["num_warps"])
-           for c in (launch_config(64 * hw * hw, C) for C, hw in ((64, 56), (128, 56), (256, 28), (2048, 7), (16, 8)))}
 for dtype in ("float32", "float16", "bfloat16"):
-    for block_m, block_c, num_warps in sorted(configs):
-        for mode, flags in VARIANTS.items():
-            bm = max(16, block_m // 2) if flags.get("DGATE") else block_m  # image_launch_config: half the rows
-            const = dict(dict(STAT_DMV=False, STAT_DAFF=False, STAT_GAMMA=False, GATE=False, DGATE=False,
-                              IMG_ADD=False, IMG_MASK=False, SUM_G_TWICE=False), **flags, BLOCK_M=bm, BLOCK_C=block_c,
-                         BLOCK_T=32, dy_stride_c=1)  # dy channels_last: stride 1, as the JIT
-            sig = {n: "constexpr" if n in const else PTR[dtype] if n in ACT | {"gate_ptr"}
-                   else "*i32" if n == "counter_ptr" else "*fp32" if n.endswith("_ptr")
-                   else "fp32" if n in ("count", "eps") else "i32" for n in bn_backward_kernel.arg_names}
-            k = compile_for_hopper(bn_backward_kernel, sig, const, num_warps=num_warps)
-            rows.append(dict(mode=mode, dtype=dtype, BLOCK_M=bm, BLOCK_C=block_c, num_warps=num_warps,
-                             **resource_usage(k)))
+    for l in bn_backward_launches(dtype):  # every variant the backward formulas launch, as configured
+        k = compile_for_hopper(l["kernel"], l["signature"], l["constexprs"], num_warps=l["num_warps"])
+        rows.append(dict(mode=l["mode"], dtype=dtype, BLOCK_M=l["constexprs"]["BLOCK_M"],
+                         BLOCK_C=l["constexprs"]["BLOCK_C"], num_warps=l["num_warps"], **resource_usage(k)))
 json.dump(rows, open(sys.argv[1], "w"))
 """
 
