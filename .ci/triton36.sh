@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 VENV="${VENV_T36:-$(mktemp -d)/venv-t36}"
 python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q torch==2.13.0 triton==3.6.0 'numpy<2.4' pytest pytest-xdist hypothesis \
-    pytest-benchmark
+    pytest-benchmark ml_dtypes
 "$VENV/bin/python" -c "import torch, triton, numpy
 print('torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__)
 assert triton.__version__.startswith('3.6'), triton.__version__"
@@ -22,7 +22,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TRITON_DEFAULT_FP_FUSION=1
 RESNEXT_COMPILE_TARGETS=cuda:90,cuda:100 "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
     tests/test_compile_targets.py
 # 2. the interpreter: the forward kernel in every mode (channels_last), the gradient kernels on a
-#    grouped strided case, and the fallback
+#    grouped strided case, the fallback, and the bf16 patch of the interpreter (tests/interpreter_bf16.py)
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider -n 2 tests/test_conv_bn_act.py tests/test_fallback.py \
-    tests/test_conv_grad.py \
-    -k "not compiles_for_hopper and not nchw and (test_conv_bn_act or fallback or falls_back or 4_per_group_s2)"
+    tests/test_conv_grad.py tests/test_interpreter_bf16.py \
+    -k "not compiles_for_hopper and not nchw and (test_conv_bn_act or fallback or falls_back or 4_per_group_s2 or interpreter_bf16)"

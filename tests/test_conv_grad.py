@@ -12,9 +12,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 import pytest  # noqa: E402
@@ -24,7 +21,6 @@ from kernels import _runtime  # noqa: E402
 from kernels import conv_grad as cg  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @dataclass(frozen=True)
@@ -253,141 +249,6 @@ def test_empty_batch_and_shape_mismatch():
         cg.conv_dgrad(dz, w, (c.H + 2, c.W), c.stride, c.padding, c.groups)
     with pytest.raises(ValueError, match="does not match"):
         cg.conv_wgrad(dz, x, w.shape, c.stride, c.padding, c.groups * 2)
-
-
-# --------------------------------------------------------------------------------------
-# Offline compilation for Hopper (sm_90) of what the launchers pick for ResNeXt-50.
-# --------------------------------------------------------------------------------------
-# Grouped 3x3 (channels, input size, stride, groups = channels / per-group) from NOTES.md,
-# and the bottleneck's 1x1 convolutions (cin, cout, input size, stride).
-RESNEXT50_GROUPED_3X3 = [(128, 56, 1, 32), (256, 56, 2, 32), (256, 28, 1, 32), (512, 28, 2, 32),
-                         (512, 14, 1, 32), (1024, 14, 2, 32), (1024, 7, 1, 32)]
-RESNEXT50_1X1 = [(64, 128, 56, 1), (256, 128, 56, 1), (128, 256, 56, 1), (64, 256, 56, 1),
-                 (256, 256, 56, 1), (512, 256, 28, 1), (256, 512, 28, 1), (256, 512, 56, 2),
-                 (512, 512, 28, 1), (1024, 512, 14, 1), (512, 1024, 14, 1), (512, 1024, 28, 2),
-                 (1024, 1024, 14, 1), (2048, 1024, 7, 1), (1024, 2048, 7, 1), (1024, 2048, 14, 2)]
-BATCHES = (256, 32)
-
-
-def _resnext50_launches(dtype):
-    """Yield (kernel, pointer types, size arguments, constexprs + launch options) as launched."""
-    convs = [(c, c, hw, 3, s, 1, g) for c, hw, s, g in RESNEXT50_GROUPED_3X3]
-    convs += [(ci, co, hw, 1, s, 0, 1) for ci, co, hw, s in RESNEXT50_1X1]
-    ty = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}[dtype]
-    grads_ptrs = {name: ty if name in ("dx_ptr", "dz_ptr", "w_ptr", "a_ptr", "z_ptr", "dx_add_ptr") else
-                  "*i32" if name in ("counter_ptr", "pro_counter_ptr") else "*fp32"
-                  for name in cg.conv_grads_kernel.arg_names if name.endswith("_ptr")}
-    for N in BATCHES:
-        for cin, cout, hw, k, s, p, g in convs:
-            ho = (hw + 2 * p - k) // s + 1
-            args = (N, cin, hw, hw, cout, ho, ho, k, s, p, g, dtype)
-            from kernels._compile import weight_operand_strides
-            w_strides = weight_operand_strides(cout, cin // g, k, str(dtype).replace("torch.", ""))
-            dw_strides = (k * k * (cin // g), 1, k * (cin // g), cin // g)  # a channels_last model's weight
-            _, sizes, meta = cg.dgrad_launch(*args, w_strides=w_strides)
-            yield cg.conv_dgrad_kernel, dict(dx_ptr=ty, dz_ptr=ty, w_ptr=ty), sizes, meta
-            for prologue in (False, True):  # the training backward recomputes the BN + ReLU prologue
-                _, sizes, meta = cg.wgrad_launch(*args, in_affine=prologue, in_relu=prologue, dw_strides=dw_strides)
-                yield cg.conv_wgrad_kernel, dict(part_ptr="*fp32", dz_ptr=ty, a_ptr=ty, in_scale_ptr="*fp32",
-                                                 in_shift_ptr="*fp32", dw_ptr="*fp32", counter_ptr="*i32",
-                                                 in_gate_ptr="*fp32"), sizes, meta
-                # both in one launch (what the training backward runs); with the prologue, also
-                # its backward in the data gradient's epilogue (PRO_BWD, what it runs ungated);
-                # with a batch-statistics BN after the convolution, its terms on load (STATS_DZ);
-                # a block's conv1: the shortcut's gradient added to dx (DX_ADD)
-                for pro_bwd, stats_dz, dx_add in (((False, False, False), (True, False, False), (True, True, False))
-                                                  if prologue else
-                                                  ((False, False, False), (False, True, False), (False, True, True))):
-                    _, sizes, meta, _ = cg.grads_launch(*args, in_affine=prologue, in_relu=prologue,
-                                                        w_strides=w_strides, dw_strides=dw_strides,
-                                                        prologue_backward=pro_bwd, stats_dz=stats_dz, stats_gamma=True,
-                                                        dx_add=dx_add)
-                    yield cg.conv_grads_kernel, grads_ptrs, sizes, meta
-            if k == 1 and s == 1:  # conv3 of a RegNetY block: the prologue's gate too (IN_GATE)
-                _, sizes, meta, _ = cg.grads_launch(*args, in_affine=True, in_relu=True, w_strides=w_strides,
-                                                    dw_strides=dw_strides, in_gate=True)
-                yield cg.conv_grads_kernel, grads_ptrs, sizes, meta
-
-
-def _compile_for_hopper(dtype_name):
-    """Compile every distinct launch; return one summary line per kernel binary."""
-    import tempfile
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-
-    from kernels._compile import jit_specialization
-    dtype = getattr(torch, dtype_name)
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    launches = list(_resnext50_launches(dtype))
-    if dtype == torch.float32:  # also the exact path, taken when TF32 is switched off
-        launches += [(k, p, s, {**m, "ALLOW_TF32": False}) for k, p, s, m in launches[:2]]
-    done, report = set(), []
-    for kernel, ptrs, sizes, meta in launches:
-        meta = dict(meta)
-        options = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
-        # Specialise like the JIT: an int equal to 1 becomes a constant, a multiple of 16
-        # (and every pointer: PyTorch allocations are 16-byte aligned) gets that divisibility.
-        signature, constexprs, attrs = jit_specialization(kernel, sizes, ptrs, meta)
-        # One binary per block configuration and set of constant-1 sizes (stride 1, ...);
-        # the divisibility of sizes varies too, but compiling every variant costs minutes.
-        key = (kernel.__name__, tuple(sorted(constexprs.items())), tuple(sorted(options.items())))
-        if key in done:
-            continue
-        done.add(key)
-        src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-        ptx = compiled.asm["ptx"]
-        line = dict(kernel=kernel.__name__, meta=meta, options=options, mma=("mma" in ptx),
-                    vector_loads=("cp.async" in ptx or "ld.global.v" in ptx))
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(compiled.asm["cubin"])
-            f.flush()
-            usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", f.name],
-                                   capture_output=True, text=True).stdout
-        line["usage"] = [ln.strip() for ln in usage.splitlines() if "REG:" in ln]
-        report.append(line)
-    return report
-
-
-COMPILE_DTYPES = ["float32", "float16", "bfloat16"]
-
-
-@pytest.fixture(scope="module")
-def hopper_compiles():
-    """One fresh process per dtype, without the interpreter (as CI would), all started at once."""
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=REPO, TRITON_DEFAULT_FP_FUSION="1")
-    procs = {name: subprocess.Popen([sys.executable, os.path.abspath(__file__), "--compile", name],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                    env=env, cwd=REPO)
-             for name in COMPILE_DTYPES}
-    try:
-        # 1200 s: the merged grads kernel doubled the variants (each compiles both bodies)
-        yield {name: proc.communicate(timeout=1200) + (proc.returncode,) for name, proc in procs.items()}
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-
-
-@pytest.mark.parametrize("dtype_name", COMPILE_DTYPES)
-def test_compiles_for_hopper(dtype_name, hopper_compiles):
-    """Every kernel and block configuration the launchers pick for ResNeXt-50 compiles for sm_90."""
-    stdout, stderr, returncode = hopper_compiles[dtype_name]
-    assert returncode == 0, stderr[-4000:]
-    report = json.loads(stdout.strip().splitlines()[-1])
-    kernels = {line["kernel"] for line in report}
-    assert kernels == {"conv_dgrad_kernel", "conv_wgrad_kernel", "conv_grads_kernel"}
-    for line in report:
-        exact_fp32 = dtype_name == "float32" and not line["meta"]["ALLOW_TF32"]  # FMA by design
-        assert line["mma"] or exact_fp32, f"tl.dot did not become an MMA: {line}"
-        assert line["vector_loads"], f"no vectorised/async loads: {line}"
-        for usage in line["usage"]:
-            assert "LOCAL:0" in usage and "STACK:0" in usage, f"register spills: {line}"
-
-
-if __name__ == "__main__" and sys.argv[1:2] == ["--compile"]:
-    print(json.dumps(_compile_for_hopper(sys.argv[2])))
 
 
 def test_weight_layouts_give_the_same_bits(ieee_fp32):
