@@ -94,3 +94,24 @@ class TimmBottleneck(nn.Module):
             shortcut = self.downsample(shortcut)
         x += shortcut
         return self.act3(x)
+
+
+def count_conv_launches(monkeypatch) -> list:
+    """A list that gets one entry per launch of the fused convolution kernel (from now until the
+    test ends)."""
+    import importlib
+    kernel, calls = importlib.import_module("kernels.conv_bn_act").conv_bn_act_fwd_kernel, []
+    run = kernel.run
+    monkeypatch.setattr(kernel, "run", lambda *a, **k: calls.append(1) or run(*a, **k))
+    return calls
+
+
+def kernel_path(request, monkeypatch, device):
+    """The body of the ``path`` fixture of the capture tests: (path name, device) for
+    ``request.param`` "pytorch" (a CPU tensor with the Triton path off) or "triton"."""
+    if request.param == "pytorch":
+        import kernels._runtime
+        monkeypatch.setattr(kernels._runtime, "INTERPRET", False)  # use_triton() reads it per call
+        return request.param, "cpu"
+    return request.param, device
+

@@ -11,19 +11,17 @@ counted.  docs/capture.md has the table these tests stand behind.  ONNX and the 
 torchvision / timm classes: tests/test_capture_models.py (the second CI environment).
 """
 import copy
-import importlib
 import io
 
 import pytest
 import torch
 from conftest import DEVICE
+from helpers import count_conv_launches, kernel_path
 from torch import nn
 
-import kernels._runtime
 import resnext
 from resnext.models import Bottleneck
 
-conv_bn_act_module = importlib.import_module("kernels.conv_bn_act")  # (kernels.conv_bn_act: the function)
 
 TOL = 1e-4 if DEVICE == "cpu" else 1e-2  # (fp32 on a GPU: TF32 in cuDNN and in the kernels)
 
@@ -68,10 +66,7 @@ def randomize_bn(model: nn.Module) -> nn.Module:
 @pytest.fixture(params=["pytorch", "triton"])
 def path(request, monkeypatch):
     """(path name, device): the PyTorch path is a CPU tensor without the interpreter."""
-    if request.param == "pytorch":
-        monkeypatch.setattr(kernels._runtime, "INTERPRET", False)  # use_triton() reads it per call
-        return request.param, "cpu"
-    return request.param, DEVICE
+    return kernel_path(request, monkeypatch, DEVICE)
 
 
 def twins(device, mode, make=TinyNet):
@@ -81,14 +76,6 @@ def twins(device, mode, make=TinyNet):
     fused = resnext.convert(copy.deepcopy(ref))
     assert sum(isinstance(m, resnext.FUSED_MODULES) for m in fused.modules()) == (3 if make is TinyNet else 1)
     return ref, fused
-
-
-def launches(monkeypatch):
-    """A list that gets one entry per launch of the fused convolution kernel."""
-    kernel, calls = conv_bn_act_module.conv_bn_act_fwd_kernel, []
-    run = kernel.run
-    monkeypatch.setattr(kernel, "run", lambda *a, **k: calls.append(1) or run(*a, **k))
-    return calls
 
 
 def assert_same_run(ours, ref, x, what):
@@ -128,7 +115,7 @@ def test_fx_symbolic_trace(path, mode, monkeypatch):
     leaves = [n.target for n in leaf_gm.graph.nodes
               if n.op == "call_module" and isinstance(leaf_gm.get_submodule(n.target), resnext.FUSED_MODULES)]
     assert leaves == ["body"]  # (the FusedSequential holding both fused bottlenecks)
-    calls = launches(monkeypatch)
+    calls = count_conv_launches(monkeypatch)
     assert_same_run(leaf_gm, copy.deepcopy(ref), torch.randn(3, 3, 8, 8, device=device), "leaf trace")
     assert (len(calls) > 0) == (name == "triton")
 
@@ -200,7 +187,7 @@ def test_export(path, mode, shapes, monkeypatch):
     else:
         assert "resnext" not in ops and ops.count("aten.conv2d") == 8, ops
     module = ep.module()
-    calls = launches(monkeypatch)
+    calls = count_conv_launches(monkeypatch)
     x = torch.randn(*{"static": (2, 3, 8, 8), "batch": (5, 3, 8, 8), "batch_hw": (3, 3, 12, 12)}[shapes], device=device)
     assert_same_run(module, ref, x, "export")
     assert (len(calls) > 0) == (name == "triton")
@@ -232,7 +219,7 @@ def test_compile_inductor(path, mode, monkeypatch, fresh_dynamo):
     ref, fused = twins(device, mode, one_block)
     counter = CompileCounterWithBackend("inductor")
     compiled = torch.compile(fused, fullgraph=True, backend=counter)
-    calls = launches(monkeypatch)
+    calls = count_conv_launches(monkeypatch)
     for n in (2, 4, 3):
         x = torch.randn(n, 16, 8, 8, device=device)
         xs = [x.clone().requires_grad_(mode == "train") for _ in range(2)]
@@ -260,6 +247,6 @@ def test_aot_inductor(path, tmp_path, monkeypatch):
     ep = torch.export.export(fused, (torch.randn(2, 16, 8, 8, device=device),), dynamic_shapes=({0: batch},))
     package = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "model.pt2"))
     loaded = torch._inductor.aoti_load_package(package)
-    calls = launches(monkeypatch)
+    calls = count_conv_launches(monkeypatch)
     assert_same_run(loaded, ref, torch.randn(3, 16, 8, 8, device=device), "aot_inductor")
     assert (len(calls) > 0) == (name == "triton")

@@ -7,11 +7,11 @@ without it).  Each captured program runs on a new input against the unconverted 
 tests/test_capture.py covers the rest of the table on the project's own model.
 """
 import copy
-import importlib
 
 import pytest
 import torch
 from conftest import DEVICE
+from helpers import count_conv_launches, kernel_path
 from torch import nn
 
 torchvision = pytest.importorskip("torchvision")
@@ -22,10 +22,8 @@ from timm.models import regnet as timm_regnet  # noqa: E402
 from torchvision.models import resnet as tv_resnet  # noqa: E402
 from torchvision.models.feature_extraction import create_feature_extractor  # noqa: E402
 
-import kernels._runtime  # noqa: E402
 import resnext  # noqa: E402
 
-conv_bn_act_module = importlib.import_module("kernels.conv_bn_act")  # (kernels.conv_bn_act: the function)
 TOL = 1e-4 if DEVICE == "cpu" else 1e-2
 
 
@@ -77,10 +75,7 @@ MODELS = {"torchvision": TorchvisionTiny, "timm_seresnext": timm_seresnext, "tim
 @pytest.fixture(params=["pytorch", "triton"])
 def path(request, monkeypatch):
     """(path name, device): the PyTorch path is a CPU tensor without the interpreter."""
-    if request.param == "pytorch":
-        monkeypatch.setattr(kernels._runtime, "INTERPRET", False)  # use_triton() reads it per call
-        return request.param, "cpu"
-    return request.param, DEVICE
+    return kernel_path(request, monkeypatch, DEVICE)
 
 
 def twins(name, device, mode):
@@ -89,14 +84,6 @@ def twins(name, device, mode):
     fused = resnext.convert(copy.deepcopy(ref))
     assert any(isinstance(m, (resnext.FusedBottleneck, resnext.FusedRegNetBottleneck)) for m in fused.modules())
     return ref, fused
-
-
-def launches(monkeypatch):
-    """A list that gets one entry per launch of the fused convolution kernel."""
-    kernel, calls = conv_bn_act_module.conv_bn_act_fwd_kernel, []
-    run = kernel.run
-    monkeypatch.setattr(kernel, "run", lambda *a, **k: calls.append(1) or run(*a, **k))
-    return calls
 
 
 def close(ours, ref, what):
@@ -121,7 +108,7 @@ def test_torchvision_feature_extractor(path, monkeypatch):
     ours = create_feature_extractor(fused, nodes, tracer_kwargs={"leaf_modules": list(resnext.FUSED_MODULES)})
     theirs = create_feature_extractor(ref, nodes)
     assert fused_leaves(ours) == ["stem", "layer1.0", "layer2.0"]
-    calls = launches(monkeypatch)
+    calls = count_conv_launches(monkeypatch)
     x = torch.randn(2, 3, 8, 8, device=device)
     got, want = ours(x), theirs(x)
     assert list(got) == ["c1", "c2"]
@@ -141,7 +128,7 @@ def test_timm_fx_features(path, monkeypatch):
     nodes = ["layer1", "layer4"]
     ours, theirs = timm_feature_extractor(fused, nodes), timm_feature_extractor(ref, nodes)
     assert "layer1.0" in fused_leaves(ours) and "layer4.0" in fused_leaves(ours)
-    calls = launches(monkeypatch)
+    calls = count_conv_launches(monkeypatch)
     x = torch.randn(2, 3, 32, 32, device=device)
     got, want = ours(x), theirs(x)
     for key in want:
@@ -183,7 +170,7 @@ def test_export_dynamic_batch(model, mode, path, monkeypatch):
     ep = torch.export.export(fused, (torch.randn(2, 3, 32, 32, device=device),), dynamic_shapes=({0: batch},))
     ops = " ".join(str(n.target) for n in ep.graph.nodes if n.op == "call_function")
     assert ("resnext." in ops) == (name == "triton"), ops
-    calls = launches(monkeypatch)
+    calls = count_conv_launches(monkeypatch)
     module = ep.module()
     x = torch.randn(3, 3, 32, 32, device=device)
     close(module(x), ref(x), "export")
