@@ -83,11 +83,11 @@ class TuningReport:
         env = self.environment
         out = [f"Tuning report: {env['device']} (cc {env['capability']}), Triton {env['triton']}, "
                f"torch {env['torch']}, resnext-triton {env['package']}; timer: {self.timer_name}",
-               f"{'block':<22} {'mode':<16} {'ours (ms)':>10} {'PyTorch (ms)':>13} {'choice':<8} configs"]
+               f"{'block':<24} {'mode':<17} {'ours (ms)':>10} {'PyTorch (ms)':>13}  choice",
+               "    its convolutions (kind, M rows, Cout, Cin/group -> Cout/group): the kept configuration"]
         for r in self.rows:
-            confs = "; ".join(f"{k[0]} M={k[1]} {k[2]}->{k[4]}/g: {describe(c)}" for k, c in r.configs) or "-"
-            out.append(f"{r.block:<22} {r.mode:<16} {r.ours_s * 1e3:>10.4f} {r.pytorch_s * 1e3:>13.4f} "
-                       f"{r.choice:<8} {confs}")
+            out.append(f"{r.block:<24} {r.mode:<17} {r.ours_s * 1e3:>10.4f} {r.pytorch_s * 1e3:>13.4f}  {r.choice}")
+            out += [f"    {k[0]:<9} M={k[1]:<6} Cout={k[2]:<5} {k[3]}->{k[4]}: {describe(c)}" for k, c in r.configs]
         routed = sum(r.choice == "pytorch" for r in self.rows)
         out.append(f"{len(self.rows)} distinct blocks, {routed} routed to PyTorch; "
                    f"cache: {self.cache or 'not saved'}")
@@ -400,17 +400,17 @@ class _Call(NamedTuple):
 
 
 def _fused_calls(model: nn.Module, inputs: tuple) -> List[_Call]:
-    """The outermost fused blocks ``model(*inputs)`` runs, with a copy of each one's input."""
-    calls, handles, names = [], [], {}
-    for name, m in model.named_modules():  # (parents come before their children)
-        if isinstance(m, FUSED_MODULES) and not any(name.startswith(p + ".") or p == "" for p in names.values()):
-            names[id(m)] = name
+    """The fused blocks ``model(*inputs)`` runs, with a copy of each one's input.  (A fused
+    block inside another, a FusedBottleneck in a FusedSequential, is one too: each decides
+    for its own launches.)"""
+    calls, handles = [], []
+    names = {id(m): name for name, m in model.named_modules() if isinstance(m, FUSED_MODULES)}
 
     def hook(module, args):
         x = args[0]
         dev = x.device.type
         ac = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-        calls.append(_Call(names[id(module)] or type(module).__name__, module, x.detach().clone(), ac))
+        calls.append(_Call(names[id(module)] or f"({type(module).__name__})", module, x.detach().clone(), ac))
 
     for m in model.modules():
         if id(m) in names:
