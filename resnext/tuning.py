@@ -311,9 +311,9 @@ def _from_rank0(configs: dict, routes: dict):
     if not _distributed():
         return configs, routes
     import torch.distributed as dist
-    obj = [(configs, routes)]
+    obj = [_entry_json(configs, routes, {})]  # (keys as text: a Target is interned, compared by identity)
     dist.broadcast_object_list(obj, src=0)
-    return obj[0]
+    return _entry_tables(obj[0], _current_target())
 
 
 # --------------------------------------------------------------------------------------
@@ -362,7 +362,7 @@ class _Snapshot:
     def __init__(self, model: nn.Module, device: torch.device):
         with torch.no_grad():
             self.tensors = [(t, t.detach().clone()) for t in _distinct(model)]
-            self.grads = [(p, None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()]
+            self.grads = [(p, p.grad, None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()]
         self.cpu_rng = torch.get_rng_state()
         self.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
         self.device = device
@@ -372,8 +372,10 @@ class _Snapshot:
         with torch.no_grad():
             for t, saved in self.tensors:
                 t.copy_(saved)
-        for p, g in self.grads:
-            p.grad = g
+            for p, grad, saved in self.grads:  # the same .grad tensor (an optimizer may hold it), its values
+                p.grad = grad
+                if grad is not None:
+                    grad.copy_(saved)
         torch.set_rng_state(self.cpu_rng)
         if self.cuda_rng is not None:
             torch.cuda.set_rng_state(self.cuda_rng, self.device)
