@@ -243,9 +243,19 @@ def load(path: Optional[str] = None) -> str:
     "shipped", "none").  Under ``torch.distributed`` rank 0's tables are broadcast.  Called
     once by the first fused forward (``routing``), and by ``tune``'s caller at will."""
     routing.mark_loaded()
+    source, configs, routes = read_tables(path)
+    configs, routes = _from_rank0(configs, routes)
+    _runtime.set_tuned(configs, replace=True)
+    routing.set_routes(routes, replace=True)
+    return source
+
+
+def read_tables(path: Optional[str] = None):
+    """(source, configurations, routes) of this process's entry, without applying them
+    (``load`` applies them; the benchmarks switch between them and the design's)."""
     target = _current_target()
     if target is None:  # the reference path: no kernel, nothing to route
-        return "none"
+        return "none", {}, {}
     env = environment()
     key = environment_key(env)
     path = path or cache_path()
@@ -264,10 +274,7 @@ def load(path: Optional[str] = None) -> str:
             with open(shipped, encoding="utf-8") as f:
                 entry, source = json.load(f), "shipped"
     configs, routes = _entry_tables(entry, target) if entry is not None else ({}, {})
-    configs, routes = _from_rank0(configs, routes)
-    _runtime.set_tuned(configs, replace=True)
-    routing.set_routes(routes, replace=True)
-    return source
+    return source, configs, routes
 
 
 def _load_once() -> None:
