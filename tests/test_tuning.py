@@ -300,3 +300,21 @@ def test_ranks_take_rank0s_choices(tmp_path):
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert r0 == r1
     assert "pytorch" in " ".join(r0["routes"]) and r0["loaded"] == (r0["tuned"], r0["routes"])
+
+
+def test_benchmarks_ours_tuned_skips_without_a_cache_and_headline_says_tuned():
+    from benchmarks import cases, headline
+    cases._TABLES.clear()
+    case = cases.Case("model", "resnext50_32x4d", "train", "fp32", 2, "ours_tuned", arch="resnext50_32x4d")
+    ctx = type("Ctx", (), dict(cuda=True, smoke=False, ours_runs="triton"))()
+    assert "no tuning" in cases.skip_reason(case, ctx)
+    cases.use_tables("ours")
+    assert not _runtime.TUNED and not routing.ROUTES
+    rec = dict(level="model", mode="train", batch=2, status="ok", median_ms=1.0, speed=True)
+    recs = [dict(rec, arch="resnet50", provider="eager"), dict(rec, arch="resnext50_32x4d", provider="eager"),
+            dict(rec, arch="resnext50_32x4d", provider="ours", median_ms=3.0),
+            dict(rec, arch="resnext50_32x4d", provider="ours_tuned", median_ms=2.0)]
+    rows = headline.headline_rows(recs)
+    assert rows[0]["resnext_ours_ms"] == 2.0 and rows[0]["resnext_ours_status"] == "tuned"
+    assert "resnext.tune chose" in headline.format_headline(rows)
+    cases._TABLES.clear()
