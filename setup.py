@@ -7,6 +7,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["kernels", "kernels.*", "resnext", "resnext.*", "benchmarks", "benchmarks.*"]),
+    # tables measured by resnext.tune on a GPU, shipped as defaults (resnext/tuned/README.md)
+    package_data={"resnext": ["tuned/*.json", "tuned/README.md"]},
     python_requires=">=3.9",
     # Triton: the versions CI tests (3.6 in .ci/triton36.sh, 3.8 with the models' torch 2.14.1, 3.9 in
     # the main run); see docs/portability.md for the GPU architectures x Triton versions.

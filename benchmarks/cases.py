@@ -16,6 +16,7 @@ that level: the kernel, block and model timings need a CUDA GPU.
 """
 import copy
 import gc
+import importlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
@@ -64,7 +65,7 @@ def kernel_cases(ctx: RunContext, providers=PROVIDERS) -> List[Case]:
     p = ctx.profile
     return [Case("kernel", s.label, mode, dt, b, prov, shape=s, image=p.kernel_image)
             for s in kernel_shapes(p) for mode in KERNEL_MODES for dt in p.dtypes
-            for b in p.kernel_batches for prov in providers if prov not in GRAPHED]
+            for b in p.kernel_batches for prov in providers if prov not in GRAPHED + ("ours_tuned",)]
 
 
 def block_cases(ctx: RunContext, providers=PROVIDERS) -> List[Case]:
@@ -84,7 +85,7 @@ def model_cases(ctx: RunContext, providers=PROVIDERS, models=None, tasks=MODEL_T
     def provs(m):
         if m == MINI or not p.single:
             return providers
-        return [q for q in providers if q == "eager" or (q == "ours" and m.startswith("resnext"))]
+        return [q for q in providers if q == "eager" or (q in ("ours", "ours_tuned") and m.startswith("resnext"))]
     return [Case("model", m, task, model_dtype(ctx), b, prov, arch=m, image=image or p.image)
             for m in (models or p.models) for task in tasks for b in (batches or p.model_batches)
             for prov in provs(m)]
@@ -136,6 +137,9 @@ def skip_reason(case: Case, ctx: RunContext) -> Optional[str]:
         if case.level == "block" and case.mode == "train":
             return ("graphed providers replay an inference forward (eval) or a whole training step (fwdbwd); "
                     "a train-mode forward alone is not graphed")
+    if case.provider == "ours_tuned" and tuned_tables()[0] == "none":
+        return (f"no tuning for this device and these versions in {_tuning().cache_path()} (run resnext.tune "
+                f"on this GPU first: README, Tuning)")
     if case.provider == "compile_max":
         if case.mode not in ("eval", "inference"):
             return "max-autotune is benchmarked for inference only (its compile time)"
@@ -143,7 +147,7 @@ def skip_reason(case: Case, ctx: RunContext) -> Optional[str]:
             return "max-autotune tunes GPU kernels: CUDA only"
     if case.dtype in ("bf16", "fp16") and not ctx.cuda:
         return f"{case.dtype} is benchmarked on CUDA only (and the interpreter's bf16 dot is wrong)"
-    if case.provider == "ours" and ctx.ours_runs == "interpreter":
+    if case.provider in ("ours", "ours_tuned") and ctx.ours_runs == "interpreter":
         if case.level == "model" and case.arch != MINI:
             return "Triton interpreter: our kernels are checked on the mini model only"
         if output_elements(case) > INTERPRETER_MAX_OUTPUT or weight_count(case) > INTERPRETER_MAX_WEIGHTS:
@@ -293,8 +297,37 @@ def _set_bn_stats(module: nn.Module, seed: int = 0) -> None:
             _randomize_bn(m, gen)
 
 
+def _tuning():
+    return importlib.import_module("resnext.tuning")
+
+
+_TABLES = {}
+
+
+def tuned_tables():
+    """(source, configurations, routes) of this device's tuning cache entry, read once."""
+    if "tuned" not in _TABLES:
+        _TABLES["tuned"] = _tuning().read_tables()
+    return _TABLES["tuned"]
+
+
+def use_tables(provider: str) -> None:
+    """Make the kernels and blocks use the tuned tables for ``ours_tuned`` and the design's
+    (none) for every other provider: called as a case is built, so that ``ours`` stays the
+    design's configurations even in a process with a tuning cache."""
+    which = "tuned" if provider == "ours_tuned" else "design"
+    if _TABLES.get("active") == which:
+        return
+    _, configs, routes = tuned_tables() if which == "tuned" else ("none", {}, {})
+    tuning = _tuning()
+    tuning._runtime.set_tuned(configs, replace=True)
+    tuning.routing.set_routes(routes, replace=True)
+    tuning.routing.mark_loaded(True)  # (not replaced by the cache at the first forward)
+    _TABLES["active"] = which
+
+
 def _provider_module(module: nn.Module, case: Case, ctx: RunContext) -> nn.Module:
-    if case.provider in ("ours", "ours_graphed"):
+    if case.provider in ("ours", "ours_graphed", "ours_tuned"):
         return _resnext().convert(module)
     if case.provider.startswith("compile"):
         return compiled(module, case.provider, ctx)
@@ -434,6 +467,7 @@ def build_model(case: Case, ctx: RunContext) -> Bench:
 
 
 def build(case: Case, ctx: RunContext) -> Bench:
+    use_tables(case.provider)
     return {"kernel": build_kernel, "block": build_block, "model": build_model}[case.level](case, ctx)
 
 
@@ -442,7 +476,7 @@ def build(case: Case, ctx: RunContext) -> Bench:
 # ----------------------------------------------------------------------------------------
 def what_runs(case: Case, ctx: RunContext) -> str:
     """triton | interpreter | reference (our modules' PyTorch path) | pytorch | inductor | dynamo."""
-    if case.provider == "ours":
+    if case.provider in ("ours", "ours_tuned"):
         return ctx.ours_runs
     if case.provider.startswith("compile"):
         return "dynamo" if ctx.compile_backend else "inductor"

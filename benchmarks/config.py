@@ -22,9 +22,11 @@ import kernels
 
 from . import shapes
 
-PROVIDERS = ("ours", "eager", "eager_nchw", "compile", "compile_max", "ours_graphed", "eager_graphed")
+PROVIDERS = ("ours", "ours_tuned", "eager", "eager_nchw", "compile", "compile_max", "ours_graphed", "eager_graphed")
 PROVIDER_LABELS = {
-    "ours": "ours (Triton)",
+    "ours": "ours (Triton), the design's launch configurations, no routing",
+    "ours_tuned": "ours (Triton) as resnext.tune chose on this device: measured configurations, blocks routed "
+                  "to PyTorch where it was faster (block and model levels; skipped without a tuning cache)",
     "eager": "PyTorch eager, channels_last (cuDNN)",
     "eager_nchw": "PyTorch eager, NCHW (cuDNN)",
     "compile": "torch.compile (default)",

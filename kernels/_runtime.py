@@ -105,11 +105,22 @@ def fit_stages(target: Target, shared_at, stages: int = 3) -> int:
 
 
 def conv_config(M: int, cout: int, cin_g: int, cout_g: int, dtype: torch.dtype = torch.bfloat16,
-                target: Optional[Target] = None) -> dict:
-    """``_conv_config`` memoised (host time: every forward of every convolution); a copy each
-    call.  ``target``: what the configuration must compile and fit on (``target_of(x)``); None:
-    ``default_launch_target()``."""
-    return dict(_conv_config(M, cout, cin_g, cout_g, dtype, target or default_launch_target()))
+                target: Optional[Target] = None, kind: str = "fwd") -> dict:
+    """The launch configuration of one convolution (a copy each call): the tuned one when
+    ``resnext.tuning`` measured this (kind, sizes, dtype, target) on this device (``TUNED``),
+    else the design choice ``_conv_config`` (memoised).  ``target``: what the configuration
+    must compile and fit on (``target_of(x)``); None: ``default_launch_target()``.  ``kind``:
+    "fwd" (eval forward), "fwd_stats" (train forward, statistics epilogue) or "dgrad".
+    Callers memoise what they build from it (``config_memo``): not on the hot path."""
+    target = target or default_launch_target()
+    key = (kind, M, cout, cin_g, cout_g, dtype, target)
+    if _RECORDING is not None:
+        _RECORDING.append(key)
+    tuned = TUNED.get(key) if TUNED else None
+    cfg = dict(_conv_config(M, cout, cin_g, cout_g, dtype, target))
+    if tuned is not None:
+        cfg.update(tuned)
+    return cfg
 
 
 # MULTI_GROUP values (a constexpr of the convolution kernels)
@@ -125,7 +136,8 @@ def _conv_config(M: int, cout: int, cin_g: int, cout_g: int, dtype: torch.dtype,
     multiplies by a block-diagonal weight tile, so ``BLOCK_K`` covers those groups'
     input channels (4 channels per group x 8 groups = one 32-wide ``tl.dot``).  The
     wasted zero products are free: every grouped 3x3 of ResNeXt is memory-bound.
-    Chosen by design, not yet by measurement on a GPU (see docs/performance.md).  Two rules
+    Chosen by design, not yet by measurement on a GPU (see docs/performance.md; the
+    measured choice, where a user tuned, is ``TUNED``).  Two rules
     come from the sm_90 register report (``python -m kernels._compile``): 8 warps above
     64x32 outputs, and K <= 16 channels in fp32 (32 bf16 channels on 128x64 tiles); without
     them 3x3 tiles spilled.  Per target: the pipeline stages that fit its shared memory
@@ -136,6 +148,14 @@ def _conv_config(M: int, cout: int, cin_g: int, cout_g: int, dtype: torch.dtype,
     else:
         block_m = 128 if M >= 128 * 132 else 64
     block_n = _pow2_clamp(cout, 16, 64 if cout_g >= 64 else 32)
+    return _shaped_config(cout, cin_g, cout_g, dtype, target, block_m, block_n)
+
+
+def _shaped_config(cout: int, cin_g: int, cout_g: int, dtype: torch.dtype, target: Target, block_m: int,
+                   block_n: int, num_warps: Optional[int] = None, num_stages: Optional[int] = None) -> dict:
+    """The configuration for a (BLOCK_M, BLOCK_N) tile: what follows from it (BLOCK_K, the
+    MULTI_GROUP path, the warps, the stages that fit) by the design's rules; ``num_warps`` /
+    ``num_stages`` given: those instead (the stages still capped by what fits)."""
     groups_per_block = -(-block_n // cout_g)
     # Blocks that may span several groups need the kernel's exact NaN/Inf path (a NaN
     # input times another group's zero weight is NaN); dense and group-aligned blocks do not.
@@ -146,11 +166,92 @@ def _conv_config(M: int, cout: int, cin_g: int, cout_g: int, dtype: torch.dtype,
     big = block_m * block_n >= 128 * 64
     k_cap = 16 if dtype == torch.float32 else (32 if big else 64)
     block_k = _pow2_clamp(groups_per_block * cin_g, 16, k_cap)
-    num_warps = 4 if block_m * block_n <= 64 * 32 else 8
+    if num_warps is None:
+        num_warps = 4 if block_m * block_n <= 64 * 32 else 8
     elem = torch.empty((), dtype=dtype).element_size()
-    num_stages = fit_stages(target, lambda s: mma_shared_bytes(block_m, block_n, block_k, s, elem))
+    num_stages = fit_stages(target, lambda s: mma_shared_bytes(block_m, block_n, block_k, s, elem),
+                            3 if num_stages is None else num_stages)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, MULTI_GROUP=multi_group,
                 num_warps=num_warps, num_stages=num_stages)
+
+
+def conv_candidates(kind: str, M: int, cout: int, cin_g: int, cout_g: int, dtype: torch.dtype,
+                    target: Target) -> list:
+    """The configurations ``resnext.tuning`` times for one convolution: the design choice
+    first, then tiles of half and twice its BLOCK_M / BLOCK_N, 4 or 8 warps, 2 to 4 stages,
+    each completed by the design's rules (BLOCK_K, MULTI_GROUP) and kept only if it fits the
+    target (shared memory: ``mma_shared_bytes``; the stages are capped, never over).  Under
+    the interpreter: the design choice and one other tile (its times mean nothing; the tests
+    only need a choice to make).  ``kind`` does not change the candidates (same kernel
+    family); it is part of what a measurement is kept for."""
+    base = _conv_config(M, cout, cin_g, cout_g, dtype, target)
+    bm, bn = base["BLOCK_M"], base["BLOCK_N"]
+    n_max = _pow2_clamp(cout, 16, 128)
+    if target.interpret:
+        shapes = [(bm, bn, None, None), (max(16, bm // 2), bn, None, None), (bm, max(16, bn // 2), None, None)]
+    else:  # ~16: the tiles around the design's, and its own tile with other warps and stages
+        shapes = [(m, n, None, None) for m in (bm, 64, 128, max(32, bm // 2))
+                  for n in (bn, max(16, bn // 2), min(n_max, bn * 2))]
+        shapes += [(bm, bn, w, st) for w in (4, 8) for st in (2, 3, 4)]
+    out, seen = [], set()
+    for m, n, warps, stages in shapes:
+        cfg = _shaped_config(cout, cin_g, cout_g, dtype, target, m, n, warps, stages)
+        elem = torch.empty((), dtype=dtype).element_size()
+        fits = mma_shared_bytes(m, n, cfg["BLOCK_K"], cfg["num_stages"], elem) <= target.shared_per_block
+        key = tuple(sorted(cfg.items()))
+        if fits and key not in seen:
+            seen.add(key)
+            out.append(cfg)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Tuned launch configurations (resnext.tuning measures them on the user's device)
+# --------------------------------------------------------------------------------------
+# conv_config's key (kind, M, cout, cin_g, cout_g, dtype, target) -> the configuration a
+# measurement chose there.  Everything built from a configuration is memoised per shape (the
+# launch plans: host time), so the memos register with ``config_memo`` and ``set_tuned``
+# clears them: a new table is seen by the next launch, and no stale plan survives it.
+TUNED = {}
+_CONFIG_MEMOS = []
+_RECORDING = None  # a list while ``recording_configs`` runs
+
+
+def config_memo(memo):
+    """Register a memo built from launch configurations (an ``lru_cache``d function, or a dict)
+    to be cleared when the tuned table changes; returns it (a decorator)."""
+    _CONFIG_MEMOS.append(memo.cache_clear if hasattr(memo, "cache_clear") else memo.clear)
+    return memo
+
+
+def clear_config_memos() -> None:
+    for clear in _CONFIG_MEMOS:
+        clear()
+
+
+def set_tuned(entries: dict, replace: bool = False) -> None:
+    """Add (or with ``replace``, make the whole table) tuned configurations
+    ``{conv_config key: config}``; the launch plans are rebuilt from the next launch on."""
+    if replace:
+        TUNED.clear()
+    TUNED.update(entries)
+    clear_config_memos()
+
+
+class recording_configs:
+    """``with recording_configs() as keys:`` every ``conv_config`` key a launch asks for in the
+    block, in order (the memos are cleared on entry and exit, so each launch asks again)."""
+
+    def __enter__(self):
+        global _RECORDING
+        clear_config_memos()
+        _RECORDING = []
+        return _RECORDING
+
+    def __exit__(self, *exc):
+        global _RECORDING
+        _RECORDING = None
+        clear_config_memos()
 
 
 def rows_config(M: int, C: int) -> dict:

@@ -371,6 +371,7 @@ def _failed(x: Tensor, weight: Tensor) -> bool:
     return _failure_key(x, weight) in _runtime.FAILED
 
 
+@_runtime.config_memo
 @functools.lru_cache(maxsize=4096)
 def _launch_consts(N: int, H: int, W: int, Cin: int, Cout: int, cin_g: int, groups: int, ksize: int,
                    stride: int, padding: int, dtype: torch.dtype, in_affine: bool, in_relu: bool,
@@ -385,7 +386,7 @@ def _launch_consts(N: int, H: int, W: int, Cin: int, Cout: int, cin_g: int, grou
     device's (``_runtime.target_of``); ``config``: the configuration function in use."""
     Ho, Wo = out_size(H, ksize, stride, padding), out_size(W, ksize, stride, padding)
     M = N * Ho * Wo
-    cfg = config(M, Cout, cin_g, Cout // groups, dtype, target)
+    cfg = config(M, Cout, cin_g, Cout // groups, dtype, target, kind="fwd_stats" if stats else "fwd")
     n_row_blocks = cdiv(M, cfg["BLOCK_M"])
     grid = (n_row_blocks, cdiv(Cout, cfg["BLOCK_N"]))
     kwargs = dict(N=N, H=H, W=W, Cin=Cin, Ho=Ho, Wo=Wo, Cout=Cout, CIN_G=cin_g, COUT_G=Cout // groups,

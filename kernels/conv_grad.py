@@ -287,9 +287,10 @@ def dgrad_config(N: int, H: int, W: int, cin: int, cin_g: int, cout_g: int, stri
                               target or _runtime.default_launch_target()))
 
 
+@_runtime.config_memo
 @functools.lru_cache(maxsize=4096)
 def _dgrad_config(rows_per_class, cin, cout_g, cin_g, dtype, target) -> dict:
-    return conv_config(rows_per_class, cin, cout_g, cin_g, dtype, target)
+    return conv_config(rows_per_class, cin, cout_g, cin_g, dtype, target, kind="dgrad")
 
 
 def dgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dtype, w_strides=None, target=None):
@@ -316,7 +317,7 @@ def _dgrad_launch(N, Cin, H, W, Cout, Ho, Wo, ksize, stride, padding, groups, dt
     return grid, sizes, meta, positional_launch_args(conv_dgrad_kernel, 3, {**sizes, **meta})
 
 
-_LAUNCHES = {}
+_LAUNCHES = _runtime.config_memo({})
 
 
 def _memoised(build, args: tuple) -> tuple:

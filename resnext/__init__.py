@@ -11,10 +11,12 @@ from .models import Bottleneck, ResNet, resnet50, resnet101, resnext50_32x4d, re
 from .modules import ConvBNAct, FusedSequential
 from .regnet import FusedConvNormAct, FusedRegNetBottleneck
 from .sync_batchnorm import SyncBatchNorm2d
+from . import tuning
+from .tuning import tune
 
 __all__ = [
     "convert", "FUSED_MODULES", "register_fx_leaves",
     "graph_inference", "graph_train_step", "ConvBNAct", "FusedSequential", "FusedBottleneck", "is_fusable_bottleneck",
-    "FusedRegNetBottleneck", "FusedConvNormAct", "SyncBatchNorm2d",
+    "FusedRegNetBottleneck", "FusedConvNormAct", "SyncBatchNorm2d", "tune", "tuning",
     "Bottleneck", "ResNet", "resnet50", "resnet101", "resnext50_32x4d", "resnext101_32x4d",
 ]

@@ -31,6 +31,7 @@ from kernels.weights import packed_weight
 from . import gates
 from .modules import FusedSequential, _compute_dtype, conv_bn_stage, finish, fusable, like_input, runs_eager
 from .norms import conv_norm_pair, is_noop, module_attr, norm_act, norm_view
+from .routing import routed_to_pytorch
 
 # timm's optional pieces: each is fused when it is a no-op or one the fused path applies
 # (gates.extra_is_fusable: an SE/ECA gate before the residual add, drop_path, an inactive drop_block).
@@ -138,7 +139,8 @@ class FusedBottleneck(nn.Module):
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         # (children read through module_attr: the same lookups as self.conv1 etc., ~1 us less each)
         conv1, bn1, conv2, bn2, conv3, bn3 = (module_attr(self, n) for n in _PARTS)
-        if runs_eager(x, conv1.weight) or gates.drop_block_active(self):  # drop_block: a spatial mask
+        if runs_eager(x, conv1.weight) or gates.drop_block_active(self) or routed_to_pytorch(self, x):
+            # (drop_block: a spatial mask; routed: PyTorch measured faster for this block, resnext.tuning)
             return self._eager_forward(x)
         gated = gates.has_gate(self)
         if gated and sync_bn.group_name(bn3) is not None:

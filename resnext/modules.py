@@ -23,6 +23,7 @@ from kernels.conv_bn_act import ConvBNActFn, check_conv_inputs, conv_bn_act_eval
 from kernels.weights import packed_weight
 
 from .norms import norm_act, norm_features, norm_view
+from .routing import routed_to_pytorch
 
 Tensor = torch.Tensor
 
@@ -294,7 +295,7 @@ class ConvBNAct(nn.Module):
 
     @torch.jit.unused
     def _fused_forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        if runs_eager(x, self.conv.weight):
+        if runs_eager(x, self.conv.weight) or routed_to_pytorch(self, x):
             return self._eager_forward(x, residual)
         if residual is not None and norm_act(self.bn):  # the norm's ReLU comes before the add
             y = like_input(finish(conv_bn_stage(x, self.conv, self.bn, relu=False)), x, self.conv.weight) + residual
@@ -349,7 +350,7 @@ class FusedSequential(nn.Sequential):
 
     @torch.jit.unused
     def _fused_forward(self, x: Tensor) -> Tensor:
-        if runs_eager(x, self[next(iter(self.runs))].weight):
+        if runs_eager(x, self[next(iter(self.runs))].weight) or routed_to_pytorch(self, x):
             return self._eager_forward(x)
         mods, i = list(self), 0
         while i < len(mods):

@@ -43,6 +43,7 @@ from .blocks import downsample_stage, split_downsample
 from .gates import _is_drop_path, drop_path_active, drop_path_mask, excite_of
 from .modules import Pending, conv_bn_stage, finish, fusable, like_input, materialize, runs_eager
 from .norms import conv_norm_pair, is_noop, norm_act
+from .routing import routed_to_pytorch
 
 _CHILDREN = ("conv1", "conv2", "se", "conv3", "act3", "downsample", "drop_path")
 
@@ -115,7 +116,7 @@ class FusedRegNetBottleneck(nn.Module):
 
     @torch.jit.unused
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if runs_eager(x, self.conv1.conv.weight):
+        if runs_eager(x, self.conv1.conv.weight) or routed_to_pytorch(self, x):
             return self._eager_forward(x)
         se = None if is_noop(self.se) else self.se
         if se is not None and sync_bn.group_name(self.conv2.bn) is not None:
@@ -189,7 +190,7 @@ class FusedConvNormAct(nn.Module):
 
     @torch.jit.unused
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if runs_eager(x, self.conv.weight):
+        if runs_eager(x, self.conv.weight) or routed_to_pytorch(self, x):
             return self._eager_forward(x)
         return self._anti_alias(like_input(finish(conv_bn_stage(x, self.conv, self.bn, relu=False)), x,
                                            self.conv.weight))

@@ -12,6 +12,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# resnext.tuning's cache: never the developer's own (a tuned routing would change what the tests
+# run); a file of this session that does not exist unless a test writes it
+os.environ["RESNEXT_TUNE_CACHE"] = os.path.join(__import__("tempfile").gettempdir(),
+                                                f"resnext-tests-{os.getpid()}", "tuning.json")
 
 import pytest  # noqa: E402
 
