@@ -124,6 +124,28 @@ def bn_finalize_reference(mean, var, count: int, gamma=None, beta=None, running_
     return scale, shift
 
 
+def stat_rows_reference(part_mean, part_m2, M: int, rows_per_block: int):
+    """Reference of a finalize's first merge: per-row-block (mean, M2) partials [T, C] of M rows
+    in blocks of ``rows_per_block`` (the last may hold fewer) -> the [3, C] row (count, mean, M2)
+    of all of them (fp32), the format ``merge_stat_rows`` and ``kernels.sync_bn`` exchange."""
+    T = part_mean.shape[0]
+    counts = (M - torch.arange(T, device=part_mean.device) * rows_per_block).clamp(max=rows_per_block)
+    counts = counts.to(part_mean.dtype).view(-1, 1)
+    mean = (counts * part_mean).sum(0) / max(M, 1)
+    m2 = part_m2.sum(0) + (counts * (part_mean - mean) ** 2).sum(0)  # Chan et al.: exact
+    return torch.stack([torch.full_like(mean, M), mean, m2])
+
+
+def merge_stat_rows(rows):
+    """[W, 3, C] rows (count, mean, M2) (ranks of a process group, or one) -> (mean, biased
+    variance, count as a 0-dim tensor) of their union; a row of count 0 adds nothing."""
+    counts, means, m2s = rows.unbind(1)
+    total = counts.sum(0)
+    g_mean = (counts * means).sum(0) / total.clamp(min=1)
+    g_m2 = m2s.sum(0) + (counts * (means - g_mean) ** 2).sum(0)  # exact: no E[x^2] - E[x]^2
+    return g_mean, g_m2 / total, total[0]
+
+
 def bn_stats_backward(mean, var, count, gamma, eps, dmean, dvar, dscale, dshift, acc):
     """PyTorch formulas of the finalize's backward: the gradients reaching the batch mean
     and variance (directly and through scale/shift), and those of gamma and beta."""
@@ -152,3 +174,34 @@ def bn_stats_terms(g, stats, acc):
                                               stats.dvar, stats.dscale, stats.dshift, acc)
     pc = _per_channel
     return g + pc(dm) / count + pc(dv) * (2.0 / count) * (stats.z.to(acc) - pc(stats.mean.to(acc))), dgamma, dbeta
+
+
+def relu_squeeze_reference(z, scale, shift):
+    """Reference of ``squeeze_excite.relu_squeeze``: (m, P, Q) [N, C] in fp32 (float64 for
+    float64) of z [N, C, H, W] under a = relu(z * scale + shift) rounded to z's dtype:
+    P = sum_hw z where a > 0 (or NaN), Q = the count of those, m = (scale P + shift Q) / HW,
+    the mean of a."""
+    N, C, H, W = z.shape
+    acc = acc_dtype(z)
+    zf = z.to(acc)
+    pre = zf * _per_channel(scale.to(acc)) + _per_channel(shift.to(acc))
+    if acc != z.dtype:
+        pre = pre.to(z.dtype).to(acc)
+    on = ~(pre <= 0)
+    p = torch.where(on, zf, 0.0).sum(dim=(2, 3))
+    q = on.to(acc).sum(dim=(2, 3))
+    m = (scale.to(acc) * p + shift.to(acc) * q) / (H * W)
+    return m, p, q
+
+
+def squeeze_backward_reference(dm, sums, scale, hw: int, dscale=None, dshift=None, q=None):
+    """Reference of ``squeeze_excite.squeeze_backward``: the backward of m = S * scale / HW + shift
+    (or with ``q``, m = (scale * S + shift * q) / HW) on [N, C]: (dS, dscale + the squeeze's share,
+    dshift + the squeeze's share), fp32 (float64 for float64)."""
+    acc = acc_dtype(dm)
+    dm, sums, scale = dm.to(acc), sums.to(acc), scale.to(acc)
+    d_scale = (dm * sums).sum(dim=0) / hw
+    d_shift = dm.sum(dim=0) if q is None else (dm * q.to(acc)).sum(dim=0) / hw
+    d_scale = d_scale + dscale.to(acc) if dscale is not None else d_scale
+    d_shift = d_shift + dshift.to(acc) if dshift is not None else d_shift
+    return dm * (scale / hw), d_scale, d_shift
