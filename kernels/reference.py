@@ -205,3 +205,58 @@ def squeeze_backward_reference(dm, sums, scale, hw: int, dscale=None, dshift=Non
     d_scale = d_scale + dscale.to(acc) if dscale is not None else d_scale
     d_shift = d_shift + dshift.to(acc) if dshift is not None else d_shift
     return dm * (scale / hw), d_scale, d_shift
+
+
+def bn_backward_reference(dy, relu_src, relu_scale, relu_shift, scale, z, mean, var, dmean, dvar, dscale, dshift,
+                          gamma, eps: float, res_scale, v, v_is_relu_src: bool, r, sum_g: bool, dz_dtype, dres_dtype,
+                          gate=None, gate_shift=None, image_add=None, image_mask_src=None, image_mask_scale=None,
+                          image_mask_shift=None, sum_g_twice: bool = False):
+    """Reference of ``bn_backward.bn_backward_impl`` (its arguments and outputs: dz or empty,
+    dres or empty, sums [3 or 4, C], [d gamma, d beta] or empty, d gate [N, C] or empty), in
+    fp32 (float64 for float64); the formulas are in ``bn_backward.bn_backward``'s docstring."""
+    src = next(t for t in (dy, relu_src, z, v, r) if t is not None and t.dim() == 4)
+    N, C = src.shape[0], src.shape[1]
+    acc = acc_dtype(src)
+    pc = lambda t: _per_channel(t.to(acc))  # noqa: E731
+    per_image = lambda t: t.to(acc).reshape(N, -1, 1, 1)  # noqa: E731
+    total = lambda t: t.sum(dim=(0, 2, 3))  # noqa: E731
+
+    def masked(g, x, s, b, dtype):  # 0 where x*s + b, rounded to dtype, is <= 0 (NaN passes): threshold_backward
+        return torch.where((x.to(acc) * pc(s) + pc(b)).to(dtype) <= 0, 0.0, g)
+
+    g = dy.to(acc).expand(src.shape) if dy is not None else torch.zeros(src.shape, device=src.device, dtype=acc)
+    if image_add is not None:
+        add = per_image(image_add).expand(src.shape)
+        if image_mask_src is not None:  # (with the statistics terms the kernel reads their z: the same tensor)
+            add = masked(add, z if z is not None else image_mask_src, image_mask_scale, image_mask_shift,
+                         image_mask_src.dtype)
+        g = g + add
+    if relu_src is not None:
+        g = torch.where(relu_src <= 0, 0.0, g) if relu_scale is None else masked(g, relu_src, relu_scale, relu_shift, relu_src.dtype)
+    gb = g * per_image(gate) if gate is not None else g  # the BN branch's gradient
+    zeros = torch.zeros(C, device=src.device, dtype=acc)
+    sum_v = relu_src if v_is_relu_src else v
+    sums = [total(gb) if sum_g else zeros, total(gb * sum_v.to(acc)) if sum_v is not None else zeros,
+            total(g * r.to(acc)) if r is not None else zeros]
+    if sum_g and (gate is not None or sum_g_twice):
+        sums.append(total(g))
+    empty = zeros.new_empty(0)
+    dz = dres = dparam = dgate = empty
+    if z is not None:  # the batch-statistics terms
+        count = z.numel() // max(C, 1)
+        dm, dv, dgamma, dbeta = bn_stats_backward(mean, var, count, gamma, eps, dmean, dvar, dscale, dshift, acc)
+        stats_terms = pc(dm) / count + pc(dv) * (2.0 / count) * (z.to(acc) - pc(mean))
+        if dgamma is not None:
+            dparam = torch.stack([dgamma, dbeta])
+    if dz_dtype is not None:
+        dz = gb * pc(scale) if scale is not None else gb
+        if z is not None:
+            dz = dz + stats_terms
+        dz = dz.to(dz_dtype).contiguous(memory_format=torch.channels_last)
+    if dres_dtype is not None:
+        dres = (g * pc(res_scale) if res_scale is not None else g).to(dres_dtype).contiguous(
+            memory_format=torch.channels_last)
+    if gate_shift is not None:  # sum over H, W of g * u, u = the BN output the gate multiplied
+        u = (relu_src if relu_scale is not None else v).to(acc) * pc(scale) + pc(gate_shift)
+        dgate = (g * u).sum(dim=(2, 3))
+    return dz, dres, torch.stack(sums), dparam, dgate
