@@ -376,3 +376,81 @@ def test_elementwise_bugs_are_not_swallowed(monkeypatch):
     with pytest.raises(ValueError, match="bad block size"):
         kernels.bn_act(z, torch.ones(8, device=DEVICE), torch.zeros(8, device=DEVICE))
     assert not _runtime.FAILED
+
+
+# --------------------------------------------------------------------------------------
+# Through a converted model: the warning names the module, train and eval
+# --------------------------------------------------------------------------------------
+class _Net(nn.Module):
+    """A converted model's block sits at ``layer1.0``."""
+
+    def __init__(self, se: bool):
+        super().__init__()
+        from helpers import TimmBottleneck
+        from test_se_blocks import SEModule
+        self.layer1 = nn.Sequential(TimmBottleneck(16, 4, cardinality=2, base_width=64,
+                                                   se=SEModule(16, rd_channels=4) if se else None))
+
+    def forward(self, x):
+        return self.layer1(x)
+
+
+MODULE_CASES = [  # (op, kernel module, kernel, mode, squeeze-excite block)
+    ("bn_act", "batchnorm", "bn_act_kernel", "train", False),  # the block's one autograd node (BottleneckFn)
+    ("bn_act", "batchnorm", "bn_act_kernel", "eval", True),  # the gated final pass
+    ("bn_backward", "bn_backward", "bn_backward_kernel", "train", False),  # in the backward
+    ("bn_backward", "bn_backward", "bn_backward_kernel", "train", True),
+    ("squeeze_sum", "conv_bn_act", "squeeze_sum_kernel", "train", True),  # after conv3's launch
+    ("squeeze_sum", "conv_bn_act", "squeeze_sum_kernel", "eval", True),
+    ("squeeze_backward", "squeeze_excite", "squeeze_backward_kernel", "train", True),
+    ("conv_bn_act", "conv_bn_act", "conv_bn_act_fwd_kernel", "eval", False),
+]
+
+
+@pytest.mark.parametrize("case", MODULE_CASES, ids=lambda c: f"{c[0]}-{c[3]}{'-se' if c[4] else ''}")
+def test_converted_block_falls_back_and_names_itself(case, monkeypatch):
+    """A kernel of a converted block fails at launch: output, gradients and running statistics
+    stay those of the unconverted block over two steps, one warning names the block
+    (``layer1.0 (FusedBottleneck)``), the op, the device, the Triton version and the error, and
+    the kernel is not tried again."""
+    import copy
+
+    import resnext
+    from helpers import randomize_bn
+    op, module, name, mode, se_block = case
+    failure = sorted(FAILURES)[MODULE_CASES.index(case) % len(FAILURES)]
+    torch.manual_seed(0)
+    ref = randomize_bn(_Net(se_block).to(DEVICE))
+    fused = resnext.convert(copy.deepcopy(ref))
+    assert type(fused.layer1[0]).__name__ == "FusedBottleneck"
+    train = mode == "train"
+    ref.train(train)
+    fused.train(train)
+    kernel = _fail(monkeypatch, sys.modules[f"kernels.{module}"], name, failure)
+    x = _cl(2, 16, 4, 4)
+    dy = _cl(2, 16, 4, 4)
+    calls = []
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            calls.append(kernel.calls)
+            xs = [x.clone().requires_grad_(train) for _ in range(2)]
+            ys = [fused(xs[0]), ref(xs[1])]
+            torch.testing.assert_close(ys[0], ys[1], atol=1e-4, rtol=1e-4)
+            if train:
+                for y in ys:
+                    (y * dy).sum().backward()
+                torch.testing.assert_close(xs[0].grad, xs[1].grad, atol=1e-4, rtol=1e-4)
+    # one try per key (the three convolutions differ in shape: three keys), none in the second step
+    assert calls[1] == kernel.calls == len(_runtime.FAILED) == (3 if op == "conv_bn_act" else 1)
+    if train:
+        for (n, p), q in zip(fused.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, atol=2e-4, rtol=1e-4, msg=n)
+        for (n, b), c in zip(fused.named_buffers(), ref.buffers()):
+            torch.testing.assert_close(b, c, atol=1e-5, rtol=1e-5, msg=n)
+    messages = [str(w.message) for w in _fallback_warnings(record)]
+    assert len(messages) == kernel.calls  # one warning per key
+    for message in messages:
+        for part in ("layer1.0 (FusedBottleneck): ", f"kernels.{op}:", f"on {torch.device(DEVICE)}",
+                     f"Triton {triton.__version__}", FAILURES[failure][1]):
+            assert part in message, (part, message)
