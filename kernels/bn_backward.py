@@ -450,11 +450,11 @@ def bn_backward_impl(
         raise ValueError("the gate's gradient needs the gate, v = the BN input, its scale and no statistics terms")
     if image_mask_src is not None and (image_add is None or image_mask_scale is None or image_mask_shift is None):
         raise ValueError("the image add's mask needs image_add, image_mask_scale and image_mask_shift")
-    args = (dy, relu_src, relu_scale, relu_shift, scale, z, mean, var, dmean, dvar, dscale, dshift, gamma, eps,
+    if _runtime.FAILED and _runtime.failed("bn_backward", src):  # the kernel failed to compile or launch here
+        return reference.bn_backward_reference(
+            dy, relu_src, relu_scale, relu_shift, scale, z, mean, var, dmean, dvar, dscale, dshift, gamma, eps,
             res_scale, v, v_is_relu_src, r, sum_g, dz_dtype, dres_dtype, gate, gate_shift, image_add,
             image_mask_src, image_mask_scale, image_mask_shift, sum_g_twice)
-    if _runtime.FAILED and _runtime.failed("bn_backward", src):  # the kernel failed to compile or launch here
-        return reference.bn_backward_reference(*args)
     dz, dres = _new_grad(src, dz_dtype), _new_grad(src, dres_dtype)
     stats = z is not None
     plan = _launch_plan(
@@ -478,7 +478,6 @@ def bn_backward_impl(
     if plan.dy_copy:
         dy = _rows(dy)
     relu_src, z, v, r, image_mask_src = _rows(relu_src), _rows(z), _rows(v), _rows(r), _rows(image_mask_src)
-    v = z if stats else v  # the kernel reads z through v_ptr
     dummy = sums  # any pointer for operands a constexpr switches off
     pick = lambda t: dummy if t is None else t  # noqa: E731
     dgate_part = torch.empty((plan.grid[0], plan.C), device=device, dtype=torch.float32) if dgate_on else None
@@ -498,7 +497,8 @@ def bn_backward_impl(
         try:
             bn_backward_kernel[plan.grid](
                 dz if dz_dtype is not None else dummy, dres if dres_dtype is not None else dummy, pick(part),
-                pick(dy), pick(relu_src), pick(_vec(relu_scale)), pick(_vec(relu_shift)), pick(v), pick(r),
+                pick(dy), pick(relu_src), pick(_vec(relu_scale)), pick(_vec(relu_shift)),
+                pick(z if stats else v), pick(r),  # (the kernel reads z through v_ptr)
                 pick(_vec(scale)), pick(_vec(res_scale)),
                 pick(_vec(mean) if stats else None), pick(_vec(var) if stat_daff else None),
                 pick(_vec(dmean) if stat_dmv else None), pick(_vec(dvar) if stat_dmv else None),
@@ -511,7 +511,10 @@ def bn_backward_impl(
             )
         except Exception as err:  # a compile/launch failure raises before the kernel runs
             _runtime.record_failure(err, _runtime.failure_key("bn_backward", src))
-            return reference.bn_backward_reference(*args)
+            return bn_backward_impl(  # (now the PyTorch path above)
+                dy, relu_src, relu_scale, relu_shift, scale, z, mean, var, dmean, dvar, dscale, dshift, gamma, eps,
+                res_scale, v, v_is_relu_src, r, sum_g, dz_dtype, dres_dtype, gate, gate_shift, image_add,
+                image_mask_src, image_mask_scale, image_mask_shift, sum_g_twice)
     elif plan.any_sum:
         sums.zero_()
     if stat_daff and M == 0:
