@@ -378,9 +378,24 @@ def positional_launch_args(kernel, n_operands: int, kwargs: dict) -> Tuple[tuple
 # --------------------------------------------------------------------------------------
 # (op, key) -> the first line of the error, for every Triton launch that failed to compile or
 # launch (Triton's CompilationError, OutOfResources, PTXASError, an MLIR pass failure): that
-# op runs its PyTorch path for that key from then on.  The hot path only tests whether the
-# dict is empty (``if FAILED and ...``); the key is built once something failed.
+# op runs its PyTorch path for that key from then on.  Every launcher follows one pattern:
+#
+#     if not use_triton(t) or ... or (_runtime.FAILED and _runtime.failed(op, t, *shapes)):
+#         return <the PyTorch path>
+#     try:
+#         kernel[grid](...)
+#     except Exception as err:  # a compile/launch failure raises before the kernel runs
+#         _runtime.record_failure(err, _runtime.failure_key(op, t, *shapes))
+#         return <the PyTorch path>
+#
+# The hot path only tests whether the dict is empty; the key is built once something failed.
+# An op of several launches falls back piece by piece: each failing launch has an exact
+# PyTorch equivalent from the same inputs, and a failed launch wrote nothing.
 FAILED = {}
+
+# Fused modules named by ``resnext.convert`` (their ``fused_name``: the qualified name in the
+# converted model): the backward's warning finds its module through the parameters.
+NAMED_MODULES = weakref.WeakSet()
 
 
 def is_launch_failure(err: BaseException) -> bool:
@@ -408,10 +423,52 @@ def failure_key(op: str, t: torch.Tensor, *shapes) -> tuple:
     return (op, t.device, t.dtype, tuple(t.shape), *(tuple(s) for s in shapes))
 
 
+def failed(op: str, t: torch.Tensor, *shapes) -> bool:
+    """Whether ``op``'s kernel failed to compile or launch for this key (``record_failure``):
+    then its PyTorch path, without a new try.  Call it behind ``FAILED and``: the key is
+    built only once something failed."""
+    return failure_key(op, t, *shapes) in FAILED
+
+
+def module_name(module: torch.nn.Module) -> str:
+    """``layer1.0 (FusedBottleneck)`` for a module ``resnext.convert`` named, else its class."""
+    name = module.__dict__.get("fused_name")
+    return f"{name} ({type(module).__name__})" if name else type(module).__name__
+
+
+def failing_module() -> Optional[str]:
+    """The module whose call is running the failed launch (only read when a launch failed):
+    in a backward, the named fused module that owns a parameter of the autograd node being run
+    (its smallest); else the innermost ``nn.Module`` method on the Python stack; None if none."""
+    import sys
+    node = getattr(torch._C, "_current_autograd_node", lambda: None)()
+    if node is not None:
+        params, todo, seen = [], [(node, 0)], set()
+        while todo:  # the node's inputs, a few levels deep (a cast, a view before the leaf)
+            fn, depth = todo.pop()
+            if fn is None or id(fn) in seen or depth > 4:
+                continue
+            seen.add(id(fn))
+            if hasattr(fn, "variable"):
+                params.append(fn.variable)
+            todo += [(nxt, depth + 1) for nxt, _ in fn.next_functions]
+        owners = [m for m in list(NAMED_MODULES) if any(p is q for p in m.parameters() for q in params)]
+        if owners:
+            return module_name(min(owners, key=lambda m: sum(1 for _ in m.parameters())))
+        return f"the backward of {node.name()}"
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, torch.nn.Module):
+            return module_name(owner)
+        frame = frame.f_back
+    return None
+
+
 def record_failure(err: BaseException, key: tuple) -> None:
     """Re-raise ``err`` unless it is a launch failure; else remember ``key`` (its op then takes
-    the PyTorch path for it) and warn once, naming the op, the device, the Triton version and
-    the error's first line."""
+    the PyTorch path for it) and warn once, naming the module that ran it (``failing_module``),
+    the op, the device, the Triton version and the error's first line."""
     if not is_launch_failure(err):
         raise err
     import warnings
@@ -421,6 +478,8 @@ def record_failure(err: BaseException, key: tuple) -> None:
     FAILED[key] = first
     device = key[1]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} (interpreter)"
-    warnings.warn(f"kernels.{key[0]}: the Triton kernel cannot compile or launch on {device} ({name}) with "
+    module = failing_module()
+    where = f"{module}: " if module else ""
+    warnings.warn(f"{where}kernels.{key[0]}: the Triton kernel cannot compile or launch on {device} ({name}) with "
                   f"Triton {triton.__version__} for {key[2]} {list(key[3])}: {first}. That op runs its "
                   f"PyTorch path for this shape and dtype from now on.", RuntimeWarning, stacklevel=3)

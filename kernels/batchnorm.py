@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 
-from . import reference, sync_bn
+from . import _runtime, reference, sync_bn
 from ._runtime import cdiv, DerivedCache, eager_or_op, next_power_of_2, rows_config, use_triton
 from .bn_backward import bn_backward
 
@@ -191,28 +191,49 @@ def bn_finalize(part_mean: Tensor, part_m2: Tensor, M: int, rows_per_block: int,
     ``kernels.sync_bn``): a launch merges this rank's blocks, one all-gather, then the launch
     above merges the ranks' rows."""
     T, C = part_mean.shape
+    # a kernel that failed to compile or launch here: the PyTorch merges (after a failed
+    # launch too: it wrote nothing), with the same all-gather between them
+    failed = bool(_runtime.FAILED) and _runtime.failed("bn_finalize", part_mean)
     out = finalize_outputs(C, part_mean.device)
     kinds = finalize_kinds(gamma, running_mean, num_batches_tracked, momentum)
     update = kinds[1]
     grid, flags = _finalize_consts(C, *kinds, group_name is not None)
     block_c = flags["BLOCK_C"]
     dummy = out[0]
+    rows = None  # [W, 3, C] (count, mean, M2) rows to merge, once the partials are merged
     if group_name is not None:
         local = torch.empty((3, C), device=part_mean.device, dtype=torch.float32)
-        bn_finalize_kernel[grid](
-            local, dummy, out[2], out[3], part_mean, part_m2, dummy, dummy, dummy, dummy, dummy,
-            T, C, M, rows_per_block, 0.0, float(eps),
-            AFFINE=False, UPDATE=False, CUMULATIVE=False, COUNT=False, BLOCK_T=32, BLOCK_C=block_c, MERGED_OUT=True)
-        part_mean = part_m2 = sync_bn.gather_rank_stats(local, group_name)  # [W, 3, C]
-        T = part_mean.shape[0]
-    bn_finalize_kernel[grid](
-        *out, part_mean, part_m2,
-        gamma if gamma is not None else dummy, beta if beta is not None else dummy,
-        running_mean if update else dummy, running_var if update else dummy,
-        num_batches_tracked if num_batches_tracked is not None else dummy,
-        T, C, M, rows_per_block, float(momentum or 0.0), float(eps), **flags)
-    finalize_done(running_mean, running_var, num_batches_tracked, momentum)
-    return BNStats(*out)
+        if not failed:
+            try:
+                bn_finalize_kernel[grid](
+                    local, dummy, out[2], out[3], part_mean, part_m2, dummy, dummy, dummy, dummy, dummy,
+                    T, C, M, rows_per_block, 0.0, float(eps), AFFINE=False, UPDATE=False, CUMULATIVE=False,
+                    COUNT=False, BLOCK_T=32, BLOCK_C=block_c, MERGED_OUT=True)
+            except Exception as err:
+                _runtime.record_failure(err, _runtime.failure_key("bn_finalize", part_mean))
+                failed = True
+        if failed:
+            local = reference.stat_rows_reference(part_mean, part_m2, M, rows_per_block)
+        rows = sync_bn.gather_rank_stats(local, group_name)  # [W, 3, C]
+    if not failed:
+        try:
+            bn_finalize_kernel[grid](
+                *out, part_mean if rows is None else rows, part_m2 if rows is None else rows,
+                gamma if gamma is not None else dummy, beta if beta is not None else dummy,
+                running_mean if update else dummy, running_var if update else dummy,
+                num_batches_tracked if num_batches_tracked is not None else dummy,
+                T if rows is None else rows.shape[0], C, M, rows_per_block, float(momentum or 0.0), float(eps),
+                **flags)
+            finalize_done(running_mean, running_var, num_batches_tracked, momentum)
+            return BNStats(*out)
+        except Exception as err:
+            _runtime.record_failure(err, _runtime.failure_key("bn_finalize", part_mean))
+    if rows is None:
+        rows = reference.stat_rows_reference(part_mean, part_m2, M, rows_per_block)[None]
+    mean, var, count = reference.merge_stat_rows(rows)
+    scale, shift = reference.bn_finalize_reference(mean, var, count, gamma, beta, running_mean, running_var,
+                                                   num_batches_tracked, momentum, eps)
+    return BNStats(mean, var, scale.float(), shift.float())
 
 
 def finalize_outputs(C: int, device) -> list:
@@ -310,21 +331,26 @@ def bn_act_forward(z: Tensor, scale: Tensor, shift: Tensor, residual: Optional[T
                    res_scale: Optional[Tensor], res_shift: Optional[Tensor], relu: bool,
                    gate: Optional[Tensor] = None) -> Tensor:
     """``gate`` ([N, C] or [N, 1], any float dtype, optional) multiplies bn(z) before the residual."""
-    if not use_triton(z) or z.dtype == torch.float64:
+    # float64: reference (for gradcheck); a kernel that failed to compile or launch here: reference
+    if not use_triton(z) or z.dtype == torch.float64 or (_runtime.FAILED and _runtime.failed("bn_act", z)):
         y = reference.bn_act_reference(z, scale, shift, residual, res_scale, res_shift, relu, gate)
         return _channels_last(y)
     N, C, H, W = z.shape
     M = N * H * W
-    z = _channels_last(z)
-    y = torch.empty_like(z, memory_format=torch.channels_last)
+    zc = _channels_last(z)
+    y = torch.empty_like(zc, memory_format=torch.channels_last)
     f32 = lambda v: v.detach().float().contiguous() if v is not None else y  # noqa: E731
     cfg = rows_config(M, C)
     grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(C, cfg["BLOCK_C"]))
-    bn_act_kernel[grid](
-        y, z, f32(scale), f32(shift),
-        _channels_last(residual) if residual is not None else y, f32(res_scale), f32(res_shift),
-        M, C, HAS_RESIDUAL=residual is not None, RES_AFFINE=res_scale is not None, RELU=relu, **cfg,
-        **(_gate_args(gate, H * W) if gate is not None else {}))
+    try:
+        bn_act_kernel[grid](
+            y, zc, f32(scale), f32(shift),
+            _channels_last(residual) if residual is not None else y, f32(res_scale), f32(res_shift),
+            M, C, HAS_RESIDUAL=residual is not None, RES_AFFINE=res_scale is not None, RELU=relu, **cfg,
+            **(_gate_args(gate, H * W) if gate is not None else {}))
+    except Exception as err:  # a compile/launch failure raises before the kernel runs
+        _runtime.record_failure(err, _runtime.failure_key("bn_act", z))
+        return bn_act_forward(z, scale, shift, residual, res_scale, res_shift, relu, gate)
     return y
 
 

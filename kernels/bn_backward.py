@@ -22,8 +22,9 @@ give the same bits too.
 
 ``bn_backward`` is the entry point; it goes through the ``resnext::bn_backward`` custom op
 so that ``torch.compile`` traces the surrounding backward formulas with fake tensors.
-It only runs the Triton kernel: callers keep the plain PyTorch formulas for float64 and
-plain CPU tensors (see ``conv_bn_act._backward`` and ``batchnorm._bn_act_backward``).
+It runs the Triton kernel (or, where that kernel failed to compile or launch, its PyTorch
+reference, ``reference.bn_backward_reference``): callers keep their plain PyTorch formulas for
+float64 and plain CPU tensors (see ``conv_bn_act._backward`` and ``batchnorm._bn_act_backward``).
 """
 import functools
 from typing import NamedTuple, Optional, Tuple
@@ -33,7 +34,7 @@ import triton
 import triton.language as tl
 
 
-from . import _runtime
+from . import _runtime, reference
 from ._runtime import arrival_counters, cdiv, eager_or_op, INTERPRET, _pow2_clamp, rows_config
 from ._triton_helpers import bn_stats_backward, last_arrival
 
@@ -447,6 +448,13 @@ def bn_backward_impl(
     dgate_on = gate_shift is not None
     if dgate_on and (gate is None or (v is None and relu_scale is None) or scale is None or z is not None):
         raise ValueError("the gate's gradient needs the gate, v = the BN input, its scale and no statistics terms")
+    if image_mask_src is not None and (image_add is None or image_mask_scale is None or image_mask_shift is None):
+        raise ValueError("the image add's mask needs image_add, image_mask_scale and image_mask_shift")
+    if _runtime.FAILED and _runtime.failed("bn_backward", src):  # the kernel failed to compile or launch here
+        return reference.bn_backward_reference(
+            dy, relu_src, relu_scale, relu_shift, scale, z, mean, var, dmean, dvar, dscale, dshift, gamma, eps,
+            res_scale, v, v_is_relu_src, r, sum_g, dz_dtype, dres_dtype, gate, gate_shift, image_add,
+            image_mask_src, image_mask_scale, image_mask_shift, sum_g_twice)
     dz, dres = _new_grad(src, dz_dtype), _new_grad(src, dres_dtype)
     stats = z is not None
     plan = _launch_plan(
@@ -470,7 +478,6 @@ def bn_backward_impl(
     if plan.dy_copy:
         dy = _rows(dy)
     relu_src, z, v, r, image_mask_src = _rows(relu_src), _rows(z), _rows(v), _rows(r), _rows(image_mask_src)
-    v = z if stats else v  # the kernel reads z through v_ptr
     dummy = sums  # any pointer for operands a constexpr switches off
     pick = lambda t: dummy if t is None else t  # noqa: E731
     dgate_part = torch.empty((plan.grid[0], plan.C), device=device, dtype=torch.float32) if dgate_on else None
@@ -483,25 +490,31 @@ def bn_backward_impl(
             shift_ptr=pick(_vec(gate_shift)), dgate_ptr=dgate_part if dgate_on else dummy,
             img_ptr=pick(_vec(image_add)))
     if image_mask_src is not None:
-        if image_add is None or image_mask_scale is None or image_mask_shift is None:
-            raise ValueError("the image add's mask needs image_add, image_mask_scale and image_mask_shift")
         gate_args.update(img_src_ptr=image_mask_src, img_scale_ptr=_vec(image_mask_scale),
                          img_shift_ptr=_vec(image_mask_shift))
     M = plan.M
     if M > 0:
-        bn_backward_kernel[plan.grid](
-            dz if dz_dtype is not None else dummy, dres if dres_dtype is not None else dummy, pick(part),
-            pick(dy), pick(relu_src), pick(_vec(relu_scale)), pick(_vec(relu_shift)), pick(v), pick(r),
-            pick(_vec(scale)), pick(_vec(res_scale)),
-            pick(_vec(mean) if stats else None), pick(_vec(var) if stat_daff else None),
-            pick(_vec(dmean) if stat_dmv else None), pick(_vec(dvar) if stat_dmv else None),
-            pick(_vec(dscale) if stat_daff else None), pick(_vec(dshift) if stat_daff else None),
-            pick(gamma if stat_daff else None), dparam,
-            *plan.sizes, float(eps), *plan.flags,
-            # (counters passed even when unused: one pointer type, so one binary for every batch size)
-            sums, arrival_counters(device, plan.grid[1]), *plan.dy_strides,
-            **plan.options, **gate_args,
-        )
+        try:
+            bn_backward_kernel[plan.grid](
+                dz if dz_dtype is not None else dummy, dres if dres_dtype is not None else dummy, pick(part),
+                pick(dy), pick(relu_src), pick(_vec(relu_scale)), pick(_vec(relu_shift)),
+                pick(z if stats else v), pick(r),  # (the kernel reads z through v_ptr)
+                pick(_vec(scale)), pick(_vec(res_scale)),
+                pick(_vec(mean) if stats else None), pick(_vec(var) if stat_daff else None),
+                pick(_vec(dmean) if stat_dmv else None), pick(_vec(dvar) if stat_dmv else None),
+                pick(_vec(dscale) if stat_daff else None), pick(_vec(dshift) if stat_daff else None),
+                pick(gamma if stat_daff else None), dparam,
+                *plan.sizes, float(eps), *plan.flags,
+                # (counters passed even when unused: one pointer type, so one binary for every batch size)
+                sums, arrival_counters(device, plan.grid[1]), *plan.dy_strides,
+                **plan.options, **gate_args,
+            )
+        except Exception as err:  # a compile/launch failure raises before the kernel runs
+            _runtime.record_failure(err, _runtime.failure_key("bn_backward", src))
+            return bn_backward_impl(  # (now the PyTorch path above)
+                dy, relu_src, relu_scale, relu_shift, scale, z, mean, var, dmean, dvar, dscale, dshift, gamma, eps,
+                res_scale, v, v_is_relu_src, r, sum_g, dz_dtype, dres_dtype, gate, gate_shift, image_add,
+                image_mask_src, image_mask_scale, image_mask_shift, sum_g_twice)
     elif plan.any_sum:
         sums.zero_()
     if stat_daff and M == 0:

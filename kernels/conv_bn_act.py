@@ -252,8 +252,20 @@ def squeeze_sum_kernel(
 def merge_squeeze_sums(out: Tensor, part: Tensor, hw: int, rows_per_block: int):
     """[T, SLOTS, C] per-block partials of the conv epilogue (SQUEEZE) -> ``out`` [N, C], in place."""
     N, C = out.shape
-    block_c = min(64, next_power_of_2(max(C, 1)))
-    squeeze_sum_kernel[(N, cdiv(C, block_c))](out, part, C, hw, rows_per_block, part.shape[1], BLOCK_C=block_c)
+    if not (_runtime.FAILED and _runtime.failed("squeeze_sum", out, part.shape)):
+        block_c = min(64, next_power_of_2(max(C, 1)))
+        try:
+            squeeze_sum_kernel[(N, cdiv(C, block_c))](out, part, C, hw, rows_per_block, part.shape[1],
+                                                      BLOCK_C=block_c)
+            return
+        except Exception as err:  # a compile/launch failure raises before the kernel runs
+            _runtime.record_failure(err, _runtime.failure_key("squeeze_sum", out, part.shape))
+    # the same sums in PyTorch: slot k of block t is image t * rows_per_block // hw + k (0 if untouched)
+    T, slots, _ = part.shape
+    image = (torch.arange(T, device=part.device) * rows_per_block // hw).view(-1, 1) + \
+        torch.arange(slots, device=part.device)
+    ok = image < N
+    out.zero_().index_add_(0, image[ok], part[ok])
 
 
 def out_size(size: int, ksize: int, stride: int, padding: int) -> int:
@@ -292,7 +304,8 @@ def conv_bn_act_forward(
     it per (image, channel), after the ReLU (``squeeze_excite.GatedConvFn``).
     """
     # float64: reference (for gradcheck); a kernel that failed to compile or launch here: reference
-    if not use_triton(x) or x.dtype == torch.float64 or (_runtime.FAILED and _failed(x, weight)):
+    if not use_triton(x) or x.dtype == torch.float64 or \
+            (_runtime.FAILED and _runtime.failed("conv_bn_act", x, weight.shape)):
         if in_gate is not None:
             x = reference.input_prologue(x, in_scale, in_shift, in_relu, in_gate)
             in_scale = in_shift = None
@@ -348,7 +361,8 @@ def conv_bn_act_eval(
     """y of ``conv_bn_act_forward`` without statistics (an eval-mode stage) when nothing is
     recorded (no autograd, no torch.compile trace): the same launch, without the op's four
     empty statistics outputs."""
-    if not use_triton(x) or x.dtype == torch.float64 or (_runtime.FAILED and _failed(x, weight)):
+    if not use_triton(x) or x.dtype == torch.float64 or \
+            (_runtime.FAILED and _runtime.failed("conv_bn_act", x, weight.shape)):
         return conv_bn_act_forward(x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu,
                                    out_scale, out_shift, residual, out_relu, False, None, None, None, None,
                                    None, None, 0.0)[0]
@@ -363,12 +377,6 @@ def conv_bn_act_eval(
 
 def _failure_key(x: Tensor, weight: Tensor) -> tuple:
     return _runtime.failure_key("conv_bn_act", x, weight.shape)
-
-
-def _failed(x: Tensor, weight: Tensor) -> bool:
-    """Whether the forward kernel failed to compile or launch for this shape, dtype and device
-    (``_runtime.record_failure``): then the PyTorch path, without a new try."""
-    return _failure_key(x, weight) in _runtime.FAILED
 
 
 @_runtime.config_memo

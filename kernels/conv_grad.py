@@ -381,7 +381,8 @@ def conv_dgrad(dz: Tensor, weight: Tensor, input_hw: Sequence[int], stride: int,
     Cin = cin_g * groups
     _check_shapes(dz, weight.shape, H, W, stride, padding, groups)
     # plain CPU, float64 for gradcheck, or a kernel that failed to compile or launch here
-    if not use_triton(dz) or dz.dtype == torch.float64 or (_runtime.FAILED and _failed("conv_dgrad", dz, weight.shape)):
+    if not use_triton(dz) or dz.dtype == torch.float64 or \
+            (_runtime.FAILED and _runtime.failed("conv_dgrad", dz, weight.shape)):
         x_shape = dz.new_empty(1).expand(N, Cin, H, W)  # only its shape is read
         dx = torch.ops.aten.convolution_backward(
             dz, x_shape, weight.to(dz.dtype), None, [stride] * 2, [padding] * 2, [1, 1],
@@ -402,12 +403,6 @@ def conv_dgrad(dz: Tensor, weight: Tensor, input_hw: Sequence[int], stride: int,
         _runtime.record_failure(err, _runtime.failure_key("conv_dgrad", dz, weight.shape))
         return conv_dgrad(dz, weight, input_hw, stride, padding, groups, packed)
     return dx
-
-
-def _failed(op: str, dz: Tensor, weight_shape) -> bool:
-    """Whether ``op``'s kernel failed to compile or launch for this shape, dtype and device
-    (``_runtime.record_failure``): then the PyTorch path, without a new try."""
-    return _runtime.failure_key(op, dz, weight_shape) in _runtime.FAILED
 
 
 # --------------------------------------------------------------------------------------
@@ -670,7 +665,8 @@ def conv_wgrad(dz: Tensor, a: Tensor, weight_shape: Sequence[int], stride: int, 
                          f"with groups {groups}")
     _check_shapes(dz, weight_shape, a.shape[2], a.shape[3], stride, padding, groups)
     # plain CPU, float64 for gradcheck, or a kernel that failed to compile or launch here
-    if not use_triton(dz) or dz.dtype == torch.float64 or (_runtime.FAILED and _failed("conv_wgrad", dz, weight_shape)):
+    if not use_triton(dz) or dz.dtype == torch.float64 or \
+            (_runtime.FAILED and _runtime.failed("conv_wgrad", dz, weight_shape)):
         a = reference.input_prologue(a, in_scale, in_shift, in_relu, in_gate)
         w_shape = dz.new_empty(1).expand(*weight_shape)  # only its shape is read
         dw = torch.ops.aten.convolution_backward(
@@ -862,7 +858,7 @@ def conv_grads(dz: Tensor, a: Tensor, weight: Tensor, stride: int, padding: int,
     H, W = a.shape[2], a.shape[3]
     # the separate paths handle these (and a kernel that failed to compile or launch here)
     if not use_triton(dz) or dz.dtype == torch.float64 or dz.numel() == 0 or \
-            (_runtime.FAILED and _failed("conv_grads", dz, weight.shape)):
+            (_runtime.FAILED and _runtime.failed("conv_grads", dz, weight.shape)):
         dparam = ()
         if stats is not None:
             dz, dparam = stats_terms_reference(dz, stats)

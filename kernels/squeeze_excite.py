@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference
+from . import _runtime, reference
 from ._runtime import arrival_counters, cdiv, eager_or_op, next_power_of_2, use_triton
 from ._triton_helpers import last_arrival
 from .batchnorm import run_bn_act
@@ -80,24 +80,24 @@ def squeeze_backward_impl(dm: Tensor, sums: Tensor, scale: Tensor, hw: int, dsca
                           dshift: Optional[Tensor], q: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """(dS, dscale + the squeeze's share, dshift + the squeeze's share) for m = S * scale / HW + shift,
     or with ``q`` for m = (scale * S + shift * q) / HW (S = P, the after-ReLU squeeze)."""
-    if not use_triton(dm) or dm.dtype == torch.float64:  # PyTorch formulas: the reference
-        acc = reference.acc_dtype(dm)
-        dm, sums, scale = dm.to(acc), sums.to(acc), scale.to(acc)
-        d_scale = (dm * sums).sum(dim=0) / hw
-        d_shift = dm.sum(dim=0) if q is None else (dm * q.to(acc)).sum(dim=0) / hw
-        d_scale = d_scale + dscale.to(acc) if dscale is not None else d_scale
-        d_shift = d_shift + dshift.to(acc) if dshift is not None else d_shift
-        return dm * (scale / hw), d_scale, d_shift
+    # PyTorch formulas (the reference) for float64, plain CPU, or a kernel that failed to compile or launch here
+    if not use_triton(dm) or dm.dtype == torch.float64 or \
+            (_runtime.FAILED and _runtime.failed("squeeze_backward", dm)):
+        return reference.squeeze_backward_reference(dm, sums, scale, hw, dscale, dshift, q)
     N, C = dm.shape
     f32 = lambda t: t.detach().float().contiguous()  # noqa: E731
     dsums = torch.empty((N, C), device=dm.device, dtype=torch.float32)
     d_scale, d_shift = (torch.empty(C, device=dm.device, dtype=torch.float32) for _ in range(2))
     block_c = min(64, next_power_of_2(max(C, 1)))
-    squeeze_backward_kernel[(cdiv(C, block_c),)](
-        dsums, d_scale, d_shift, f32(dm), f32(sums), f32(scale),
-        f32(dscale) if dscale is not None else d_scale, f32(dshift) if dshift is not None else d_shift,
-        N, C, 1.0 / hw, HAS_DSCALE=dscale is not None, HAS_DSHIFT=dshift is not None, BLOCK_C=block_c,
-        **(dict(q_ptr=f32(q), HAS_Q=True) if q is not None else {}))
+    try:
+        squeeze_backward_kernel[(cdiv(C, block_c),)](
+            dsums, d_scale, d_shift, f32(dm), f32(sums), f32(scale),
+            f32(dscale) if dscale is not None else d_scale, f32(dshift) if dshift is not None else d_shift,
+            N, C, 1.0 / hw, HAS_DSCALE=dscale is not None, HAS_DSHIFT=dshift is not None, BLOCK_C=block_c,
+            **(dict(q_ptr=f32(q), HAS_Q=True) if q is not None else {}))
+    except Exception as err:  # a compile/launch failure raises before the kernel runs
+        _runtime.record_failure(err, _runtime.failure_key("squeeze_backward", dm))
+        return reference.squeeze_backward_reference(dm, sums, scale, hw, dscale, dshift, q)
     return dsums, d_scale, d_shift
 
 
@@ -378,29 +378,25 @@ def relu_squeeze_config(HW: int, C: int) -> dict:
 def relu_squeeze(z: Tensor, scale: Tensor, shift: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """(m, P, Q) [N, C] fp32 (float64 for float64) of z [N, C, H, W] under relu(z * scale + shift)."""
     N, C, H, W = z.shape
-    if not use_triton(z) or z.dtype == torch.float64:  # PyTorch formulas: the reference
-        acc = reference.acc_dtype(z)
-        zf = z.to(acc)
-        pre = zf * scale.to(acc).view(1, -1, 1, 1) + shift.to(acc).view(1, -1, 1, 1)
-        if acc != z.dtype:
-            pre = pre.to(z.dtype).to(acc)
-        on = ~(pre <= 0)
-        p = torch.where(on, zf, 0.0).sum(dim=(2, 3))
-        q = on.to(acc).sum(dim=(2, 3))
-        m = (scale.to(acc) * p + shift.to(acc) * q) / (H * W)
-        return m, p, q
-    z = z.contiguous(memory_format=torch.channels_last)
+    # PyTorch formulas (the reference) for float64, plain CPU, or a kernel that failed to compile or launch here
+    if not use_triton(z) or z.dtype == torch.float64 or (_runtime.FAILED and _runtime.failed("relu_squeeze", z)):
+        return reference.relu_squeeze_reference(z, scale, shift)
+    zc = z.contiguous(memory_format=torch.channels_last)
     m, p, q = (torch.empty((N, C), device=z.device, dtype=torch.float32) for _ in range(3))
     cfg = relu_squeeze_config(H * W, C)
     splits = cfg["splits"]
     c_blocks = cdiv(C, cfg["BLOCK_C"])
     part = torch.empty((2, N * splits, C) if splits > 1 else (0,), device=z.device, dtype=torch.float32)
     if N > 0:
-        relu_squeeze_kernel[(N * splits, c_blocks)](
-            m, p, q, part if splits > 1 else m, arrival_counters(z.device, N * c_blocks), z,
-            scale.detach().float().contiguous(), shift.detach().float().contiguous(), C, H * W,
-            cfg["rows_per_split"], splits, BLOCK_HW=cfg["BLOCK_HW"], BLOCK_C=cfg["BLOCK_C"],
-            num_warps=cfg["num_warps"])
+        try:
+            relu_squeeze_kernel[(N * splits, c_blocks)](
+                m, p, q, part if splits > 1 else m, arrival_counters(z.device, N * c_blocks), zc,
+                scale.detach().float().contiguous(), shift.detach().float().contiguous(), C, H * W,
+                cfg["rows_per_split"], splits, BLOCK_HW=cfg["BLOCK_HW"], BLOCK_C=cfg["BLOCK_C"],
+                num_warps=cfg["num_warps"])
+        except Exception as err:  # a compile/launch failure raises before the kernel runs
+            _runtime.record_failure(err, _runtime.failure_key("relu_squeeze", z))
+            return reference.relu_squeeze_reference(z, scale, shift)
     return m, p, q
 
 

@@ -130,13 +130,8 @@ def merge_rank_stats_reference(mean: Tensor, var: Tensor, count: int, group_name
     m2 = var * count if count > 0 else torch.zeros_like(var)
     mean = mean if count > 0 else torch.zeros_like(mean)
     local = torch.stack([torch.full_like(mean, count), mean, m2])
-    rows = gather_rank_stats(local, group_name)  # [W, 3, C]
-    counts, means, m2s = rows.unbind(1)
-    total = counts.sum(0)
-    safe = total.clamp(min=1)
-    g_mean = (counts * means).sum(0) / safe
-    g_m2 = m2s.sum(0) + (counts * (means - g_mean) ** 2).sum(0)  # exact: no E[x^2] - E[x]^2
-    return g_mean.to(acc), (g_m2 / total).to(acc), total[0]
+    g_mean, g_var, total = reference.merge_stat_rows(gather_rank_stats(local, group_name))  # [W, 3, C]
+    return g_mean.to(acc), g_var.to(acc), total
 
 
 @torch.compiler.disable  # its collectives are plain torch.distributed calls: a graph break under compile

@@ -3,6 +3,8 @@ import sys
 
 from torch import nn
 
+from kernels import _runtime
+
 from .blocks import FusedBottleneck, is_fusable_bottleneck
 from .modules import ConvBNAct, FusedSequential
 from .sync_batchnorm import SyncBatchNorm2d
@@ -44,8 +46,20 @@ def convert(model: nn.Module) -> nn.Module:
     keep working).  Anything else (the 7x7 stem, dilated or biased convs, timm's
     SyncBatchNormAct, blocks with anti-aliasing or attention other than timm's SE/ECA) is left
     as it was.
+
+    Each fused module gets its qualified name in the returned model as ``fused_name``: the
+    warning of a kernel that cannot compile or launch names it (``kernels._runtime``).
     """
     register_fx_leaves()
+    fused = _convert(model)
+    for name, m in fused.named_modules():
+        if isinstance(m, FUSED_MODULES):
+            m.fused_name = name
+            _runtime.NAMED_MODULES.add(m)
+    return fused
+
+
+def _convert(model: nn.Module) -> nn.Module:
     if type(model) is nn.SyncBatchNorm:
         return SyncBatchNorm2d.from_sync_batchnorm(model)
     _replace_sync_batchnorm(model)  # first, so that the blocks holding them can be fused
@@ -58,7 +72,7 @@ def convert(model: nn.Module) -> nn.Module:
     if is_fusable_conv_norm_act(model):
         return FusedConvNormAct(model)
     for name, child in list(model.named_children()):
-        new = convert(child)  # a plain Sequential child comes back fused (see below)
+        new = _convert(child)  # a plain Sequential child comes back fused (see below)
         if new is not child:
             setattr(model, name, new)
     if type(model) is nn.Sequential:  # a Sequential passed as the root

@@ -33,7 +33,6 @@ stay matched) and then takes rank 0's choices (``broadcast_object_list``); the c
 the first forward is rank 0's too.  Tune-on-first-call (``enable()``, or ``RESNEXT_TUNE=1``):
 a fused block meeting a signature with no decision tunes itself then, once.
 """
-import copy
 import json
 import os
 import statistics
