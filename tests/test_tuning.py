@@ -6,7 +6,6 @@ interpreter runs every trial."""
 import copy
 import os
 import socket
-import warnings
 
 import pytest
 import torch
