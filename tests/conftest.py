@@ -47,6 +47,18 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "no_poison: do not NaN-fill torch.empty in this test")
 
 
+# Tests that take a minute or more of a worker under the interpreter (or in subprocesses), started
+# first: one of them left for the end would keep one worker busy while the other idles.
+LONG_TESTS = ("test_every_variant_compiles", "test_target_compiles_fits_and_barely_spills",  # (compile runs)
+              "test_training_run_matches_eager", "test_example_runs_under_torchrun", "test_cpu_path_end_to_end",
+              "test_python_m_benchmarks_tiny", "test_ddp_matches_unconverted_twin", "test_compile_inductor",
+              "test_nan_inf_stay_in_their_group", "test_conv_bn_act_matches_float64_reference")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: getattr(item, "originalname", item.name) not in LONG_TESTS)  # (a stable sort)
+
+
 @pytest.fixture(autouse=True)
 def poison_empty(monkeypatch, request):
     """Every torch.empty/empty_like (and launch scratch) in the code under test comes back filled
@@ -58,7 +70,8 @@ def poison_empty(monkeypatch, request):
 
     def nan_fill(t):
         if t.is_floating_point() and t.numel():
-            t.fill_(float("nan"))
+            with torch.no_grad():  # (a leaf made with requires_grad=True: Inductor's pattern init)
+                t.fill_(float("nan"))
         return t
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: nan_fill(real_empty(*a, **k)))

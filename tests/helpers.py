@@ -115,3 +115,24 @@ def kernel_path(request, monkeypatch, device):
         return request.param, "cpu"
     return request.param, device
 
+
+
+def once_per_run(tmp_path_factory, name: str, compute):
+    """``compute()``'s result (JSON-serialisable) computed once per test run, however many
+    pytest-xdist workers ask for it: the first computes it under a file lock and writes it where
+    every worker's temporary directory lies, the others read it (pytest-xdist's recipe for a
+    fixture that must run once).  For the offline compile runs, minutes of CPU each."""
+    import json
+    import os
+
+    from filelock import FileLock
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's directory, above each worker's own
+    path = root / f"{name}.json"
+    with FileLock(str(path) + ".lock"):
+        if path.is_file():
+            return json.loads(path.read_text())
+        result = compute()
+        path.write_text(json.dumps(result))
+        return result

@@ -16,12 +16,18 @@ import subprocess
 import sys
 
 import pytest
+from helpers import once_per_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
+    # once per run: pytest-xdist workers that each get some of these tests share one compile run
+    return once_per_run(tmp_path_factory, "compile_hopper", lambda: _compile(tmp_path_factory))
+
+
+def _compile(tmp_path_factory):
     out = tmp_path_factory.mktemp("compile") / "kernels.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")

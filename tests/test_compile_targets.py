@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+from helpers import once_per_run
 from kernels import _runtime, _targets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,9 +43,12 @@ def _compile(target: str, out_dir) -> tuple:
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory):
     """Every target's sample, compiled in fresh processes without the interpreter, two at a time."""
-    out_dir = tmp_path_factory.mktemp("targets")
-    with ThreadPoolExecutor(2) as pool:
-        return dict(zip(TARGETS, pool.map(lambda t: _compile(t, out_dir), TARGETS)))
+    def compile_all():
+        out_dir = tmp_path_factory.mktemp("targets")
+        with ThreadPoolExecutor(2) as pool:
+            return dict(zip(TARGETS, pool.map(lambda t: _compile(t, out_dir), TARGETS)))
+    # once per run: pytest-xdist workers that each get some of these tests share one compile run
+    return once_per_run(tmp_path_factory, "compile_targets_" + "_".join(TARGETS).replace(":", ""), compile_all)
 
 
 @pytest.mark.parametrize("target", TARGETS, ids=[t.replace(":", "_") for t in TARGETS])
