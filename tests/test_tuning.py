@@ -317,3 +317,26 @@ def test_benchmarks_ours_tuned_skips_without_a_cache_and_headline_says_tuned():
     assert rows[0]["resnext_ours_ms"] == 2.0 and rows[0]["resnext_ours_status"] == "tuned"
     assert "resnext.tune chose" in headline.format_headline(rows)
     cases._TABLES.clear()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graphs, CUDA events)")
+def test_cuda_graph_capture_uses_the_tuned_choice(monkeypatch):
+    """On a GPU: the default timer (CUDA events) measures a real block, and a captured graph
+    (``resnext.graph_inference``) takes the measured route: routed to PyTorch, its capture
+    launches none of our kernels and replays PyTorch's result; on our kernels, the capture asks
+    only for tuned configurations."""
+    model = resnext.convert(stem()).cuda().eval().to(memory_format=torch.channels_last)
+    x = x_of((8, 8, 16, 16)).cuda().to(memory_format=torch.channels_last)
+    report = resnext.tune(model, x, save=False)  # CUDA events: real times
+    assert report.rows and all(r.ours_s > 0 and r.pytorch_s > 0 for r in report.rows), str(report)
+    launches = count_conv_launches(monkeypatch)
+    routing.set_routes({k: "ours" for k in routing.ROUTES}, replace=True)
+    with _runtime.recording_configs() as asked:
+        graphed = resnext.graph_inference(model, x)
+    assert launches and asked and all(k in _runtime.TUNED for k in asked)
+    routing.set_routes({k: "pytorch" for k in routing.ROUTES}, replace=True)
+    launches.clear()
+    graphed = resnext.graph_inference(model, x)
+    assert not launches
+    with torch.no_grad():
+        torch.testing.assert_close(graphed(x), model._eager_forward(x))
