@@ -78,7 +78,9 @@ def signature(module: nn.Module, x: torch.Tensor) -> tuple:
 def routed_to_pytorch(module: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``module`` runs PyTorch's ops for input ``x`` (a measurement said PyTorch is
     faster there); with tune-on-first-call on, an unknown signature is measured first."""
-    if not LOADED and _LOADER is not None:
+    if not LOADED and _LOADER is not None and not torch.compiler.is_compiling():
+        # (a plain file read: no collective on the hot path; under torch.distributed every rank
+        # calls resnext.tuning.load() after init_process_group to take rank 0's entry)
         _LOADER()
     if not (_ANY_PYTORCH or AUTO):
         return False

@@ -33,6 +33,7 @@ stay matched) and then takes rank 0's choices (``broadcast_object_list``); the c
 the first forward is rank 0's too.  Tune-on-first-call (``enable()``, or ``RESNEXT_TUNE=1``):
 a fused block meeting a signature with no decision tunes itself then, once.
 """
+import functools
 import json
 import os
 import statistics
@@ -236,14 +237,17 @@ def shipped_table_path(env: dict) -> str:
     return os.path.join(SHIPPED_DIR, f"{name}-cc{env['capability']}.json")
 
 
-def load(path: Optional[str] = None) -> str:
+def load(path: Optional[str] = None, broadcast: bool = True) -> str:
     """Read this process's entry of the tuning cache (``path``: ``cache_path()``) into the
     tables the kernels and blocks consult, replacing them; returns where it came from ("cache",
-    "shipped", "none").  Under ``torch.distributed`` rank 0's tables are broadcast.  Called
-    once by the first fused forward (``routing``), and by ``tune``'s caller at will."""
+    "shipped", "none").  Under ``torch.distributed`` (``broadcast``) rank 0's tables are
+    broadcast: every rank calls it after ``init_process_group``.  The first fused forward reads
+    the file without a collective (``broadcast=False``: no collective or host sync on the hot
+    path; torch.compile traces nothing of it)."""
     routing.mark_loaded()
     source, configs, routes = read_tables(path)
-    configs, routes = _from_rank0(configs, routes)
+    if broadcast:
+        configs, routes = _from_rank0(configs, routes)
     _runtime.set_tuned(configs, replace=True)
     routing.set_routes(routes, replace=True)
     return source
@@ -276,9 +280,9 @@ def read_tables(path: Optional[str] = None):
     return source, configs, routes
 
 
-def _load_once() -> None:
+def _load_once(broadcast: bool = True) -> None:
     if not routing.LOADED:
-        load()
+        load(broadcast=broadcast)
 
 
 def _save(path: str, configs: dict, routes: dict, env: dict, report=None) -> None:
@@ -594,7 +598,7 @@ def _auto_tune(module: nn.Module, x: torch.Tensor, sig: tuple) -> str:
     return routes[sig]
 
 
-routing._LOADER = torch.compiler.disable(_load_once)  # (first call under torch.compile: read eagerly)
+routing._LOADER = functools.partial(_load_once, broadcast=False)  # (routing skips it while compiling)
 routing._AUTO_TUNER = _auto_tune
 if os.environ.get(AUTO_ENV, "0") == "1":
     routing.set_auto(True)

@@ -274,10 +274,12 @@ def _rank_worker(rank, world, port, cache, out):
         resnext.tune(model, x_of(), timer=timer)
         tuned = sorted((str(k), sorted(v.items())) for k, v in _runtime.TUNED.items())
         routes = sorted(map(str, routing.ROUTES.items()))
-        # a later process reading the cache at its first forward: rank 0's entry, broadcast
+        # a later process: every rank loads the cache after init_process_group (rank 0's entry,
+        # broadcast); a rank reading another file still ends with rank 0's tables
         _runtime.set_tuned({}, replace=True)
         routing.set_routes({}, replace=True)
         routing.mark_loaded(False)
+        tuning.load(cache if rank == 0 else os.path.join(out, "missing.json"))
         with torch.no_grad():
             model(x_of())
         loaded = (sorted((str(k), sorted(v.items())) for k, v in _runtime.TUNED.items()),
