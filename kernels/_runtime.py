@@ -193,10 +193,9 @@ def conv_candidates(kind: str, M: int, cout: int, cin_g: int, cout_g: int, dtype
         shapes = [(m, n, None, None) for m in (bm, 64, 128, max(32, bm // 2))
                   for n in (bn, max(16, bn // 2), min(n_max, bn * 2))]
         shapes += [(bm, bn, w, st) for w in (4, 8) for st in (2, 3, 4)]
-    out, seen = [], set()
+    out, seen, elem = [], set(), torch.empty((), dtype=dtype).element_size()
     for m, n, warps, stages in shapes:
         cfg = _shaped_config(cout, cin_g, cout_g, dtype, target, m, n, warps, stages)
-        elem = torch.empty((), dtype=dtype).element_size()
         fits = mma_shared_bytes(m, n, cfg["BLOCK_K"], cfg["num_stages"], elem) <= target.shared_per_block
         key = tuple(sorted(cfg.items()))
         if fits and key not in seen:

@@ -336,7 +336,7 @@ def conv_bn_act_forward(
             out_relu, stats, squeeze_sums is not None, in_gate,
             (bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps) if in_launch else None)
     except Exception as err:  # a compile/launch failure raises before the kernel runs: nothing was written
-        _runtime.record_failure(err, _failure_key(x, weight))
+        _runtime.record_failure(err, _runtime.failure_key("conv_bn_act", x, weight.shape))
         return conv_bn_act_forward(x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu, out_scale,
                                    out_shift, residual, out_relu, stats, bn_weight, bn_bias, running_mean,
                                    running_var, num_batches_tracked, momentum, eps, group_name, squeeze_sums, in_gate)
@@ -370,13 +370,9 @@ def conv_bn_act_eval(
         return _launch(x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu, out_scale,
                        out_shift, residual, out_relu, False, False, None)[0]
     except Exception as err:
-        _runtime.record_failure(err, _failure_key(x, weight))
+        _runtime.record_failure(err, _runtime.failure_key("conv_bn_act", x, weight.shape))
         return conv_bn_act_eval(x, weight, packed, stride, padding, groups, in_scale, in_shift, in_relu,
                                 out_scale, out_shift, residual, out_relu)
-
-
-def _failure_key(x: Tensor, weight: Tensor) -> tuple:
-    return _runtime.failure_key("conv_bn_act", x, weight.shape)
 
 
 @_runtime.config_memo
